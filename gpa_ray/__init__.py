@@ -1,0 +1,3 @@
+"""gpa_ray: distributed audio-text retrieval on Ray (EnCodec ingest, GPA, AudioFormer)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Audio front end: decoding, resampling, log-mel, SpecAugment, EnCodec tokenizer (pure core)."""

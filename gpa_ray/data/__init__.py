@@ -1,0 +1,1 @@
+"""Corpora, schemas, the synthetic corpus and the Ray Data ingest pipeline."""

@@ -1,0 +1,1 @@
+"""Models of the pure core: encoders, AudioFormer, GPA prototypes and scorers."""

@@ -1,0 +1,164 @@
+"""The one place where a URI (local path or `s3://bucket/key`) becomes a filesystem + path.
+
+Everything that touches data goes through here, so the same code reads a laptop folder, a
+local S3-compatible server (tests) or AWS S3; only `StorageConfig` (or the standard AWS
+environment variables) differs. Writes are atomic: a local file is written under a
+temporary name and renamed; an S3 object only becomes visible when its upload completes.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from gpa_ray.config import StorageConfig
+
+_DEFAULT = StorageConfig()
+
+
+class StorageError(OSError):
+    """A URI could not be read, written or listed; the message names the URI."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with `/`."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
+    endpoint = (
+        cfg.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3", "")
+        or os.environ.get("AWS_ENDPOINT_URL", "")
+    )
+    kwargs: dict[str, object] = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        if not host:
+            scheme, host = "https", endpoint
+        kwargs["endpoint_override"] = host.rstrip("/")
+        kwargs["scheme"] = scheme
+    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    if cfg.anonymous:
+        kwargs["anonymous"] = True
+    elif cfg.access_key_id:
+        kwargs["access_key"] = cfg.access_key_id
+        kwargs["secret_key"] = cfg.secret_access_key
+        if cfg.session_token:
+            kwargs["session_token"] = cfg.session_token
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """Turn a local path or `s3://` URI into (pyarrow filesystem, path on that filesystem)."""
+    if is_s3(uri):
+        return _s3_filesystem(storage_cfg or _DEFAULT), uri[len("s3://") :].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://")
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+
+
+def exists(uri: str, storage_cfg: StorageConfig | None = None) -> bool:
+    fs, path = resolve(uri, storage_cfg)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str, storage_cfg: StorageConfig | None = None) -> bytes:
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from exc
+
+
+def write_bytes(uri: str, data: bytes, storage_cfg: StorageConfig | None = None) -> None:
+    """Write `data` so that readers see either nothing or the whole object, never a part."""
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot write {uri}: {exc}") from exc
+
+
+def delete(uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Delete a file if it exists."""
+    fs, path = resolve(uri, storage_cfg)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_files(uri: str, suffix: str = "", storage_cfg: StorageConfig | None = None) -> list[str]:
+    """Every file under `uri` (recursively) ending in `suffix`, as sorted URIs.
+
+    Hidden files (temporary names of uncommitted writes) are skipped. A missing
+    folder lists as empty.
+    """
+    fs, path = resolve(uri, storage_cfg)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    try:
+        infos = fs.get_file_info(selector)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot list {uri}: {exc}") from exc
+    base = uri.rstrip("/")
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.endswith(suffix):
+            continue
+        rel = info.path[len(path) :].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        out.append(f"{base}/{rel}")
+    return sorted(out)
+
+
+def make_dirs(uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Create a folder (a no-op on S3, where prefixes need no creation)."""
+    fs, path = resolve(uri, storage_cfg)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
+
+
+def write_parquet(uri: str, table: pa.Table, storage_cfg: StorageConfig | None = None) -> None:
+    """Write one parquet file atomically."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(uri, sink.getvalue(), storage_cfg)
+
+
+def read_parquet(uri: str, storage_cfg: StorageConfig | None = None) -> pa.Table:
+    """Read one parquet file or a folder of parquet files."""
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        return pq.read_table(path, filesystem=fs)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot read parquet {uri}: {exc}") from exc

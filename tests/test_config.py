@@ -1,0 +1,106 @@
+"""Config loading: presets, typed dotted overrides, helpful errors, round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from gpa_ray.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_yaml,
+    dump_config,
+    load_config,
+    preset_names,
+)
+
+
+def test_defaults_without_preset() -> None:
+    assert load_config() == Config()
+
+
+def test_shipped_presets_load() -> None:
+    names = preset_names()
+    assert {"quickstart", "debug"} <= set(names)
+    for name in names:
+        assert isinstance(load_config(name), Config)
+
+
+def test_unknown_key_suggests_closest() -> None:
+    with pytest.raises(ConfigError, match=r"'train\.lrr'.*did you mean 'train\.lr'"):
+        load_config(overrides=["train.lrr=1"])
+
+
+def test_unknown_section_is_named() -> None:
+    with pytest.raises(ConfigError, match="'trian.lr'.*'train.lr'"):
+        load_config(overrides=["trian.lr=1"])
+
+
+def test_overrides_convert_to_field_types() -> None:
+    cfg = load_config(
+        "debug",
+        [
+            "train.epochs=3",
+            "train.lr=5e-5",
+            "train.use_gpu=true",
+            "ray.num_cpus=none",
+            "audioformer.codebooks=[0, 2]",
+            "corpus.caption_templates=a {category},the {category}",
+            "ingest.cpus_per_encoder=1",
+        ],
+    )
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.train.lr == pytest.approx(5e-5)
+    assert cfg.train.use_gpu is True
+    assert cfg.ray.num_cpus is None
+    assert cfg.audioformer.codebooks == [0, 2]
+    assert cfg.corpus.caption_templates == ["a {category}", "the {category}"]
+    assert cfg.ingest.cpus_per_encoder == 1.0 and isinstance(cfg.ingest.cpus_per_encoder, float)
+
+
+def test_override_wins_over_preset() -> None:
+    assert load_config("debug").train.epochs == 1
+    assert load_config("debug", ["train.epochs=7"]).train.epochs == 7
+
+
+def test_bad_values_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="'train.epochs' expects int, got 'many'"):
+        load_config(overrides=["train.epochs=many"])
+    with pytest.raises(ConfigError, match="'train.epochs' expects int"):
+        load_config(overrides=["train.epochs=1.5"])
+    with pytest.raises(ConfigError, match="'train.use_gpu' expects bool"):
+        load_config(overrides=["train.use_gpu=maybe"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(overrides=["train.epochs"])
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(overrides=["train=3"])
+
+
+def test_missing_preset_lists_shipped_ones() -> None:
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_config("no_such_preset")
+
+
+def test_bad_preset_key(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("gpa:\n  embed_dimm: 3\n")
+    with pytest.raises(ConfigError, match="'gpa.embed_dimm'.*'gpa.embed_dim'"):
+        load_config(str(path))
+
+
+def test_configs_are_frozen() -> None:
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_asdict_round_trip_and_dump(tmp_path) -> None:
+    cfg = load_config("quickstart", ["train.seed=5"])
+    assert config_from_dict(dataclasses.asdict(cfg)) == cfg
+    target = tmp_path / "out" / "config.yaml"
+    dump_config(cfg, str(target))
+    assert load_config(str(target)) == cfg
+    assert yaml.safe_load(config_to_yaml(cfg))["train"]["seed"] == 5
