@@ -1,0 +1,1 @@
+"""Ray Train layer: distributed helpers, per-worker loops and TorchTrainer builders."""
