@@ -183,6 +183,9 @@ class AudioEncoderConfig:
     kind: str = "cnn14"
     weights: str = ""
     width: int = 64
+    # ResNet-50 / ViT-B/16 on spectrograms: "repeat" (log-mel in all 3 channels) or
+    # "deltas" (log-mel, delta, delta-delta).
+    channels: str = "repeat"
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,16 @@ class AudioFormerConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     max_positions: int = 1024
+    dropout: float = 0.1
     mask_prob: float = 0.25
+    # BERT-style corruption of the selected codes (80% MASK, 10% random code, 10% kept);
+    # false replaces every selected code with MASK.
+    mask_bert_style: bool = True
     codebooks: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    # FT2: alpha * MLC + (1 - alpha) * MPC with temperature tau; MLC loss lsep | bce | ce.
+    ft2_alpha: float = 0.95
+    ft2_temperature: float = 0.05
+    classification_loss: str = "lsep"
 
 
 @dataclass(frozen=True)
@@ -238,12 +249,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SinkhornConfig:
-    """Log-domain Sinkhorn-Knopp over training audio queries x test texts (GPA eq 10)."""
+    """Log-domain Sinkhorn-Knopp over training audio queries x test texts (GPA eq 10).
+
+    `method` picks the A2T rescoring: "sinkhorn" (GPA), "qb_norm" (dynamic inverted softmax
+    over the training querybank), "dual_softmax" (uses the test queries: comparison only),
+    or "none".
+    """
 
     epsilon: float = 0.05
     n_iter: int = 10
     block_size: int = 1024
     num_actors: int = 2
+    method: str = "sinkhorn"
+    qb_norm_beta: float = 20.0
+    qb_norm_k: int = 1
+    dsl_temperature: float = 0.01
 
 
 @dataclass(frozen=True)
