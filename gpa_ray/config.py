@@ -186,6 +186,13 @@ class AudioEncoderConfig:
     # ResNet-50 / ViT-B/16 on spectrograms: "repeat" (log-mel in all 3 channels) or
     # "deltas" (log-mel, delta, delta-delta).
     channels: str = "repeat"
+    # Dropout of the PANNs CNNs (cnn14, resnet38); AudioFormer uses `audioformer.dropout`.
+    dropout: float = 0.2
+    # -1 trains the whole tower, 0 freezes it (projection-only transfer; the tower stays in
+    # eval mode), n trains its last n blocks (see `gpa_ray.models.factory.audio_blocks`).
+    trainable_layers: int = -1
+    # SpecAugment (time stretch + masks, `features.*`) on training inputs of mel towers.
+    spec_augment: bool = True
 
 
 @dataclass(frozen=True)
@@ -202,9 +209,15 @@ class GPAConfig:
     prototype: str = "mask"
     attention_heads: int = 1
     scorer: str = "lass"
+    # "triplet" (sum, eq 11), "nt_xent" (eq 12), "info_nce" or "cwcl" (weights from the
+    # text encoder's own features, detached: locked when the text tower is frozen).
     loss: str = "triplet"
     margin: float = 0.2
     temperature: float = 0.07
+    # Caption augmentation on this share of each training batch: every chosen caption
+    # gets word dropout (each word with `caption_word_dropout`) or one adjacent-word swap.
+    caption_aug_share: float = 0.0
+    caption_word_dropout: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -245,6 +258,29 @@ class TrainConfig:
     lr_gamma: float = 0.1
     grad_clip: float = 1.0
     max_failures: int = 0
+    # Clips to train on: an ingest output (local path or s3://); empty means `ingest.output`.
+    data: str = ""
+    # Corpus folder under `<data>/clips/`; empty means every corpus there.
+    corpus: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    # Rows in each worker's local shuffle buffer (0 keeps the read order).
+    shuffle_buffer: int = 64
+    # Checkpoints kept besides the latest: the best by `checkpoint_metric` (empty: the
+    # task's own metric, e.g. val_accuracy).
+    checkpoint_metric: str = ""
+    checkpoints_to_keep: int = 1
+    # Weights to start from: a checkpoint URI, or a run URI (its latest checkpoint).
+    init_from: str = ""
+    # AudioFormer fine-tuning stage: ft1 (classifier) or ft2 (classifier + MPC).
+    finetune_stage: str = "ft1"
+    # bf16 autocast on GPU workers (CPU workers always run fp32).
+    bf16: bool = True
+    # Fault drill: world rank 0 exits its process at this global step, once per run (0: never).
+    fail_at_step: int = 0
+    # Contrastive negatives span every worker's batch (gather with gradients); false scores
+    # each worker's queries against its own batch only.
+    gather_negatives: bool = True
 
 
 @dataclass(frozen=True)
@@ -264,6 +300,28 @@ class SinkhornConfig:
     qb_norm_beta: float = 20.0
     qb_norm_k: int = 1
     dsl_temperature: float = 0.01
+    # The distributed bias job (`jobs/sinkhorn_bias.py`). `checkpoint`: a GPA checkpoint
+    # URI, or a run URI (its latest checkpoint). `queries`/`texts`: ingest outputs (local
+    # or s3://) holding the training audio and the test captions; empty `queries` means
+    # `train.data`, then `ingest.output`; empty `texts` means the same as `queries`.
+    checkpoint: str = ""
+    queries: str = ""
+    queries_split: str = "train"
+    texts: str = ""
+    texts_split: str = "test"
+    # Corpus folder under `<data>/clips/`; empty means every corpus there.
+    corpus: str = ""
+    output: str = "outputs/bias"
+    # Scores of one block of rows are computed in [block_size, text_block_size] tiles.
+    text_block_size: int = 256
+    # An actor keeps its whole slice of R' ([rows, J] fp32) if it fits this budget, and
+    # otherwise recomputes it tile by tile on every iteration.
+    memory_budget_mb: int = 256
+    cpus_per_actor: float = 0.5
+    # Ray Data embedding actors (each loads the checkpoint once).
+    embed_actors: int = 1
+    embed_cpus: float = 0.5
+    embed_batch_size: int = 16
 
 
 @dataclass(frozen=True)
