@@ -84,7 +84,9 @@ def exists(uri: str, storage_cfg: StorageConfig | None = None) -> bool:
 def read_bytes(uri: str, storage_cfg: StorageConfig | None = None) -> bytes:
     fs, path = resolve(uri, storage_cfg)
     try:
-        with fs.open_input_stream(path) as f:
+        # A random-access file reads an S3 object in one GET; an input stream would fetch
+        # it in many small ranged requests (about 100x slower for a 90 MB checkpoint).
+        with fs.open_input_file(path) as f:
             return f.read()
     except (OSError, pa.ArrowException) as exc:
         raise StorageError(f"cannot read {uri}: {exc}") from exc

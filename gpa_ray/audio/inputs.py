@@ -1,0 +1,214 @@
+"""The one audio preprocessing path from a waveform (or codes) to what an audio tower eats.
+
+Training, evaluation, the bias job, index building and the Serve audio endpoint all turn
+audio into tower inputs here, so a model never sees features computed differently at
+training and at query time. Decoding bytes is the caller's job (`gpa_ray.audio.io`),
+except for clip-shard rows (`from_row`), whose FLAC bytes are decoded here.
+
+Per clip, `from_waveform`:
+
+1. resamples to the tower's rate (`features.sample_rate` for log-mel towers, 44.1 kHz
+   for aisfx, 24 kHz for AudioFormer's EnCodec tokenizer);
+2. crops to `audio.max_seconds`: a random window when training (drawn from `seed`),
+   else `audio.crop` (default the start). Clips are never padded here: `collate` pads
+   per batch and passes the true lengths, so padding never counts as audio in pooling;
+3. computes the tower's input: PANNs log-mel [T, n_mels] for cnn14/resnet38/resnet50/vit,
+   the aisfx front end [T, 96] for aisfx, token ids `[BOA] c+3 ... [EOA]` of codebook
+   `audioformer.codebooks[0]` for audioformer (via EnCodec, or `from_codes`);
+4. when training, applies SpecAugment (`features.*`, if `audio_encoder.spec_augment`) to
+   the spectrogram, seeded by `seed`.
+
+`collate` pads a list of per-clip dicts to a batch whose keys are the tower's keyword
+arguments (`logmel`/`spec` + `lengths`, or `input_ids` + `attention_mask`), which
+`GPAModel.embed_audio(batch)` passes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gpa_ray.audio.codec import CODEC_SAMPLE_RATE, FRAME_RATE, PAD, to_token_ids
+from gpa_ray.audio.features import LogMel, SpecAugment
+from gpa_ray.audio.io import decode_audio, fit_length, resample
+from gpa_ray.config import Config
+
+MEL_KINDS = ("cnn14", "resnet38", "resnet50", "vit", "vit_b16")
+"""Towers fed with PANNs log-mel (`gpa_ray.audio.features.LogMel`)."""
+KINDS = (*MEL_KINDS, "aisfx", "audioformer")
+"""Every `audio_encoder.kind`."""
+MIN_FRAMES = {"mel": 32, "aisfx": 8}
+"""Shortest spectrogram a tower accepts (CNN14/ResNet halve time 5 times, aisfx 3 times)."""
+
+
+class AudioInputError(ValueError):
+    """A clip cannot be turned into tower inputs (e.g. a row without audio or codes)."""
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) % 2**63)
+
+
+class AudioInputs:
+    """Waveforms/codes -> per-clip tower inputs -> padded batches, for one tower kind."""
+
+    def __init__(self, cfg: Config) -> None:
+        kind = cfg.audio_encoder.kind
+        if kind not in KINDS:
+            raise ValueError(f"unknown audio_encoder.kind {kind!r}; choose one of {KINDS}")
+        self.cfg = cfg
+        self.kind = kind
+        self.family = "mel" if kind in MEL_KINDS else kind
+        self.max_seconds = cfg.audio.max_seconds
+        self.crop = cfg.audio.crop
+        self.spec_augment = cfg.audio_encoder.spec_augment
+        self._tokenizer: Any = None
+        if self.family == "mel":
+            self.sample_rate = cfg.features.sample_rate
+            self.frontend: torch.nn.Module = LogMel(cfg.features)
+            self.augment = SpecAugment(cfg.features)
+            self.pad_value = 10.0 * math.log10(cfg.features.log_floor)
+        elif self.family == "aisfx":
+            from gpa_ray.models.aisfx_cnn import (
+                HOP_SIZE,
+                N_MELS,
+                SAMPLE_RATE,
+                AisfxFrontEnd,
+            )
+
+            self.sample_rate = SAMPLE_RATE
+            self.frontend = AisfxFrontEnd()
+            self.augment = SpecAugment(_aisfx_augment_config(cfg, HOP_SIZE / SAMPLE_RATE, N_MELS))
+            self.pad_value = 0.0
+        else:
+            self.sample_rate = CODEC_SAMPLE_RATE
+            self.codebook = cfg.audioformer.codebooks[0]
+            self.max_frames = min(
+                cfg.audioformer.max_positions - 2, round(self.max_seconds * FRAME_RATE)
+            )
+        if self.family != "audioformer":
+            self.augment.train()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> AudioInputs:
+        return cls(cfg)
+
+    @property
+    def needs_codes(self) -> bool:
+        """True when the tower reads EnCodec codes (clip rows: `codes`), else audio."""
+        return self.family == "audioformer"
+
+    def from_waveform(
+        self, wave: np.ndarray | Tensor, sr: int, train: bool = False, seed: int = 0
+    ) -> dict[str, Tensor]:
+        """One mono waveform at rate `sr` -> this tower's inputs (see the module docstring)."""
+        wave = np.asarray(wave, dtype=np.float32)
+        if wave.ndim != 1 or wave.shape[0] == 0:
+            raise AudioInputError(f"expected a non-empty mono waveform, got shape {wave.shape}")
+        wave = resample(wave, int(sr), self.sample_rate)
+        n_max = max(1, round(self.max_seconds * self.sample_rate))
+        wave = fit_length(wave, n_max, "crop", "random" if train else self.crop, seed)
+        if self.family == "audioformer":
+            codes = self.tokenizer.encode([wave])[0]
+            return self.from_codes(codes, train=False)
+        with torch.no_grad():
+            if self.family == "mel":
+                spec = self.frontend(torch.from_numpy(wave)[None])[0]
+            else:
+                spec = self.frontend(torch.from_numpy(wave)[None])[0][0]
+            if train and self.spec_augment:
+                spec = self.augment(spec[None], generator=_seeded(seed))[0]
+        key = "logmel" if self.family == "mel" else "spec"
+        return {key: spec.contiguous(), "lengths": torch.tensor(spec.shape[0])}
+
+    def from_codes(
+        self, codes: np.ndarray | Sequence[Sequence[int]], train: bool = False, seed: int = 0
+    ) -> dict[str, Tensor]:
+        """EnCodec codes [n_q, T] -> AudioFormer ids of the tower's codebook (cropped)."""
+        if self.family != "audioformer":
+            raise AudioInputError(f"the {self.kind} tower reads audio, not codes")
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or self.codebook >= codes.shape[0] or codes.shape[1] == 0:
+            raise AudioInputError(
+                f"need codes [n_q > {self.codebook}, T > 0] for codebook {self.codebook}, "
+                f"got shape {codes.shape}"
+            )
+        row = codes[self.codebook]
+        if row.shape[0] > self.max_frames:
+            mode = "random" if train else self.crop
+            row = fit_length(row, self.max_frames, "crop", mode, seed)
+        ids = torch.from_numpy(to_token_ids(row))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def from_row(
+        self, row: Mapping[str, Any], train: bool = False, seed: int = 0
+    ) -> dict[str, Tensor]:
+        """A clip-shard row (`codes`, or FLAC `audio` bytes) -> tower inputs."""
+        name = str(row.get("clip_id", "<clip>"))
+        if self.needs_codes:
+            if row.get("codes") is None:
+                raise AudioInputError(f"clip {name!r} has no codes")
+            return self.from_codes(np.asarray(row["codes"], dtype=np.int16), train, seed)
+        data = row.get("audio")
+        if not data:
+            raise AudioInputError(
+                f"clip {name!r} has no stored audio (ingest with ingest.store_audio=true)"
+            )
+        wave, sr = decode_audio(data, name)
+        return self.from_waveform(wave, sr, train, seed)
+
+    @property
+    def tokenizer(self) -> Any:
+        """EnCodec tokenizer (`codec.*`), built on first use: only waveform queries of an
+        AudioFormer tower need it (training reads stored codes)."""
+        if self._tokenizer is None:
+            from gpa_ray.audio.codec import EncodecTokenizer
+
+            self._tokenizer = EncodecTokenizer.from_config(self.cfg.codec, self.cfg.storage)
+        return self._tokenizer
+
+    def collate(self, items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Pad per-clip inputs to one batch; the keys are the tower's keyword arguments."""
+        if not items:
+            raise AudioInputError("cannot collate an empty batch")
+        if self.family == "audioformer":
+            ids = [item["input_ids"] for item in items]
+            width = max(len(x) for x in ids)
+            batch = torch.full((len(ids), width), PAD, dtype=torch.long)
+            mask = torch.zeros(len(ids), width, dtype=torch.long)
+            for i, x in enumerate(ids):
+                batch[i, : len(x)] = x
+                mask[i, : len(x)] = 1
+            return {"input_ids": batch, "attention_mask": mask}
+        key = "logmel" if self.family == "mel" else "spec"
+        specs = [item[key] for item in items]
+        frames = max(MIN_FRAMES[self.family], max(s.shape[0] for s in specs))
+        out = torch.full((len(specs), frames, specs[0].shape[1]), self.pad_value)
+        for i, spec in enumerate(specs):
+            out[i, : spec.shape[0]] = spec
+        lengths = torch.stack([torch.as_tensor(item["lengths"]) for item in items]).long()
+        return {key: out, "lengths": lengths}
+
+
+def _aisfx_augment_config(cfg: Config, frame_seconds: float, n_mels: int) -> Any:
+    """SpecAugment settings carried over to the aisfx spectrogram.
+
+    Mask widths are given for PANNs frames (`features.hop_length` samples) and mel bins, so
+    they are rescaled to aisfx's 23 ms frames and 96 bands (same seconds, same share of
+    the spectrum). Silence is 0 in aisfx's log10(1 + 1e4 S) scale, so stretch padding uses
+    0 (a `log_floor` of 1 gives 10 log10(1) = 0); masks zero stripes as for log-mel.
+    """
+    feats = cfg.features
+    panns_frame = feats.hop_length / feats.sample_rate
+    return dataclasses.replace(
+        feats,
+        log_floor=1.0,
+        time_mask_width=max(1, round(feats.time_mask_width * panns_frame / frame_seconds)),
+        freq_mask_width=max(1, round(feats.freq_mask_width * n_mels / feats.n_mels)),
+    )
