@@ -145,9 +145,12 @@ class IngestConfig:
     num_encoders: int = 2
     cpus_per_encoder: float = 0.5
     gpus_per_encoder: float = 0.0
+    # Clips per EnCodec batch on a GPU (on CPU, batching is no faster: one clip at a time).
     batch_size: int = 8
     store_audio: bool = True
     audio_sample_rate: int = 32000
+    # A work unit (one shard file, committed atomically; the resume granularity) holds
+    # `rows_per_commit` clips, fewer if its estimated size would pass `target_shard_mb`.
     target_shard_mb: int = 256
     rows_per_commit: int = 64
     # Longest segment kept per clip (seconds from its start); None keeps whole clips.
@@ -193,6 +196,11 @@ class AudioEncoderConfig:
     trainable_layers: int = -1
     # SpecAugment (time stretch + masks, `features.*`) on training inputs of mel towers.
     spec_augment: bool = True
+    # A frozen tower remembers its outputs for up to this many distinct inputs per process
+    # (0: off), so projection-only training pays one tower pass per clip, not per epoch.
+    # Hits need identical inputs: pair it with spec_augment=false and clips that fit
+    # audio.max_seconds (no random crop).
+    cache_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -316,7 +324,7 @@ class SinkhornConfig:
     text_block_size: int = 256
     # An actor keeps its whole slice of R' ([rows, J] fp32) if it fits this budget, and
     # otherwise recomputes it tile by tile on every iteration.
-    memory_budget_mb: int = 256
+    memory_budget_mb: int = 1024
     cpus_per_actor: float = 0.5
     # Ray Data embedding actors (each loads the checkpoint once).
     embed_actors: int = 1
@@ -326,21 +334,95 @@ class SinkhornConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """Embedding index build and search."""
+    """Embedding index build and search.
+
+    The build reads clip shards from `input` (empty: `<ingest.output>/clips`), embeds them
+    with the GPA checkpoint `checkpoint` and writes the version `version` (empty: a name
+    derived from the build settings, so a rerun resumes the same version) under `output`.
+    `bias`: a text-bias URI written by the Sinkhorn bias job (empty: no bias).
+    Search: stage 1 is `ann` ("exact": torch matmul, "flat": faiss IndexFlatIP, "ivf":
+    faiss IVF with `ivf_nlist` lists, 0 = about 4 sqrt(N), probing `ivf_nprobe`), keeping
+    `shortlist` candidates for the full GPA score of stage 2.
+    """
 
     output: str = "outputs/index"
     dtype: str = "float16"
     ann: str = "exact"
     shortlist: int = 100
+    input: str = ""
+    checkpoint: str = ""
+    version: str = ""
+    splits: list[str] = field(default_factory=list)
+    bias: str = ""
+    store_audio: bool = True
+    batch_size: int = 16
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    ivf_nlist: int = 0
+    ivf_nprobe: int = 16
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Ray Serve retriever."""
+    """Ray Serve retriever.
+
+    `index_uri`: an index root (its LATEST version is served and polled every
+    `reload_interval_s`, 0 = never) or one version folder; empty: `index.output`.
+    Request limits: `max_k`, `max_query_chars`, `max_upload_mb`, `max_audio_seconds`.
+    Batching: `@serve.batch` sizes and waits per encoder; each encoder accepts twice its
+    batch size of ongoing requests so batches can fill while one runs.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8000
     max_k: int = 100
+    index_uri: str = ""
+    app_name: str = "gpa_retriever"
+    default_k: int = 10
+    max_query_chars: int = 1000
+    max_upload_mb: float = 10.0
+    max_audio_seconds: float = 60.0
+    text_batch_size: int = 16
+    text_batch_wait_s: float = 0.002
+    audio_batch_size: int = 4
+    audio_batch_wait_s: float = 0.02
+    reload_interval_s: float = 30.0
+    cpus_per_replica: float = 0.5
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Full-pool retrieval evaluation (`jobs/evaluate.py`): T2A, and A2T under each method.
+
+    `checkpoint` empty means `sinkhorn.checkpoint`; `data` empty means `sinkhorn.texts`
+    (the test pool the biases were computed for), then `sinkhorn.queries`, `train.data`,
+    `ingest.output`; `bias` (the bias job's output) empty means `sinkhorn.output`.
+    `methods`: A2T rescorings to report, from "none", "sinkhorn", "qb_norm" and
+    "dual_softmax" (which uses the other test queries: reported as leaking).
+    """
+
+    checkpoint: str = ""
+    data: str = ""
+    split: str = "test"
+    corpus: str = ""
+    bias: str = ""
+    output: str = "outputs/eval"
+    methods: list[str] = field(
+        default_factory=lambda: ["none", "sinkhorn", "qb_norm", "dual_softmax"]
+    )
+    block_size: int = 256
+    embed_actors: int = 1
+    embed_cpus: float = 0.5
+    embed_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """The end-to-end demo (`jobs/quickstart.py`): where all its stages write."""
+
+    output: str = "outputs/quickstart"
+    pretrain_epochs: int = 2
 
 
 @dataclass(frozen=True)
@@ -363,6 +445,8 @@ class Config:
     sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
 
 
 def preset_names() -> list[str]:

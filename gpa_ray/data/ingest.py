@@ -1,0 +1,610 @@
+"""Ingest on Ray Data: corpus manifest -> EnCodec codes (+ FLAC audio) -> parquet shards.
+
+Design (streaming, resumable, correct; in the order a run does it):
+
+1. **Manifest -> work units.** The corpus reader's rows are streamed once into parquet
+   manifest files under `<output>/manifest/<corpus>/`. Rows are grouped into numbered
+   *work units* of at most `rows_per_commit` clips (fewer if `target_shard_mb` says so)
+   of one split, numbered in reader order, so the assignment is deterministic. The unit
+   table is committed last as `_manifest.json`; a rerun reuses the stored manifest (it
+   refuses one built from different corpus/codec settings), so the units of every run on
+   an output are the same units even if the corpus folder changed in the meantime.
+2. **Skip what is committed.** A unit is done iff `<output>/_commits/<corpus>/unit-N.json`
+   exists. Only the other units become the rows of a Ray Dataset (one unit per block),
+   handed to actors one at a time so no actor hoards queued units while another idles.
+3. **Encode on an actor pool.** `map_batches(UnitEncoder, compute=ActorPoolStrategy)`
+   with fractional CPUs (0.5 by default: two actors at 1 CPU each would starve Ray Data's
+   own tasks on a 2-core machine and deadlock without an error). Each actor loads the
+   EnCodec model once, runs torch on one thread (or its GPU), and for each unit reads
+   that unit's manifest rows, fetches the bytes through `gpa_ray.storage` on a few
+   threads while it encodes, then decodes, resamples, tokenises and FLAC-encodes clip by
+   clip (EnCodec batches of `ingest.batch_size` on a GPU). A failure of one clip becomes
+   an error row (stage locate | read | decode | encode) and never stops the unit or the
+   job. Units, not clips, are the dataset rows because a unit must be written as one
+   file by one writer to commit atomically: regrouping clip rows into units after a
+   distributed map would need a shuffle (a barrier) or would funnel every byte through
+   the driver.
+4. **Commit a unit atomically.** The actor writes `clips/<corpus>/<split>/part-N.parquet`
+   and `errors/<corpus>/part-N.parquet` (each atomic: temporary name + rename locally, a
+   single upload on S3), then the commit marker, which also carries the unit's counts.
+   A run killed mid-unit leaves no partial file (at worst a whole file of an uncommitted
+   unit); the rerun redoes that unit and rewrites the same names with the same rows, so
+   the result has neither duplicates nor gaps. One run at a time per output.
+5. **Summarise.** The driver logs a line per committed unit (Ray Data shows progress
+   bars), then writes `summary.json` (clips ok, failures per stage, audio hours,
+   audio-seconds per second, wall time) beside `config.yaml` (the resolved config,
+   written at the start).
+
+Memory stays bounded at any corpus size: the driver holds the unit table (a few numbers
+per unit) and never the manifest rows (while building the manifest, one hash per clip
+to drop duplicate ids); an actor holds one unit (<= `target_shard_mb`) plus a few
+prefetched files; Ray Data passes only per-unit counts back to the driver.
+
+Outputs are folders, not hive `key=value` partitions, because every file also carries
+its `corpus` and `split` columns (each file is self-describing) and a hive reader would
+clash with them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from gpa_ray import storage
+from gpa_ray.config import Config, config_from_dict, dump_config
+from gpa_ray.data import schema
+from gpa_ray.data.corpora import corpus_name, iter_manifest
+
+logger = logging.getLogger(__name__)
+
+# Size model used to cap a unit at `target_shard_mb`: a nominal 10 s clip.
+_NOMINAL_CLIP_S = 10.0
+_FLAC_RATIO = 0.6
+_BYTES_PER_CODE = 2
+
+
+class IngestError(RuntimeError):
+    """The run cannot proceed as configured (not a per-clip failure: those are error rows)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where everything of one corpus lives under an ingest output."""
+
+    output: str
+    corpus: str
+
+    @property
+    def manifest_dir(self) -> str:
+        return storage.join(self.output, "manifest", self.corpus)
+
+    @property
+    def manifest_marker(self) -> str:
+        return storage.join(self.manifest_dir, "_manifest.json")
+
+    @property
+    def commits_dir(self) -> str:
+        return storage.join(self.output, "_commits", self.corpus)
+
+    def manifest_file(self, index: int) -> str:
+        return storage.join(self.manifest_dir, f"part-{index:05d}.parquet")
+
+    def clips_file(self, split: str, unit: int) -> str:
+        return storage.join(self.output, "clips", self.corpus, split, f"part-{unit:06d}.parquet")
+
+    def errors_file(self, unit: int) -> str:
+        return storage.join(self.output, "errors", self.corpus, f"part-{unit:06d}.parquet")
+
+    def commit_marker(self, unit: int) -> str:
+        return storage.join(self.commits_dir, f"unit-{unit:06d}.json")
+
+
+class ClipFailure(Exception):
+    """One clip failed at `stage`; `error` is the readable "Type: message" text."""
+
+    def __init__(self, stage: str, exc: BaseException | str) -> None:
+        self.stage = stage
+        self.error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        super().__init__(f"{stage}: {self.error}")
+
+
+def rows_per_unit(cfg: Config) -> int:
+    """Clips per work unit: `rows_per_commit`, capped so a shard stays near `target_shard_mb`."""
+    seconds = min(_NOMINAL_CLIP_S, cfg.ingest.max_seconds or _NOMINAL_CLIP_S)
+    per_clip = seconds * 75 * 4 * _BYTES_PER_CODE
+    if cfg.ingest.store_audio:
+        per_clip += seconds * cfg.ingest.audio_sample_rate * 2 * _FLAC_RATIO
+    cap = max(1, int(cfg.ingest.target_shard_mb * 1024 * 1024 // per_clip))
+    return max(1, min(cfg.ingest.rows_per_commit, cap))
+
+
+def output_settings(cfg: Config) -> dict[str, Any]:
+    """What must not change between runs on one output (else its shards would disagree)."""
+    return {
+        "corpus": dataclasses.asdict(cfg.corpus),
+        "codec": {"weights": cfg.codec.weights, "bandwidth": cfg.codec.bandwidth},
+        "store_audio": cfg.ingest.store_audio,
+        "audio_sample_rate": cfg.ingest.audio_sample_rate,
+        "max_seconds": cfg.ingest.max_seconds,
+    }
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def build_manifest(cfg: Config, layout: Layout) -> dict[str, Any]:
+    """Stream the corpus reader into unit-tagged manifest files; return the unit table.
+
+    Rows are buffered per split until a unit is full, so a unit never mixes splits and
+    each unit yields exactly one clips file. Memory: one unit per split plus one file.
+    """
+    per_unit = rows_per_unit(cfg)
+    per_file = max(1, cfg.ingest.units_per_manifest_file)
+    units: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    buffers: dict[str, list[dict[str, Any]]] = {}
+    seen: set[int] = set()
+    duplicates = 0
+
+    def flush_file() -> None:
+        if not pending:
+            return
+        index = pending[0]["unit"] // per_file
+        table = pa.Table.from_pylist(pending, schema=schema.WORK_MANIFEST_SCHEMA)
+        storage.write_parquet(layout.manifest_file(index), table, cfg.storage)
+        pending.clear()
+
+    def add_unit(split: str, rows: list[dict[str, Any]]) -> None:
+        unit = len(units)
+        units.append({"unit": unit, "split": split, "rows": len(rows), "file": unit // per_file})
+        pending.extend({**row, "unit": unit} for row in rows)
+        if len(units) % per_file == 0:
+            flush_file()
+
+    for row in iter_manifest(cfg.corpus, cfg.storage):
+        key = hash(row["clip_id"])
+        if key in seen:
+            duplicates += 1
+            logger.warning(
+                "duplicate clip_id %s in the corpus index: kept the first", row["clip_id"]
+            )
+            continue
+        seen.add(key)
+        buffer = buffers.setdefault(row["split"], [])
+        buffer.append(row)
+        if len(buffer) == per_unit:
+            add_unit(row["split"], buffer)
+            buffers[row["split"]] = []
+    for split, buffer in buffers.items():
+        if buffer:
+            add_unit(split, buffer)
+    flush_file()
+    marker = {
+        "settings": output_settings(cfg),
+        "rows_per_unit": per_unit,
+        "n_rows": sum(u["rows"] for u in units),
+        "duplicates_dropped": duplicates,
+        "units": units,
+    }
+    storage.write_bytes(layout.manifest_marker, json.dumps(marker).encode(), cfg.storage)
+    logger.info(
+        "manifest: %d clips in %d units of <= %d under %s",
+        marker["n_rows"],
+        len(units),
+        per_unit,
+        layout.manifest_dir,
+    )
+    return marker
+
+
+def load_or_build_manifest(cfg: Config, layout: Layout) -> dict[str, Any]:
+    """The committed manifest of this output if there is one (checked), else a new one."""
+    if storage.exists(layout.manifest_marker, cfg.storage):
+        marker = json.loads(storage.read_bytes(layout.manifest_marker, cfg.storage))
+        stored, current = marker["settings"], output_settings(cfg)
+        if stored != current:
+            changed = sorted(
+                k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
+            )
+            raise IngestError(
+                f"{layout.output} already holds corpus {layout.corpus!r} ingested with other "
+                f"settings ({', '.join(changed)} differ); use a new ingest.output"
+            )
+        if marker["rows_per_unit"] != rows_per_unit(cfg):
+            logger.info(
+                "resuming with the stored unit size %d (config now gives %d)",
+                marker["rows_per_unit"],
+                rows_per_unit(cfg),
+            )
+        return marker
+    return build_manifest(cfg, layout)
+
+
+def read_unit_rows(cfg: Config, layout: Layout, unit: int, file_index: int) -> list[dict[str, Any]]:
+    """The manifest rows of one unit, in manifest order."""
+    fs, path = storage.resolve(layout.manifest_file(file_index), cfg.storage)
+    table = pq.read_table(path, filesystem=fs, filters=[("unit", "=", unit)])
+    return table.drop_columns(["unit"]).to_pylist()
+
+
+def committed_units(cfg: Config, layout: Layout) -> set[int]:
+    """Units whose commit marker exists."""
+    markers = storage.list_files(layout.commits_dir, ".json", cfg.storage)
+    return {int(uri.rsplit("unit-", 1)[1][: -len(".json")]) for uri in markers}
+
+
+def remove_stale_temporaries(cfg: Config, output: str) -> None:
+    """Delete temporary files a killed run left behind (local outputs; S3 uploads that
+    never completed are invisible already)."""
+    fs, path = storage.resolve(output, cfg.storage)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        if info.type == pafs.FileType.File and info.base_name.startswith(".tmp-"):
+            fs.delete_file(info.path)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+class ClipEncoder:
+    """Bytes of one clip -> a clip-shard row, or a `ClipFailure` naming the stage.
+
+    Pure (no Ray): the pipeline's actors and the single-process benchmark loop run the
+    very same code, so their throughputs compare like with like.
+    """
+
+    def __init__(self, cfg: Config, device: str | None = None) -> None:
+        from gpa_ray.audio.codec import EncodecTokenizer
+
+        self.cfg = cfg
+        self.tokenizer = EncodecTokenizer(
+            weights=cfg.codec.weights,
+            bandwidth=cfg.codec.bandwidth,
+            device=device or cfg.codec.device,
+            storage_cfg=cfg.storage,
+        )
+
+    def fetch(self, row: dict[str, Any]) -> bytes:
+        """The clip's bytes; a missing file fails at `locate`, any other error at `read`."""
+        uri = row["source_uri"]
+        if not uri:
+            raise ClipFailure("locate", "FileNotFoundError: the corpus index names no audio file")
+        try:
+            return storage.read_bytes(uri, self.cfg.storage)
+        except Exception as exc:
+            try:
+                missing = not storage.exists(uri, self.cfg.storage)
+            except Exception:
+                missing = False
+            if missing:
+                raise ClipFailure("locate", f"FileNotFoundError: no such file {uri}") from exc
+            raise ClipFailure("read", exc) from exc
+
+    def decode(self, row: dict[str, Any], data: bytes) -> tuple[np.ndarray, int]:
+        """Mono waveform of the clip's segment at its original rate."""
+        from gpa_ray.audio.io import decode_audio
+
+        try:
+            wave, sr = decode_audio(data, row["source_uri"])
+        except Exception as exc:
+            raise ClipFailure("decode", exc) from exc
+        start = int(round(row["start_s"] * sr))
+        length = row["duration_s"]
+        if self.cfg.ingest.max_seconds is not None:
+            length = min(length or np.inf, self.cfg.ingest.max_seconds)
+        stop = wave.shape[0] if length in (None, np.inf) else start + int(round(length * sr))
+        segment = wave[start:stop]
+        if segment.shape[0] == 0:
+            raise ClipFailure(
+                "decode",
+                f"EmptySegment: segment at {row['start_s']} s of {wave.shape[0] / sr:.3f} s "
+                "of audio holds no samples",
+            )
+        return segment, sr
+
+    def encode(
+        self, items: list[tuple[dict[str, Any], np.ndarray, int]]
+    ) -> list[dict[str, Any] | ClipFailure]:
+        """EnCodec codes (24 kHz) and optional FLAC audio for decoded (row, wave, rate) items.
+
+        The items are tokenised in one EnCodec batch; if that batch fails, each item is
+        retried alone so only the clip at fault becomes an `encode` failure.
+        """
+        from gpa_ray.audio.codec import CODEC_SAMPLE_RATE
+        from gpa_ray.audio.io import resample
+
+        if not items:
+            return []
+        if len(items) > 1:
+            try:
+                waves = [resample(w, sr, CODEC_SAMPLE_RATE) for _, w, sr in items]
+                codes = self.tokenizer.encode(waves)
+            except Exception:
+                return [out for item in items for out in self.encode([item])]
+            return [self._finish(item, c) for item, c in zip(items, codes, strict=True)]
+        ((row, wave, sr),) = items
+        try:
+            codes = self.tokenizer.encode_one(resample(wave, sr, CODEC_SAMPLE_RATE))
+        except Exception as exc:
+            return [ClipFailure("encode", exc)]
+        return [self._finish(items[0], codes)]
+
+    def _finish(
+        self, item: tuple[dict[str, Any], np.ndarray, int], codes: np.ndarray
+    ) -> dict[str, Any] | ClipFailure:
+        """The clip-shard row: codes plus the FLAC audio at the feature rate if stored."""
+        from gpa_ray.audio.io import encode_flac, resample
+
+        row, wave, sr = item
+        audio = None
+        if self.cfg.ingest.store_audio:
+            rate = self.cfg.ingest.audio_sample_rate
+            try:
+                audio = encode_flac(resample(wave, sr, rate), rate)
+            except Exception as exc:
+                return ClipFailure("encode", exc)
+        return {
+            **row,
+            "duration_s": wave.shape[0] / sr,
+            "n_samples": wave.shape[0],
+            "sample_rate": sr,
+            "codes": codes,
+            "audio": audio,
+            "audio_sample_rate": self.cfg.ingest.audio_sample_rate if audio is not None else None,
+        }
+
+    def process(self, row: dict[str, Any], data: bytes) -> dict[str, Any]:
+        """One clip end to end (decode -> codes -> FLAC); raises `ClipFailure`."""
+        wave, sr = self.decode(row, data)
+        (out,) = self.encode([(row, wave, sr)])
+        if isinstance(out, ClipFailure):
+            raise out
+        return out
+
+
+def _prefetch(
+    fn: Callable[[dict[str, Any]], bytes],
+    rows: Iterable[dict[str, Any]],
+    pool: ThreadPoolExecutor,
+    window: int,
+) -> Iterator[tuple[dict[str, Any], Future[bytes]]]:
+    """Yield (row, future of fn(row)) in order, keeping at most `window` fetches in flight."""
+    queue: collections.deque[tuple[dict[str, Any], Future[bytes]]] = collections.deque()
+    for row in rows:
+        queue.append((row, pool.submit(fn, row)))
+        if len(queue) >= window:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def clips_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Clip rows -> a table with `schema.CLIP_SCHEMA` (codes built without a per-code loop)."""
+    arrays = []
+    for field in schema.CLIP_SCHEMA:
+        values = [r[field.name] for r in rows]
+        if field.name == "codes":
+            arrays.append(schema.codes_array(values))
+        else:
+            arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema.CLIP_SCHEMA)
+
+
+def errors_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema.ERROR_SCHEMA)
+
+
+STAT_KEYS = (
+    "unit",
+    "split",
+    "ok",
+    "failed",
+    *(f"failed_{s}" for s in schema.STAGES),
+    "audio_seconds",
+)
+
+
+class UnitEncoder:
+    """Ray Data callable class: encodes and commits whole work units (one per batch row).
+
+    Constructed once per actor, so the EnCodec model is loaded once per actor.
+    """
+
+    def __init__(self, cfg: dict[str, Any], corpus: str) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.cfg = config_from_dict(cfg)
+        device = self.cfg.codec.device
+        if self.cfg.ingest.gpus_per_encoder > 0 and device == "cpu":
+            device = "cuda"
+        self.encoder = ClipEncoder(self.cfg, device=device)
+        # Batching pays on a GPU; on CPU EnCodec is no faster batched and padding to the
+        # longest clip of a batch would only add work.
+        self.encode_batch = max(1, self.cfg.ingest.batch_size) if device != "cpu" else 1
+        self.layout = Layout(self.cfg.ingest.output, corpus)
+        self.pool = ThreadPoolExecutor(max(1, self.cfg.ingest.read_threads))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        stats = [
+            self.run_unit(int(unit), str(split), int(file_index))
+            for unit, split, file_index in zip(
+                batch["unit"], batch["split"], batch["file"], strict=True
+            )
+        ]
+        return {key: [s[key] for s in stats] for key in STAT_KEYS}
+
+    def run_unit(self, unit: int, split: str, file_index: int) -> dict[str, Any]:
+        """Encode one unit and commit it: clips file, errors file, then the marker."""
+        cfg, layout = self.cfg, self.layout
+        rows = read_unit_rows(cfg, layout, unit, file_index)
+        ok: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+
+        def fail(row: dict[str, Any], failure: ClipFailure) -> None:
+            failed.append(
+                {
+                    "clip_id": row["clip_id"],
+                    "corpus": row["corpus"],
+                    "split": row["split"],
+                    "source_uri": row["source_uri"],
+                    "stage": failure.stage,
+                    "error": failure.error,
+                }
+            )
+
+        def flush(batch: list[tuple[dict[str, Any], np.ndarray, int]]) -> None:
+            for item, out in zip(batch, self.encoder.encode(batch), strict=True):
+                if isinstance(out, ClipFailure):
+                    fail(item[0], out)
+                else:
+                    ok.append(out)
+            batch.clear()
+
+        batch: list[tuple[dict[str, Any], np.ndarray, int]] = []
+        window = 2 * max(1, cfg.ingest.read_threads)
+        for row, future in _prefetch(self.encoder.fetch, rows, self.pool, window):
+            try:
+                batch.append((row, *self.encoder.decode(row, future.result())))
+            except ClipFailure as failure:
+                fail(row, failure)
+            if len(batch) >= self.encode_batch:
+                flush(batch)
+        flush(batch)
+        _write_or_delete(layout.clips_file(split, unit), ok, clips_table, cfg)
+        _write_or_delete(layout.errors_file(unit), failed, errors_table, cfg)
+        by_stage = collections.Counter(f["stage"] for f in failed)
+        stats = {
+            "unit": unit,
+            "split": split,
+            "ok": len(ok),
+            "failed": len(failed),
+            **{f"failed_{s}": by_stage.get(s, 0) for s in schema.STAGES},
+            "audio_seconds": float(sum(r["duration_s"] for r in ok)),
+        }
+        storage.write_bytes(layout.commit_marker(unit), json.dumps(stats).encode(), cfg.storage)
+        return stats
+
+
+def _write_or_delete(
+    uri: str,
+    rows: list[dict[str, Any]],
+    to_table: Callable[[list[dict[str, Any]]], pa.Table],
+    cfg: Config,
+) -> None:
+    """Write a unit's file, or make sure none is left from an earlier, different attempt."""
+    if rows:
+        storage.write_parquet(uri, to_table(rows), cfg.storage)
+    else:
+        storage.delete(uri, cfg.storage)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _read_stats(cfg: Config, layout: Layout, units: list[int]) -> list[dict[str, Any]]:
+    """Counts of already-committed units, read from their markers (a few threads: S3)."""
+    with ThreadPoolExecutor(8) as pool:
+        return list(
+            pool.map(
+                lambda u: json.loads(storage.read_bytes(layout.commit_marker(u), cfg.storage)),
+                units,
+            )
+        )
+
+
+def _totals(stats: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"units": 0, "ok": 0, "failed": 0, "audio_seconds": 0.0}
+    total.update({f"failed_{s}": 0 for s in schema.STAGES})
+    for s in stats:
+        total["units"] += 1
+        for key in total:
+            if key != "units":
+                total[key] += s[key]
+    return total
+
+
+def run_ingest(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) the ingest the config describes; return the summary it also writes.
+
+    Needs a running Ray (see `gpa_ray.jobs_cli.init_ray`).
+    """
+    import ray
+
+    started = time.perf_counter()
+    output = cfg.ingest.output
+    layout = Layout(output, corpus_name(cfg.corpus))
+    remove_stale_temporaries(cfg, output)
+    dump_config(cfg, storage.join(output, "config.yaml"))
+    marker = load_or_build_manifest(cfg, layout)
+    done = committed_units(cfg, layout)
+    todo = [u for u in marker["units"] if u["unit"] not in done]
+    skipped = [u["unit"] for u in marker["units"] if u["unit"] in done]
+    if skipped:
+        logger.info(
+            "resuming: %d of %d units already committed", len(skipped), len(marker["units"])
+        )
+    new_stats: list[dict[str, Any]] = []
+    if todo:
+        items = [{"unit": u["unit"], "split": u["split"], "file": u["file"]} for u in todo]
+        encoders = max(1, min(cfg.ingest.num_encoders, len(items)))
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            UnitEncoder,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=encoders, max_tasks_in_flight_per_actor=1),
+            fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "corpus": layout.corpus},
+            num_cpus=cfg.ingest.cpus_per_encoder,
+            num_gpus=cfg.ingest.gpus_per_encoder or None,
+        )
+        for stats in dataset.iter_rows():
+            new_stats.append(stats)
+            logger.info(
+                "committed unit %d (%s): %d ok, %d failed, %.1f audio-s [%d/%d units this run]",
+                stats["unit"],
+                stats["split"],
+                stats["ok"],
+                stats["failed"],
+                stats["audio_seconds"],
+                len(new_stats),
+                len(todo),
+            )
+    wall = time.perf_counter() - started
+    this_run = _totals(new_stats)
+    total = _totals([*_read_stats(cfg, layout, skipped), *new_stats])
+    summary = {
+        "corpus": layout.corpus,
+        "output": output,
+        "clips_in_manifest": marker["n_rows"],
+        "duplicates_dropped": marker["duplicates_dropped"],
+        "units": len(marker["units"]),
+        "clips_ok": total["ok"],
+        "clips_failed": total["failed"],
+        "failed_by_stage": {s: total[f"failed_{s}"] for s in schema.STAGES},
+        "audio_hours": total["audio_seconds"] / 3600.0,
+        "this_run": {
+            "units_committed": this_run["units"],
+            "units_skipped": len(skipped),
+            "clips_ok": this_run["ok"],
+            "clips_failed": this_run["failed"],
+            "audio_seconds": this_run["audio_seconds"],
+        },
+        "wall_time_s": wall,
+        "audio_seconds_per_second": this_run["audio_seconds"] / wall if wall > 0 else 0.0,
+    }
+    storage.write_bytes(
+        storage.join(output, "summary.json"), json.dumps(summary, indent=2).encode(), cfg.storage
+    )
+    return summary

@@ -1,0 +1,71 @@
+"""What every `jobs/*.py` entry point shares: argument parsing and joining Ray.
+
+A job is `python jobs/<name>.py [--config FILE|PRESET] [--set a.b=c ...] [a.b=c ...]`:
+the preset (a YAML path or the name of a preset shipped in `gpa_ray/configs/`) is merged
+with dotted overrides by `gpa_ray.config.load_config`, which type-checks every key. The
+same command runs on a laptop (embedded local Ray) and on a cluster (`RAY_ADDRESS`, or
+`ray job submit`, which sets it), so the address is never hard-coded in a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from gpa_ray.config import Config, load_config
+
+
+def parse_job_args(argv: list[str] | None, description: str) -> Config:
+    """Parse a job's command line into a resolved `Config` (errors exit with a message)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--config", default=None, help="YAML preset: a file path or a shipped preset name"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set ingest.output=s3://bucket/run (repeatable)",
+    )
+    parser.add_argument("positional", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, [*args.overrides, *args.positional])
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logging()
+    return cfg
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Log lines with a timestamp to stderr, unless the host process already set logging up."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def ray_address(cfg: Config) -> str:
+    """`ray.address` from the config, else `RAY_ADDRESS`, else `local` (an embedded Ray)."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS", "") or "local"
+
+
+def init_ray(cfg: Config) -> None:
+    """Join (or start) the Ray cluster the config names; a no-op if Ray is already up.
+
+    Resource settings (`num_cpus`, `object_store_memory_mb`, `include_dashboard`) only
+    apply when this process starts a local Ray: a running cluster has its own.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_address(cfg)
+    kwargs: dict[str, object] = {}
+    if address == "local":
+        kwargs["include_dashboard"] = cfg.ray.include_dashboard
+        if cfg.ray.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.ray.num_cpus
+        if cfg.ray.object_store_memory_mb is not None:
+            kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
+    ray.init(address=address, **kwargs)
