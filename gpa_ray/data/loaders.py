@@ -1,0 +1,216 @@
+"""Clip shards -> Ray Data datasets -> torch batches for training.
+
+Ingest writes `<data>/clips/<corpus>/<split>/part-N.parquet` (see `gpa_ray.data.ingest`).
+A training run reads one split of one corpus (or of every corpus) as a Ray Dataset; each
+Ray Train worker iterates its shard with `iter_torch_batches` and a collate function that
+turns an Arrow batch into tensors:
+
+- `codes` (int16 [n_q, T] per clip) -> AudioFormer token ids per selected codebook,
+  `[BOA] c+3 ... [EOA]`, padded with PAD to the longest clip *of the batch* (not of the
+  corpus: 10 s AudioSet clips next to 1 s FSD50K clips would otherwise waste most of the
+  compute on padding), cropped to `max_len` positions, with an attention mask.
+- `labels` (list<string>) -> multi-hot rows, or class indices for single-label data.
+
+The label vocabulary comes from the training split, scanned file by file with only the
+`labels` column read, so its cost does not grow with the size of the codes or audio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from gpa_ray import storage
+from gpa_ray.audio.codec import PAD, to_token_ids
+from gpa_ray.config import StorageConfig
+
+IGNORE_LABEL = -100
+"""Class index of a clip with no known label (CE ignores it; metrics drop it)."""
+
+
+class LoaderError(ValueError):
+    """The requested clips are missing or do not fit the requested batch layout."""
+
+
+def split_files(
+    data: str, split: str, corpus: str = "", storage_cfg: StorageConfig | None = None
+) -> list[str]:
+    """The parquet files of one split under an ingest output, as sorted URIs.
+
+    `corpus` empty means every corpus under `<data>/clips/`.
+    """
+    clips = storage.join(data, "clips")
+    if corpus:
+        return storage.list_files(storage.join(clips, corpus, split), ".parquet", storage_cfg)
+    return [
+        uri
+        for uri in storage.list_files(clips, ".parquet", storage_cfg)
+        if uri[len(clips) :].strip("/").split("/")[1:2] == [split]
+    ]
+
+
+def read_clips(
+    data: str,
+    split: str,
+    *,
+    corpus: str = "",
+    columns: Sequence[str] | None = None,
+    storage_cfg: StorageConfig | None = None,
+) -> Any:
+    """One split as a lazy Ray Dataset of `columns` (all if None); local path or s3://."""
+    import ray
+
+    files = split_files(data, split, corpus, storage_cfg)
+    if not files:
+        where = storage.join(data, "clips", corpus or "*", split)
+        raise LoaderError(f"no clip shards found at {where}; run ingest first")
+    fs, _ = storage.resolve(files[0], storage_cfg)
+    paths = [storage.resolve(uri, storage_cfg)[1] for uri in files]
+    dataset = ray.data.read_parquet(paths, filesystem=fs)
+    # Ray Data pushes the projection down into the parquet reader.
+    return dataset.select_columns(list(columns)) if columns is not None else dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpace:
+    """The class vocabulary of a run and how targets are encoded.
+
+    Single-label data (every training clip has exactly one label, e.g. ESC-50) gets class
+    indices [B] (IGNORE_LABEL for an unknown label); multi-label data gets multi-hot rows
+    [B, C] (unknown labels are dropped, since the model has no output for them).
+    """
+
+    labels: tuple[str, ...]
+    multi_label: bool
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    def index(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+    def encode(self, clip_labels: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Targets for a batch: float multi-hot [B, C] or long class indices [B]."""
+        index = self.index()
+        if self.multi_label:
+            out = torch.zeros(len(clip_labels), self.n_classes)
+            for row, labels in enumerate(clip_labels):
+                for label in labels:
+                    if label in index:
+                        out[row, index[label]] = 1.0
+            return out
+        return torch.tensor(
+            [
+                index.get(labels[0], IGNORE_LABEL) if labels else IGNORE_LABEL
+                for labels in clip_labels
+            ],
+            dtype=torch.long,
+        )
+
+
+def scan_labels(
+    data: str, split: str = "train", corpus: str = "", storage_cfg: StorageConfig | None = None
+) -> LabelSpace:
+    """Build the label space from one split, streaming only its `labels` column."""
+    seen: set[str] = set()
+    multi_label = False
+    files = split_files(data, split, corpus, storage_cfg)
+    if not files:
+        raise LoaderError(f"no clip shards for split {split!r} under {data}")
+    for uri in files:
+        fs, path = storage.resolve(uri, storage_cfg)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["labels"], batch_size=4096):
+                column = batch.column(0)
+                counts = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+                multi_label = multi_label or bool((counts != 1).any())
+                seen.update(v for v in pc.unique(column.flatten()).to_pylist() if v is not None)
+    if not seen:
+        raise LoaderError(f"split {split!r} under {data} has no labels")
+    return LabelSpace(labels=tuple(sorted(seen)), multi_label=multi_label)
+
+
+def codes_from_arrow(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
+    """The `codes` column (list<list<int16>>) as int16 arrays [n_q, T], one per clip.
+
+    Works on the flattened buffers (two `flatten`s and the list lengths) instead of
+    converting 3,000 codes per clip to Python integers.
+    """
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    rows_per_clip = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    inner = arr.flatten()
+    row_lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
+    values = inner.flatten().to_numpy(zero_copy_only=False)
+    out: list[np.ndarray] = []
+    row = 0
+    start = 0
+    for clip, n_q in enumerate(rows_per_clip):
+        lengths = row_lengths[row : row + n_q]
+        if n_q == 0 or (lengths != lengths[0]).any():
+            raise LoaderError(f"clip {clip}: codes rows must be non-empty and equally long")
+        size = int(n_q * lengths[0])
+        out.append(values[start : start + size].reshape(int(n_q), int(lengths[0])))
+        row += int(n_q)
+        start += size
+    return out
+
+
+def pad_token_ids(
+    codes: Sequence[np.ndarray], codebooks: Sequence[int], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, Q, L] and attention mask [B, Q, L] for the selected codebooks.
+
+    Each row is `[BOA] c+3 ... [EOA]` of at most `max_len` tokens (longer clips keep their
+    first `max_len - 2` frames), right-padded with PAD; L is the longest row of the batch.
+    The mask is 1 on BOA, codes and EOA, 0 on padding.
+    """
+    if max_len < 3:
+        raise LoaderError(f"max_len must leave room for BOA, a code and EOA, got {max_len}")
+    if not codes:
+        raise LoaderError("empty batch")
+    keep = max_len - 2
+    width = min(max_len, max(c.shape[1] for c in codes) + 2)
+    ids = np.full((len(codes), len(codebooks), width), PAD, dtype=np.int64)
+    mask = np.zeros((len(codes), len(codebooks), width), dtype=np.int64)
+    for b, clip in enumerate(codes):
+        n_frames = min(clip.shape[1], keep)
+        for slot, q in enumerate(codebooks):
+            if q >= clip.shape[0]:
+                raise LoaderError(f"codebook {q} requested but clip {b} has {clip.shape[0]}")
+            ids[b, slot, : n_frames + 2] = to_token_ids(clip[q, :n_frames])
+            mask[b, slot, : n_frames + 2] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+class CodesCollate(ArrowBatchCollateFn):
+    """Arrow batch -> {"input_ids", "attention_mask"[, "targets"]} tensors.
+
+    `input_ids`/`attention_mask` are [B, Q, L] for the selected codebooks; `targets` (only
+    with a label space) follows `LabelSpace.encode`.
+    """
+
+    def __init__(
+        self, codebooks: Sequence[int], max_len: int, label_space: LabelSpace | None = None
+    ) -> None:
+        super().__init__()
+        self.codebooks = tuple(codebooks)
+        self.max_len = max_len
+        self.label_space = label_space
+
+    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+        ids, mask = pad_token_ids(
+            codes_from_arrow(batch.column("codes")), self.codebooks, self.max_len
+        )
+        out = {"input_ids": ids, "attention_mask": mask}
+        if self.label_space is not None:
+            out["targets"] = self.label_space.encode(batch.column("labels").to_pylist())
+        return out
