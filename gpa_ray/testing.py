@@ -282,3 +282,543 @@ def tiny_code_ids(batch: int = 3, n_codes: int = 40, seed: int = 0, ragged: bool
         ids[b, 1 : n + 1] = codes[b, :n]
         ids[b, n + 1] = EOA
     return ids
+
+
+def tiny_text_model_dir(path: str | Path, seed: int = 0) -> str:
+    """Save the tiny BERT + WordPiece tokenizer of `tiny_text_encoder` as a transformers
+    folder, so that a `Config` can name it as `text.model` and `build_gpa` rebuilds it."""
+    encoder = tiny_text_encoder(seed=seed)
+    encoder.backbone.save_pretrained(str(path))
+    encoder.tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+def tiny_gpa_run_config(text_model: str, scorer: str = "lass", **sections: object) -> object:
+    """A full `Config` that `build_gpa` turns into a tiny GPA: CNN14 width 2 on 32-bin
+    log-mel of 2 s of audio, the tiny BERT at `text_model` (see `tiny_text_model_dir`),
+    embed_dim 16, K = 3. `sections` replace whole config sections (e.g. `storage=...`)."""
+    import dataclasses
+
+    from gpa_ray.config import AudioConfig, AudioEncoderConfig, Config, FeaturesConfig, TextConfig
+
+    return dataclasses.replace(
+        Config(
+            audio=AudioConfig(max_seconds=2.0),
+            features=FeaturesConfig(n_mels=TINY_AUDIO_MELS),
+            audio_encoder=AudioEncoderConfig(kind="cnn14", width=2, dropout=0.0),
+            text=TextConfig(model=text_model, max_length=16, pooling="cls", trainable_layers=-1),
+            gpa=tiny_gpa_config(scorer=scorer),
+        ),
+        **sections,
+    )
+
+
+def tiny_gpa_checkpoint(
+    uri: str, cfg: object, storage_cfg: StorageConfig | None = None, seed: int = 0
+) -> object:
+    """Build the GPA of `cfg` with seeded random weights, save it at `uri` with `save_gpa`
+    (local or s3://) and return the model (in eval mode)."""
+    import torch
+
+    from gpa_ray.models.factory import build_gpa
+    from gpa_ray.models.gpa_checkpoint import save_gpa
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_gpa(cfg)
+    save_gpa(model, cfg, uri, storage_cfg)
+    return model.eval()
+
+
+def save_tiny_text_model(directory: str | Path, dropout: float = 0.0, seed: int = 0) -> str:
+    """Save a tiny BERT (2 layers x 32, `TINY_WORDS` tokenizer) where `text.model` can
+    point: a real transformers folder, loaded by the same code as any pretrained model.
+    Dropout defaults to 0 so a trainable text tower is deterministic (parity tests)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tokenizer = tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = BertModel(config)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return str(directory)
+
+
+def esc50_clip_table(
+    esc50_dir: str | Path, n_clips: int, sample_rate: int = 32000, max_seconds: float = 5.0
+) -> object:
+    """A clip-shard-like Arrow table (`clip_id`, `captions`, `labels`, FLAC `audio`) of the
+    first `n_clips` real ESC-50 clips of `meta/esc50.csv`, with one templated caption
+    each ("the sound of a dog"), cut to `max_seconds`. Skips EnCodec, so tests that only
+    need audio + captions get rows in well under a second per clip."""
+    import csv
+
+    import pyarrow as pa
+
+    from gpa_ray.audio.io import encode_flac, load_waveform
+
+    esc50_dir = Path(esc50_dir)
+    with open(esc50_dir / "meta" / "esc50.csv", newline="") as f:
+        records = list(csv.DictReader(f))[:n_clips]
+    rows: dict[str, list[object]] = {"clip_id": [], "captions": [], "labels": [], "audio": []}
+    for rec in records:
+        data = (esc50_dir / "audio" / rec["filename"]).read_bytes()
+        wave = load_waveform(data, rec["filename"], sample_rate)[: round(max_seconds * sample_rate)]
+        category = rec["category"]
+        rows["clip_id"].append(f"esc50/{Path(rec['filename']).stem}")
+        rows["captions"].append([f"the sound of a {category.replace('_', ' ')}"])
+        rows["labels"].append([category])
+        rows["audio"].append(encode_flac(wave, sample_rate))
+    return pa.table(
+        {
+            "clip_id": pa.array(rows["clip_id"], pa.string()),
+            "captions": pa.array(rows["captions"], pa.list_(pa.string())),
+            "labels": pa.array(rows["labels"], pa.list_(pa.string())),
+            "audio": pa.array(rows["audio"], pa.binary()),
+        }
+    )
+
+
+def random_unit_embeddings(n: int, dim: int = 16, n_prototypes: int = 4, seed: int = 0) -> object:
+    """GPA `Embeddings` of n items: random unit global vectors [n, dim] and, unless
+    n_prototypes is 0, random unit prototypes [n, n_prototypes, dim] (seeded)."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpa_ray.models.gpa import Embeddings
+
+    gen = torch.Generator().manual_seed(seed)
+    global_ = F.normalize(torch.randn(n, dim, generator=gen), dim=-1)
+    if not n_prototypes:
+        return Embeddings(global_)
+    return Embeddings(
+        global_, F.normalize(torch.randn(n, n_prototypes, dim, generator=gen), dim=-1)
+    )
+
+
+def synthetic_index_clips(n: int, captions: int = 2, corpus: str = "toy") -> list[dict]:
+    """Clip-shard-like rows (no audio) for index tests and benchmarks: ids `<corpus>/NNNNNN`,
+    `captions` captions each and one of three labels."""
+    return [
+        {
+            "clip_id": f"{corpus}/{i:06d}",
+            "corpus": corpus,
+            "split": "test",
+            "source_uri": f"{corpus}/{i:06d}.wav",
+            "start_s": 0.0,
+            "duration_s": 1.0,
+            "captions": [f"caption {c} of clip {i}" for c in range(captions)],
+            "labels": [f"label{i % 3}"],
+            "audio": None,
+            "audio_sample_rate": None,
+        }
+        for i in range(n)
+    ]
+
+
+def gpa_one_step_worker(config: dict[str, object]) -> None:
+    """Ray Train worker for GPA parity tests: for each `GPALoop` in `config["loops"]`,
+    build its model, take ONE optimizer step on this rank's rows of `config["table"]`
+    (rank r of W gets rows r*n .. r*n+n-1, n = rows / W) exactly as the training worker
+    steps (DDP, clipping, Adam), and on rank 0 save [{"loss", "grads", "state"}, ...]
+    (the gradients Adam consumed, the parameters after its step) to `config["out"]`.
+    `config["float64"]` runs model and inputs in double precision, so a comparison of
+    worker counts is not blurred by float32 rounding of sums taken in another order."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from gpa_ray.train.worker import clip_gradients, seed_everything, unwrap
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    table = config["table"]
+    per_rank = table.num_rows // world
+    shard = table.slice(rank * per_rank, per_rank)
+    results = []
+    for loop in config["loops"]:
+        seed_everything(loop.cfg.train.seed)
+        model = loop.build_model()
+        if config.get("float64"):
+            model = model.double()
+        optimizer = loop.build_optimizer(model)
+        model = ray.train.torch.prepare_model(model)
+        model.train()
+        batch = loop.collate_fn(True)(shard)
+        if config.get("float64"):
+            batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+        loss, logs = loop.train_step(model, batch, torch.Generator())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(optimizer, loop.cfg.train.grad_clip)
+        net = unwrap(model)
+        grads = {
+            k: p.grad.detach().cpu().clone()
+            for k, p in net.named_parameters()
+            if p.grad is not None
+        }
+        optimizer.step()
+        state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        results.append({"loss": logs["loss"], "grads": grads, "state": state})
+    if rank == 0:
+        torch.save(results, str(config["out"]))
+    ray.train.report({"steps": len(results)})
+
+
+def tiny_esc50_ingest(output: str, n_clips: int = 8, seconds: float = 1.0) -> dict:
+    """Run the real ingest (Ray Data, EnCodec `random:0`, FLAC audio kept) on the first
+    `n_clips` clips of the shared ESC-50 subset cut to `seconds`, 4 clips per shard, into
+    a local `output`. Needs a running Ray; a completed output is left as it is."""
+    from gpa_ray.config import load_config
+    from gpa_ray.data.ingest import run_ingest
+
+    cfg = load_config(
+        overrides=[
+            "corpus.kind=esc50",
+            f"corpus.root={shared_data_dir() / 'esc50'}",
+            f"corpus.limit={n_clips}",
+            f"ingest.output={output}",
+            f"ingest.max_seconds={seconds}",
+            "ingest.rows_per_commit=4",
+            "ingest.num_encoders=1",
+        ]
+    )
+    return run_ingest(cfg)
+
+
+def write_esc50_clip_shards(
+    output: str,
+    esc50_root: str | Path,
+    n_train: int = 12,
+    n_test: int = 4,
+    seconds: float = 1.0,
+    storage_cfg: StorageConfig | None = None,
+) -> None:
+    """Real ESC-50 clips through the ingest pipeline's own reader and `ClipEncoder` into the
+    ingest layout under `output` (`clips/esc50/{train,test}/part-000000.parquet`, local or
+    s3://), without a Ray Data run: the first clip of `n_train` categories (train) and the
+    second clip of the first `n_test` of them (test), `seconds` long, captioned by the
+    ESC-50 templates. Does nothing if `output` already holds clip shards, so tests of one
+    session can share one output."""
+    import csv
+    import tempfile
+
+    from gpa_ray import storage
+    from gpa_ray.config import CodecConfig, Config, CorpusConfig, IngestConfig
+    from gpa_ray.data.corpora import iter_manifest
+    from gpa_ray.data.ingest import ClipEncoder, Layout, clips_table
+
+    if storage.list_files(storage.join(output, "clips"), ".parquet", storage_cfg):
+        return
+    root = Path(esc50_root)
+    with open(root / "meta" / "esc50.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    seen: dict[str, int] = {}
+    chosen: list[dict[str, str]] = []
+    for rec in records:
+        seen[rec["category"]] = seen.get(rec["category"], 0) + 1
+        if seen[rec["category"]] == 1 and len(seen) <= n_train:
+            chosen.append({**rec, "fold": "1"})
+    train_categories = [rec["category"] for rec in chosen][:n_test]
+    for category in train_categories:
+        second = [rec for rec in records if rec["category"] == category][1]
+        chosen.append({**second, "fold": "5"})
+    cfg = Config(
+        storage=storage_cfg or StorageConfig(),
+        codec=CodecConfig(weights="random:0"),
+        ingest=IngestConfig(output=output, max_seconds=seconds),
+    )
+    layout = Layout(output, "esc50")
+    with tempfile.TemporaryDirectory() as subset:
+        (Path(subset) / "meta").mkdir()
+        with open(Path(subset) / "meta" / "esc50.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(chosen)
+        corpus = CorpusConfig(
+            kind="esc50",
+            root=subset,
+            audio_dir=str(root / "audio"),
+            esc50_train_folds=[1],
+            esc50_val_folds=[],
+            esc50_test_folds=[5],
+        )
+        encoder = ClipEncoder(cfg)
+        rows: dict[str, list[dict[str, object]]] = {}
+        for row in iter_manifest(corpus, cfg.storage):
+            rows.setdefault(row["split"], []).append(encoder.process(row, encoder.fetch(row)))
+    for split, split_rows in rows.items():
+        storage.write_parquet(layout.clips_file(split, 0), clips_table(split_rows), storage_cfg)
+
+
+def esc50_holdout_captions(
+    esc50_dir: str | Path,
+    out_csv: str | Path,
+    templates: tuple[str, ...] | list[str] = (
+        "the sound of a {category}",
+        "a {category} can be heard",
+    ),
+    holdout_per_class: int = 2,
+) -> str:
+    """A `folder`-corpus `captions.csv` over the real ESC-50 clips with a held-out part.
+
+    The shared ESC-50 copy holds all of fold 4 but only 14 clips of the other folds, so a
+    fold split leaves a 14-clip test. Here, within fold 4, each category's source
+    recordings (`src_file`, which ESC-50 keeps inside one fold so that takes of one
+    recording never straddle a split) are taken in a fixed hashed order until at least
+    `holdout_per_class` clips are held out (`val`); the rest of fold 4 is `train`, and
+    the clips of the other folds are held out too. Captions come from `templates`
+    (`{category}` with spaces). Returns the CSV path; use it with
+    `corpus.kind=folder corpus.root=<esc50_dir> corpus.audio_dir=audio
+    corpus.caption_files=[<csv>]`.
+    """
+    import csv
+    import hashlib
+
+    esc50_dir = Path(esc50_dir)
+    with open(esc50_dir / "meta" / "esc50.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    sources: dict[str, dict[str, int]] = {}
+    for rec in records:
+        if rec["fold"] == "4":
+            per_class = sources.setdefault(rec["category"], {})
+            per_class[rec["src_file"]] = per_class.get(rec["src_file"], 0) + 1
+    held: set[tuple[str, str]] = set()
+    for category, counts in sources.items():
+        order = sorted(counts, key=lambda s: hashlib.sha256(f"{category}/{s}".encode()).digest())
+        n = 0
+        for src in order:
+            if n >= holdout_per_class:
+                break
+            held.add((category, src))
+            n += counts[src]
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "caption", "split", "labels"])
+        for rec in records:
+            category = rec["category"]
+            train = rec["fold"] == "4" and (category, rec["src_file"]) not in held
+            for template in templates:
+                caption = template.format(category=category.replace("_", " "))
+                writer.writerow([rec["filename"], caption, "train" if train else "val", category])
+    return str(out_csv)
+
+
+def free_loopback_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports that were free on 127.0.0.1 a moment ago (all held at once
+    while asking, so they differ)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass(frozen=True)
+class LocalRayCluster:
+    """A running `ray start --head` cluster on loopback and how to reach it."""
+
+    pid: int
+    gcs_address: str
+    """`127.0.0.1:<port>`: what `RAY_ADDRESS` / `ray.init(address=...)` take."""
+    dashboard_url: str
+    """`http://127.0.0.1:<port>`: what `ray job submit --address` takes."""
+    temp_dir: str
+    env: dict[str, str]
+    """Environment for CLI calls against the cluster (same auth and interface settings)."""
+
+    @property
+    def ray_cli(self) -> str:
+        """The `ray` command of the running Python environment."""
+        import sys
+
+        return str(Path(sys.executable).parent / "ray")
+
+
+def cluster_processes(temp_dir: str, root_pid: int | None = None) -> dict[int, str]:
+    """Live processes of the cluster rooted at `temp_dir`, as {pid: start time}: Ray's
+    node processes and workers name the session folder on their command line, job
+    drivers run in a working directory under it, and all of them (with the dashboard's
+    and client server's helpers, which do neither) descend from `root_pid` while it
+    lives. The start time (`/proc/<pid>/stat` field 22) tells a reused PID apart."""
+    marker = temp_dir.rstrip("/") + "/"
+    stats: dict[int, tuple[int, str]] = {}
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            stats[int(entry.name)] = (int(fields[1]), fields[19])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+            cwd = os.readlink(entry / "cwd") + "/"
+        except (OSError, IndexError):
+            continue
+        if marker in cmdline or cwd.startswith(marker):
+            found[int(entry.name)] = fields[19]
+    if root_pid is not None:
+        for pid, (_, start) in stats.items():
+            ancestor = pid
+            while ancestor in stats and ancestor != root_pid:
+                ancestor = stats[ancestor][0]
+            if ancestor == root_pid and pid != root_pid:
+                found[pid] = start
+    return found
+
+
+def _still_running(processes: dict[int, str], temp_dir: str) -> list[int]:
+    """PIDs among `processes` that still run (same start time), plus any process that has
+    appeared under `temp_dir` since."""
+    now = cluster_processes(temp_dir)
+    alive = []
+    for pid, start in processes.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[19] == start and fields[0] != "Z":
+            alive.append(pid)
+    return sorted(set(alive) | set(now))
+
+
+@contextmanager
+def local_ray_cluster(
+    num_cpus: int = 2, start_timeout: float = 300.0, stop_timeout: float = 60.0
+) -> Iterator[LocalRayCluster]:
+    """Run a real Ray head node (with the dashboard, so job submission works) on 127.0.0.1.
+
+    `ray start --head --block` runs as one child process with every port chosen free on
+    loopback and its own short temp dir (Unix socket paths must stay under 108 bytes, so
+    not under pytest's tmp path); token auth is off for it and for `env`. Yields once the
+    Jobs API answers. On exit the `ray start` process is sent SIGTERM (SIGKILL after
+    `stop_timeout`), which stops everything it started; then no process of this cluster
+    may remain: leftovers are killed by PID and reported as an error. Nothing here ever
+    runs `ray stop`, which would stop every Ray on the machine.
+    """
+    import contextlib
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    (
+        gcs,
+        dashboard,
+        node_manager,
+        object_manager,
+        client_server,
+        agent_grpc,
+        agent_http,
+        metrics,
+        runtime_env_agent,
+    ) = free_loopback_ports(9)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+    )
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--object-store-memory={512 * 1024 * 1024}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--node-manager-port={node_manager}",
+        f"--object-manager-port={object_manager}",
+        f"--ray-client-server-port={client_server}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env_agent}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    log_path = Path(temp_dir) / "ray_start.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    cluster = LocalRayCluster(
+        pid=proc.pid,
+        gcs_address=f"127.0.0.1:{gcs}",
+        dashboard_url=f"http://127.0.0.1:{dashboard}",
+        temp_dir=temp_dir,
+        env=env,
+    )
+
+    def log_tail() -> str:
+        return log_path.read_text(errors="replace")[-4000:]
+
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{cluster.dashboard_url}/api/jobs/", timeout=10):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"Ray Jobs API not up after {start_timeout} s:\n{log_tail()}"
+                    ) from None
+                time.sleep(1.0)
+        yield cluster
+    finally:
+        started = cluster_processes(temp_dir, proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        deadline = time.monotonic() + stop_timeout
+        left = _still_running(started, temp_dir)
+        while left and time.monotonic() < deadline:
+            time.sleep(1.0)
+            left = _still_running(started, temp_dir)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        tail = log_tail()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if left:
+            raise RuntimeError(f"processes of the test Ray cluster outlived it: {left}\n{tail}")

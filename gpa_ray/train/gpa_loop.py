@@ -1,0 +1,337 @@
+"""GPA training as a `TrainLoop`: batches, negatives across workers, losses, evaluation.
+
+Batches (`GPACollate`, on each worker): every clip of a clip shard becomes tower inputs
+through `gpa_ray.audio.inputs.AudioInputs` (random crop + SpecAugment when training) and
+is paired with ONE of its captions, drawn anew each epoch; a share of the captions
+(`gpa.caption_aug_share`) is augmented (`gpa_ray.data.captions`). Draws are seeded per
+(run seed, epoch, clip), never per worker, so a clip gets the same crop, masks and caption
+however the batch is split over workers. Validation batches carry every caption of
+every clip, with the clip each caption belongs to.
+
+Step (`train_step`): both towers run through the (DDP-wrapped) model; with
+`train.gather_negatives` the global embeddings AND prototypes of every worker are
+gathered with gradients (`gather_with_grad`), and each worker scores its own audio
+queries against all texts and its own text queries against all clips with the full GPA
+score R = S_g + S'_p (eq 9). The loss (`gpa.loss`: triplet-sum eq 11, NT-Xent eq 12,
+InfoNCE, CWCL) covers this worker's rows only, weighted by their share of the global
+batch and scaled by the world size (`global_loss_scale`), so that after DDP averages the
+gradients the step equals one process training on the whole global batch. Without the
+gather, each worker contrasts within its own batch (fewer negatives; a different loss).
+
+Evaluation (`evaluate`): each worker embeds its share of the validation clips and all
+their captions; the pool is gathered and every worker scores it block by block
+(`GPAModel.score_pool`) into the full table of `gpa_ray.metrics.retrieval_metrics`:
+R@1/5/10, mAP@10 and MRR in both directions (reported as `val_t2a_R@1`, ...).
+
+`train_gpa(cfg)` runs a whole job: Ray Train over the configured clip splits, then
+`<run>/summary.json` naming the best checkpoint (by `train.checkpoint_metric`, else
+`val_t2a_R@1`) and the latest; `gpa_ray.models.gpa_checkpoint.load_gpa(<run>)` loads the
+best one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from ray.data.collate_fn import ArrowBatchCollateFn
+from torch import Tensor, nn
+
+from gpa_ray import losses, storage
+from gpa_ray.audio.inputs import AudioInputs
+from gpa_ray.config import Config, GPAConfig
+from gpa_ray.data.captions import augment_caption, choose_caption, clip_key, draw_seed
+from gpa_ray.data.loaders import codes_from_arrow
+from gpa_ray.metrics import retrieval_metrics
+from gpa_ray.models.factory import build_gpa, build_tokenizer, trainable_summary
+from gpa_ray.models.gpa import Embeddings, GPAModel
+from gpa_ray.models.gpa_checkpoint import RUN_SUMMARY_FILE
+from gpa_ray.train import checkpoints
+from gpa_ray.train.distributed import gather_with_grad, global_loss_scale, world_size
+from gpa_ray.train.loop import Batch, TrainLoop, gather_rows, sum_across_workers
+from gpa_ray.train.trainer import TrainResult, fit
+from gpa_ray.train.worker import unwrap
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("triplet", "nt_xent", "info_nce", "cwcl")
+AUDIO_PREFIX = "audio."
+TEXT_PREFIX = "text."
+SCORE_BLOCK = 1024
+
+
+class GPACollate(ArrowBatchCollateFn):
+    """Clip-shard Arrow batch -> audio inputs, caption tokens and clip bookkeeping.
+
+    Keys: `audio.<tower kwarg>` (see `AudioInputs.collate`), `text.input_ids`,
+    `text.attention_mask`, `clip_keys` [B] (int64 `clip_key` of each clip) and
+    `caption_clip` [n_texts] (the batch row of each caption's clip).
+    """
+
+    def __init__(self, cfg: Config, train: bool, seed: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.train = train
+        self.seed = seed
+        self.inputs = AudioInputs.from_config(cfg)
+        self.tokenizer = build_tokenizer(cfg)
+
+    def _caption(self, clip_id: str, captions: list[str], seed: int) -> str:
+        rng = np.random.default_rng(seed)
+        try:
+            text = choose_caption(captions, rng)
+        except ValueError as exc:
+            raise ValueError(f"clip {clip_id!r} has no captions to train on") from exc
+        gpa = self.cfg.gpa
+        if gpa.caption_aug_share > 0 and rng.random() < gpa.caption_aug_share:
+            text = augment_caption(text, gpa.caption_word_dropout, rng)
+        return text
+
+    def __call__(self, table: pa.Table) -> Batch:
+        clip_ids = [str(c) for c in table.column("clip_id").to_pylist()]
+        captions = table.column("captions").to_pylist()
+        seeds = [draw_seed(self.seed, clip_id) for clip_id in clip_ids]
+        if self.inputs.needs_codes:
+            codes = codes_from_arrow(table.column("codes"))
+            items = [
+                self.inputs.from_codes(c, self.train, s) for c, s in zip(codes, seeds, strict=True)
+            ]
+        else:
+            audio = table.column("audio").to_pylist()
+            items = [
+                self.inputs.from_row({"clip_id": c, "audio": a}, self.train, s)
+                for c, a, s in zip(clip_ids, audio, seeds, strict=True)
+            ]
+        if self.train:
+            texts = [
+                self._caption(c, caps or [], s)
+                for c, caps, s in zip(clip_ids, captions, seeds, strict=True)
+            ]
+            caption_clip = list(range(len(texts)))
+        else:
+            texts = [text for caps in captions for text in caps or []]
+            caption_clip = [row for row, caps in enumerate(captions) for _ in caps or []]
+        batch: Batch = {AUDIO_PREFIX + k: v for k, v in self.inputs.collate(items).items()}
+        batch.update({TEXT_PREFIX + k: v for k, v in self._tokenize(texts).items()})
+        batch["clip_keys"] = torch.tensor([clip_key(c) for c in clip_ids], dtype=torch.long)
+        batch["caption_clip"] = torch.tensor(caption_clip, dtype=torch.long)
+        return batch
+
+    def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        if not texts:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
+        tokens = self.tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.cfg.text.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+def split_batch(batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(audio tower kwargs, text token tensors) of a collated batch."""
+    audio = {k[len(AUDIO_PREFIX) :]: v for k, v in batch.items() if k.startswith(AUDIO_PREFIX)}
+    text = {k[len(TEXT_PREFIX) :]: v for k, v in batch.items() if k.startswith(TEXT_PREFIX)}
+    return audio, text
+
+
+def gather_embeddings(emb: Embeddings) -> tuple[Embeddings, int]:
+    """Every worker's embeddings (global and prototypes), differentiably, and the offset
+    of this worker's first row in them."""
+    global_, offset = gather_with_grad(emb.global_)
+    if emb.prototypes is None:
+        return Embeddings(global_), offset
+    prototypes, _ = gather_with_grad(emb.prototypes)
+    return Embeddings(global_, prototypes), offset
+
+
+def retrieval_loss(
+    kind: str,
+    gpa: GPAConfig,
+    sim: Tensor,
+    sim_t2a: Tensor,
+    positive: Tensor,
+    clip_keys: Tensor,
+    text_features: Tensor | None = None,
+) -> Tensor:
+    """The configured loss over local query rows x global keys (rectangular forms)."""
+    common = {"sim_t2a": sim_t2a, "positive_index": positive, "clip_ids": clip_keys}
+    if kind == "triplet":
+        return losses.triplet_sum_loss(sim, gpa.margin, **common)
+    if kind == "nt_xent":
+        return losses.nt_xent_loss(sim, gpa.temperature, **common)
+    if kind == "info_nce":
+        return losses.info_nce_loss(sim, gpa.temperature, **common)
+    if kind == "cwcl":
+        if text_features is None:
+            raise ValueError("the cwcl loss needs the text encoder's features")
+        return losses.cwcl_loss(sim, text_features, gpa.temperature, **common)
+    raise ValueError(f"unknown gpa.loss {kind!r}; choose one of {LOSSES}")
+
+
+def contrastive_step(
+    net: GPAModel,
+    audio_emb: Embeddings,
+    text_emb: Embeddings,
+    clip_keys: Tensor,
+    gpa: GPAConfig,
+    gather: bool,
+    text_features: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(loss to back-propagate on this worker, loss of the whole step for logging).
+
+    With `gather`, this worker's rows are scored against every worker's rows and its loss
+    is its rows' share of the global-batch loss times the world size (see the module
+    docstring); the logged value is the global-batch loss itself. Without it, the worker's
+    loss is its own in-batch loss, and the logged value is the mean over workers.
+    """
+    n_local = len(audio_emb)
+    if gather:
+        audio_all, offset = gather_embeddings(audio_emb)
+        text_all, _ = gather_embeddings(text_emb)
+        keys_all = gather_rows(clip_keys)
+        features = None if text_features is None else gather_rows(text_features)
+    else:
+        audio_all, text_all, offset, keys_all, features = (
+            audio_emb,
+            text_emb,
+            0,
+            clip_keys,
+            text_features,
+        )
+    sim = net.score(audio_emb, text_all).float()
+    sim_t2a = net.score(audio_all, text_emb).T.float()
+    positive = offset + torch.arange(n_local, device=sim.device)
+    local = retrieval_loss(gpa.loss, gpa, sim, sim_t2a, positive, keys_all, features)
+    if gather:
+        contribution = local * (n_local / len(audio_all))
+        logged = sum_across_workers(contribution.detach())
+        return contribution * global_loss_scale(), logged
+    return local, sum_across_workers(local.detach()) / world_size()
+
+
+class GPALoop(TrainLoop):
+    """GPA (or, with `gpa.scorer=none`, the DP baseline) on clip shards with captions."""
+
+    task = "gpa"
+    metric = "val_t2a_R@1"
+    metric_mode = "max"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        if cfg.gpa.loss not in LOSSES:
+            raise ValueError(f"unknown gpa.loss {cfg.gpa.loss!r}; choose one of {LOSSES}")
+        if not 0.0 <= cfg.gpa.caption_aug_share <= 1.0:
+            raise ValueError("gpa.caption_aug_share must lie in [0, 1]")
+        audio_column = "codes" if cfg.audio_encoder.kind == "audioformer" else "audio"
+        self.columns = ("clip_id", "captions", audio_column)
+        self._train_epochs = 0
+
+    def build_model(self) -> nn.Module:
+        model = build_gpa(self.cfg)
+        if self.cfg.train.init_from:
+            state = checkpoints.load_model_state(self.cfg.train.init_from, self.cfg.storage)
+            model.load_state_dict(state)
+        logger.info("GPA parameters: %s", trainable_summary(model))
+        return model
+
+    def collate_fn(self, train: bool) -> GPACollate:
+        """Training draws change every epoch (this is called once per epoch); validation
+        inputs are the same every epoch."""
+        if not train:
+            return GPACollate(self.cfg, False, draw_seed(self.cfg.train.seed, "val"))
+        seed = draw_seed(self.cfg.train.seed, "train", self._train_epochs)
+        self._train_epochs += 1
+        return GPACollate(self.cfg, True, seed)
+
+    def _text_features(self, net: GPAModel, text: dict[str, Tensor]) -> Tensor | None:
+        """CWCL targets come from the text tower's own features, without gradient."""
+        if self.cfg.gpa.loss != "cwcl":
+            return None
+        with torch.no_grad():
+            return net.text_encoder.encode_tokens(text["input_ids"], text["attention_mask"]).global_
+
+    def train_step(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        audio, text = split_batch(batch)
+        audio_emb, text_emb = model(audio, text)
+        net = unwrap(model)
+        loss, logged = contrastive_step(
+            net,
+            audio_emb,
+            text_emb,
+            batch["clip_keys"],
+            self.cfg.gpa,
+            self.cfg.train.gather_negatives,
+            self._text_features(net, text),
+        )
+        return loss, {"loss": float(logged)}
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        # The unwrapped model: DDP's forward may synchronise buffers, a collective that
+        # would hang when workers hold different numbers of validation batches.
+        net: GPAModel = unwrap(model)
+        audio_parts: list[Embeddings] = []
+        text_parts: list[Embeddings] = []
+        owners: list[Tensor] = []
+        n_clips = 0
+        for batch in batches:
+            audio, text = split_batch(batch)
+            audio_parts.append(net.embed_audio(audio))
+            if batch["caption_clip"].numel():
+                text_parts.append(net.embed_text(text))
+                owners.append(batch["caption_clip"] + n_clips)
+            n_clips += len(audio_parts[-1])
+        device = next(net.parameters()).device
+        audio_pool, offset = self._gather_pool(audio_parts, device)
+        text_pool, _ = self._gather_pool(text_parts, device)
+        local_owners = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+        caption_to_clip = gather_rows(local_owners.to(device) + offset).cpu()
+        scores = net.score_pool(audio_pool, text_pool, SCORE_BLOCK).float().cpu()
+        return retrieval_metrics(scores, caption_to_clip=caption_to_clip)
+
+    def _gather_pool(self, parts: list[Embeddings], device: torch.device) -> tuple[Embeddings, int]:
+        """Concatenate this worker's embeddings and gather every worker's (no gradient)."""
+        if parts:
+            local = Embeddings.cat(parts)
+        else:
+            gpa = self.cfg.gpa
+            protos = None
+            if gpa.scorer != "none":
+                protos = torch.zeros(0, gpa.n_prototypes + 1, gpa.embed_dim, device=device)
+            local = Embeddings(torch.zeros(0, gpa.embed_dim, device=device), protos)
+        with torch.no_grad():
+            pool, offset = gather_embeddings(local)
+        return pool.detach(), offset
+
+
+def train_gpa(cfg: Config) -> TrainResult:
+    """Train (or resume) the GPA run the config names; write `<run>/summary.json`."""
+    result = fit(GPALoop(cfg))
+    summary = json.dumps(result.summary(), indent=2, default=str)
+    storage.write_bytes(
+        storage.join(result.run_uri, RUN_SUMMARY_FILE), summary.encode(), cfg.storage
+    )
+    return result
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """The retrieval table of an epoch record (`val_t2a_R@1`, ...) as aligned text."""
+    columns = ["R@1", "R@5", "R@10", "mAP@10", "MRR"]
+    lines = [f"{'':5}" + "".join(f"{c:>9}" for c in columns)]
+    for direction in ("t2a", "a2t"):
+        values = [metrics.get(f"val_{direction}_{c}") for c in columns]
+        if all(v is None for v in values):
+            continue
+        cells = "".join(f"{'-':>9}" if v is None else f"{100 * v:9.2f}" for v in values)
+        lines.append(f"{direction:5}{cells}")
+    return "\n".join(lines)
