@@ -19,7 +19,8 @@ materialised on one node. `sinkhorn_potentials_blockwise` runs that exact loop i
 
 Baselines, for comparison studies:
 - `qb_norm`: QB-Norm's dynamic inverted softmax, normalising by a querybank of training
-  queries (uses no test queries).
+  queries (uses no test queries). Its querybank enters only through a J-vector LSE and a
+  J-vector activation mask (`qb_norm_statistics`), which also combine across row blocks.
 - `dual_softmax`: the dual-softmax prior over the test-query axis. It uses the other test
   queries to rescore each query, i.e. it leaks test-set information and is not a fair
   single-query retrieval setting; it exists only to reproduce published comparisons.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,6 +39,14 @@ from gpa_ray.config import SinkhornConfig
 
 RESCORING_METHODS = ("sinkhorn", "qb_norm", "dual_softmax", "none")
 ScoreBlocks = Sequence[Tensor] | Callable[[], Iterable[Tensor]]
+
+
+class QBNormStats(NamedTuple):
+    """QB-Norm's querybank summary over J gallery items: `lse` [J] = LSE_q(beta*s_qj) and
+    `active` [J] bool (in the top-k of some querybank query)."""
+
+    lse: Tensor
+    active: Tensor
 
 
 def _working(scores: Tensor) -> Tensor:
@@ -144,6 +154,43 @@ def transport_plan(scores: Tensor, f: Tensor, g: Tensor, epsilon: float) -> Tens
     return torch.exp((_working(scores) + f[:, None] + g[None, :]) / epsilon)
 
 
+def qb_norm_statistics(querybank_scores: Tensor, beta: float = 20.0, k: int = 1) -> QBNormStats:
+    """What QB-Norm needs from a block of querybank rows [Q_b, J]: LSE_q(beta*s_qj) [J] and
+    the activation mask [J] (items in the top-k of at least one of these rows).
+
+    Blocks of rows combine exactly with `combine_qb_norm_statistics`, so the querybank
+    (G training queries x J texts, i.e. R') never has to be held whole.
+    """
+    bank = _working(querybank_scores)
+    n_gallery = bank.shape[1]
+    top = torch.topk(bank, min(k, n_gallery), dim=1).indices.reshape(-1)
+    active = torch.zeros(n_gallery, dtype=torch.bool, device=bank.device)
+    active[top] = True
+    return QBNormStats(torch.logsumexp(beta * bank, dim=0), active)
+
+
+def combine_qb_norm_statistics(parts: Sequence[QBNormStats]) -> QBNormStats:
+    """Merge per-block statistics: log-sum-exp of the LSEs, union of the activation sets."""
+    if not parts:
+        raise ValueError("combine_qb_norm_statistics needs at least one block")
+    lse = torch.logsumexp(torch.stack([p.lse for p in parts]), dim=0)
+    active = torch.stack([p.active for p in parts]).any(dim=0)
+    return QBNormStats(lse, active)
+
+
+def qb_norm_apply(test_scores: Tensor, stats: QBNormStats, beta: float = 20.0) -> Tensor:
+    """QB-Norm of test rows [P, J] given the querybank statistics (see `qb_norm`)."""
+    if test_scores.shape[1] != stats.lse.shape[0]:
+        raise ValueError(
+            f"gallery sizes differ: test {tuple(test_scores.shape)} vs "
+            f"querybank statistics over {stats.lse.shape[0]} items"
+        )
+    test = _working(test_scores)
+    normalise = stats.active.to(test.device)[test.argmax(dim=1)]
+    log_is = beta * test - stats.lse.to(test.device, test.dtype)
+    return torch.where(normalise[:, None], log_is, test)
+
+
 def qb_norm(
     test_scores: Tensor, querybank_scores: Tensor, beta: float = 20.0, k: int = 1
 ) -> Tensor:
@@ -166,13 +213,7 @@ def qb_norm(
         )
     test = _working(test_scores)
     bank = _working(querybank_scores).to(test.dtype)
-    n_gallery = test.shape[1]
-    top = torch.topk(bank, min(k, n_gallery), dim=1).indices.reshape(-1)
-    active = torch.zeros(n_gallery, dtype=torch.bool, device=test.device)
-    active[top.to(test.device)] = True
-    normalise = active[test.argmax(dim=1)]
-    log_is = beta * test - torch.logsumexp(beta * bank, dim=0).to(test.device)
-    return torch.where(normalise[:, None], log_is, test)
+    return qb_norm_apply(test, qb_norm_statistics(bank, beta, k), beta)
 
 
 def dual_softmax(scores: Tensor, temperature: float = 0.01) -> Tensor:

@@ -1,0 +1,365 @@
+"""Batch index build on Ray Data: clip shards -> GPA embeddings -> an index version.
+
+1. **Units.** Every clip shard under `index.input` (local or `s3://`; default
+   `<ingest.output>/clips`) is one work unit, numbered in sorted order. The list of shards
+   and the settings that shape the output (checkpoint, dtype, splits, audio, bias) are
+   stored as `build.json` in the version folder; the version name defaults to a hash of
+   them, so rerunning the same command resumes the same version, and a rerun with other
+   settings under an explicit `index.version` is refused rather than mixing outputs.
+2. **Skip committed units.** A unit is done iff `_commits/unit-N.json` exists.
+3. **Embed on an actor pool.** `map_batches(IndexEmbedder, compute=ActorPoolStrategy)`
+   with fractional CPUs; each actor loads the GPA checkpoint once, runs torch on one
+   thread, and per unit reads the shard's rows (filtered to `index.splits`), turns each
+   clip into tower inputs through `AudioInputs` (the same path training and the audio
+   query endpoint use), embeds clips and their captions in batches of `index.batch_size`
+   (identical caption strings once), and writes the unit's clips and texts shards (each
+   atomic) and then its commit marker. A clip that cannot be embedded (no audio, an
+   undecodable FLAC) is recorded in the marker and the summary, never silently dropped,
+   and never stops the job.
+4. **Commit the version.** The driver gathers the markers, joins the Sinkhorn text bias
+   when `index.bias` names one (it must cover every indexed caption), writes
+   `manifest.json` and then points `LATEST` at the version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from gpa_ray import storage
+from gpa_ray.config import Config, config_from_dict, dump_config
+from gpa_ray.index import store
+from gpa_ray.models.gpa import Embeddings
+
+logger = logging.getLogger(__name__)
+
+META_COLUMNS = [f.name for f in store.CLIP_META_FIELDS]
+
+
+class IndexBuildError(RuntimeError):
+    """The build cannot proceed as configured (per-clip failures are recorded instead)."""
+
+
+def source_uri(cfg: Config) -> str:
+    return cfg.index.input or storage.join(cfg.ingest.output, "clips")
+
+
+def build_settings(cfg: Config, source: str, files: Sequence[str]) -> dict[str, Any]:
+    """What must not change between runs that write one version."""
+    return {
+        "source": source,
+        "files": [f[len(source) :].lstrip("/") for f in files],
+        "checkpoint": cfg.index.checkpoint,
+        "dtype": cfg.index.dtype,
+        "splits": sorted(cfg.index.splits),
+        "store_audio": cfg.index.store_audio,
+        "bias": cfg.index.bias,
+    }
+
+
+def version_name(cfg: Config, settings: dict[str, Any]) -> str:
+    """`index.version`, else a name derived from the build settings (stable across reruns)."""
+    if cfg.index.version:
+        return cfg.index.version
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return f"v-{digest[:12]}"
+
+
+def read_clip_rows(
+    uri: str, columns: list[str], splits: Sequence[str], storage_cfg: Any = None
+) -> list[dict[str, Any]]:
+    """The rows of one clip shard, only `columns`, only the given splits (all if empty)."""
+    fs, path = storage.resolve(uri, storage_cfg)
+    filters = [("split", "in", list(splits))] if splits else None
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters).to_pylist()
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class IndexEmbedder:
+    """Ray Data callable class: embeds and commits whole units (one per batch row).
+
+    Constructed once per actor, so the checkpoint is loaded once per actor.
+    """
+
+    def __init__(self, cfg: dict[str, Any], version: str, files: list[str]) -> None:
+        from gpa_ray.audio.inputs import AudioInputs
+        from gpa_ray.models.gpa_checkpoint import load_gpa
+
+        torch.set_num_threads(1)
+        self.cfg = config_from_dict(cfg)
+        self.model, model_cfg = load_gpa(self.cfg.index.checkpoint, self.cfg.storage, "cpu")
+        self.model.eval()
+        self.inputs = AudioInputs.from_config(model_cfg)
+        self.layout = store.IndexLayout(self.cfg.index.output, version)
+        self.files = files
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        stats = [self.run_unit(int(unit)) for unit in batch["unit"]]
+        return {key: [s[key] for s in stats] for key in ("unit", "clips", "texts", "failed")}
+
+    @torch.no_grad()
+    def embed_clips(
+        self, rows: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], Embeddings | None, list[dict[str, str]]]:
+        """Embeddings of the clips that can be embedded, and a failure row for the others."""
+        from gpa_ray.audio.inputs import AudioInputError
+        from gpa_ray.audio.io import AudioDecodeError
+
+        ok: list[dict[str, Any]] = []
+        parts: list[Embeddings] = []
+        failed: list[dict[str, str]] = []
+        for chunk in _chunks(rows, self.cfg.index.batch_size):
+            items, kept = [], []
+            for row in chunk:
+                try:
+                    items.append(self.inputs.from_row(row))
+                    kept.append(row)
+                except (AudioInputError, AudioDecodeError) as exc:
+                    failed.append(
+                        {"clip_id": row["clip_id"], "error": f"{type(exc).__name__}: {exc}"}
+                    )
+            if items:
+                parts.append(self.model.embed_audio(self.inputs.collate(items)))
+                ok.extend(kept)
+        return ok, (Embeddings.cat(parts) if parts else None), failed
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> Embeddings:
+        """Embeddings of `texts`, each distinct string encoded once."""
+        distinct = list(dict.fromkeys(texts))
+        parts = [
+            self.model.embed_text(list(chunk))
+            for chunk in _chunks(distinct, 4 * self.cfg.index.batch_size)
+        ]
+        where = {t: i for i, t in enumerate(distinct)}
+        return Embeddings.cat(parts)[torch.tensor([where[t] for t in texts], dtype=torch.long)]
+
+    def run_unit(self, unit: int) -> dict[str, Any]:
+        """Embed one unit and commit it: clips shard, texts shard, then the marker."""
+        cfg, layout = self.cfg, self.layout
+        columns = [*META_COLUMNS, "audio", "audio_sample_rate"]
+        if self.inputs.needs_codes:
+            columns.append("codes")
+        rows = read_clip_rows(self.files[unit], columns, cfg.index.splits, cfg.storage)
+        ok, clip_emb, failed = self.embed_clips(rows)
+        marker: dict[str, Any] = {"unit": unit, "clips": len(ok), "texts": 0, "failed": failed}
+        if clip_emb is not None:
+            texts = store.caption_rows(ok)
+            text_emb = (
+                self.embed_texts([t["text"] for t in texts]) if texts else _empty_like(clip_emb)
+            )
+            dtype = cfg.index.dtype
+            clips_table = store.clips_table(ok, clip_emb, dtype, cfg.index.store_audio)
+            store.write_table(layout.clips_file(unit), clips_table, cfg.storage)
+            store.write_table(
+                layout.texts_file(unit), store.texts_table(texts, text_emb, dtype), cfg.storage
+            )
+            marker.update(
+                texts=len(texts),
+                with_audio=int(pc.sum(pc.is_valid(clips_table["audio"])).as_py() or 0),
+                embed_dim=int(clip_emb.global_.shape[1]),
+                n_prototypes=0
+                if clip_emb.prototypes is None
+                else int(clip_emb.prototypes.shape[1]),
+            )
+        storage.write_bytes(layout.commit_marker(unit), json.dumps(marker).encode(), cfg.storage)
+        return {**marker, "failed": len(failed)}
+
+
+def _empty_like(emb: Embeddings) -> Embeddings:
+    return emb[torch.zeros(0, dtype=torch.long)]
+
+
+def _committed(cfg: Config, layout: store.IndexLayout) -> dict[int, dict[str, Any]]:
+    markers = storage.list_files(layout.commits_dir, ".json", cfg.storage)
+    out = {}
+    for uri in markers:
+        marker = json.loads(storage.read_bytes(uri, cfg.storage))
+        out[int(marker["unit"])] = marker
+    return out
+
+
+def _check_settings(cfg: Config, layout: store.IndexLayout, settings: dict[str, Any]) -> None:
+    """Refuse to resume a version built with other settings; record them on a first run."""
+    if storage.exists(layout.build_settings, cfg.storage):
+        stored = json.loads(storage.read_bytes(layout.build_settings, cfg.storage))
+        if stored != settings:
+            changed = sorted(k for k in settings if stored.get(k) != settings[k])
+            raise IndexBuildError(
+                f"index version {layout.version} at {layout.root} was started with other "
+                f"settings ({', '.join(changed)} differ); choose another index.version"
+            )
+        return
+    storage.write_bytes(layout.build_settings, json.dumps(settings, indent=2).encode(), cfg.storage)
+    dump_config(cfg, storage.join(layout.dir, "config.yaml"))
+
+
+def _bias(cfg: Config, layout: store.IndexLayout, text_files: list[str]) -> dict[str, Any] | None:
+    """Copy the bias of the indexed captions into the version; its provenance for the manifest."""
+    if not cfg.index.bias:
+        return None
+    from gpa_ray.bias_job import read_bias
+
+    bias_table, metadata = read_bias(cfg.index.bias, cfg.storage)
+    text_ids: list[str] = []
+    for name in text_files:
+        fs, path = storage.resolve(storage.join(layout.dir, name), cfg.storage)
+        text_ids += pq.read_table(path, filesystem=fs, columns=["text_id"]).column(0).to_pylist()
+    try:
+        store.write_bias(layout, text_ids, bias_table, cfg.storage)
+    except store.IndexFormatError as exc:
+        raise IndexBuildError(f"bias {cfg.index.bias}: {exc}") from exc
+    return {"uri": cfg.index.bias, "metadata": metadata}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """One build: its source shards (unit i = files[i]) and the version it writes."""
+
+    source: str
+    files: list[str]
+    layout: store.IndexLayout
+
+
+def plan_build(cfg: Config) -> BuildPlan:
+    """Check the config, list the shards, name the version and record its settings."""
+    if not cfg.index.checkpoint:
+        raise IndexBuildError("index.checkpoint is required: the GPA checkpoint URI to embed with")
+    if cfg.index.dtype not in store.DTYPES:
+        raise IndexBuildError(f"index.dtype must be one of {sorted(store.DTYPES)}")
+    source = source_uri(cfg)
+    files = storage.list_files(source, ".parquet", cfg.storage)
+    if not files:
+        raise IndexBuildError(f"no clip shards (*.parquet) under {source}")
+    settings = build_settings(cfg, source, files)
+    layout = store.IndexLayout(cfg.index.output, version_name(cfg, settings))
+    _check_settings(cfg, layout, settings)
+    return BuildPlan(source, files, layout)
+
+
+def embed_units(cfg: Config, plan: BuildPlan, units: Sequence[int]) -> int:
+    """Embed and commit `units` on a Ray Data actor pool; the number of clips embedded."""
+    import ray
+
+    workers = max(1, min(cfg.index.num_workers, len(units)))
+    dataset = ray.data.from_items(
+        [{"unit": u} for u in units], override_num_blocks=len(units)
+    ).map_batches(
+        IndexEmbedder,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        fn_constructor_kwargs={
+            "cfg": dataclasses.asdict(cfg),
+            "version": plan.layout.version,
+            "files": plan.files,
+        },
+        num_cpus=cfg.index.cpus_per_worker,
+    )
+    clips = 0
+    for stats in dataset.iter_rows():
+        clips += stats["clips"]
+        logger.info(
+            "committed unit %d: %d clips, %d texts, %d failed",
+            stats["unit"],
+            stats["clips"],
+            stats["texts"],
+            stats["failed"],
+        )
+    return clips
+
+
+def commit_version(cfg: Config, plan: BuildPlan, build: dict[str, Any]) -> store.IndexManifest:
+    """Once every unit is committed: join the text bias, write the manifest, move LATEST."""
+    layout = plan.layout
+    markers = _committed(cfg, layout)
+    missing = sorted(set(range(len(plan.files))) - set(markers))
+    if missing:
+        raise IndexBuildError(f"units {missing[:10]} of version {layout.version} are not committed")
+    filled = [m for _, m in sorted(markers.items()) if m["clips"] > 0]
+    if not filled:
+        raise IndexBuildError(f"no clip of {plan.source} could be embedded (see the markers)")
+    dims = {(m["embed_dim"], m["n_prototypes"]) for m in filled}
+    if len(dims) != 1:
+        raise IndexBuildError(f"units disagree on embedding dimensions: {sorted(dims)}")
+    ((embed_dim, n_prototypes),) = dims
+    text_files = [layout.texts_name(m["unit"]) for m in filled]
+    failures = [f for _, m in sorted(markers.items()) for f in m["failed"]]
+    manifest = store.IndexManifest(
+        version=layout.version,
+        created_at=store.utc_now(),
+        checkpoint=cfg.index.checkpoint,
+        embed_dim=embed_dim,
+        n_prototypes=n_prototypes,
+        dtype=cfg.index.dtype,
+        n_clips=sum(m["clips"] for m in filled),
+        n_texts=sum(m["texts"] for m in filled),
+        clips_with_audio=sum(m["with_audio"] for m in filled),
+        clip_files=[layout.clips_name(m["unit"]) for m in filled],
+        text_files=text_files,
+        source=plan.source,
+        splits=sorted(cfg.index.splits),
+        bias=_bias(cfg, layout, text_files),
+        build={
+            "units": len(plan.files),
+            "failed_clips": len(failures),
+            "failures": failures[:100],
+            **build,
+        },
+    )
+    store.write_manifest(layout.root, manifest, cfg.storage)
+    return manifest
+
+
+def run_build_index(cfg: Config) -> dict[str, Any]:
+    """Build (or resume) the index version the config describes; return its summary.
+
+    Needs a running Ray (see `gpa_ray.jobs_cli.init_ray`).
+    """
+    started = time.perf_counter()
+    plan = plan_build(cfg)
+    layout = plan.layout
+    if storage.exists(layout.manifest, cfg.storage):
+        logger.info("index version %s is already complete", layout.version)
+        manifest = store.read_manifest(layout, cfg.storage)
+        return _summary(manifest, layout, units=0, clips=0, wall=time.perf_counter() - started)
+    done = _committed(cfg, layout)
+    todo = [u for u in range(len(plan.files)) if u not in done]
+    if done:
+        logger.info("resuming: %d of %d units already committed", len(done), len(plan.files))
+    clips = embed_units(cfg, plan, todo) if todo else 0
+    wall = time.perf_counter() - started
+    build = {"last_run_units": len(todo), "last_run_clips": clips, "last_run_wall_s": wall}
+    manifest = commit_version(cfg, plan, build)
+    return _summary(manifest, layout, units=len(todo), clips=clips, wall=wall)
+
+
+def _summary(
+    manifest: store.IndexManifest, layout: store.IndexLayout, units: int, clips: int, wall: float
+) -> dict[str, Any]:
+    return {
+        "index": layout.dir,
+        "version": manifest.version,
+        "checkpoint": manifest.checkpoint,
+        "clips": manifest.n_clips,
+        "texts": manifest.n_texts,
+        "clips_with_audio": manifest.clips_with_audio,
+        "failed_clips": manifest.build.get("failed_clips", 0),
+        "has_bias": manifest.bias is not None,
+        "units_this_run": units,
+        "clips_this_run": clips,
+        "wall_time_s": wall,
+        "clips_per_second": clips / wall if wall > 0 else 0.0,
+    }

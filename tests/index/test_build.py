@@ -1,0 +1,202 @@
+"""Index build: the per-unit embedder against a plain loop, failures, resume, the bias join,
+and `jobs/build_index.py` on Ray Data over real ESC-50 clip shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gpa_ray import storage
+from gpa_ray.audio.inputs import AudioInputs
+from gpa_ray.config import Config, load_config
+from gpa_ray.index import store
+from gpa_ray.index.build import (
+    IndexBuildError,
+    IndexEmbedder,
+    commit_version,
+    plan_build,
+    run_build_index,
+)
+from gpa_ray.models.gpa import Embeddings
+from gpa_ray.models.gpa_checkpoint import load_gpa
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _job_main():
+    spec = importlib.util.spec_from_file_location("build_index", REPO / "jobs" / "build_index.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _args(clips: str, checkpoint: str, output: Path, *extra: str) -> list[str]:
+    return [
+        f"index.input={clips}",
+        f"index.checkpoint={checkpoint}",
+        f"index.output={output}",
+        "index.dtype=float32",
+        "index.num_workers=1",
+        "index.batch_size=3",
+        *extra,
+    ]
+
+
+def _cfg(*args: str) -> Config:
+    return load_config(overrides=list(args))
+
+
+def _rows(clips: str) -> list[dict]:
+    return [
+        row
+        for uri in storage.list_files(clips, ".parquet")
+        for row in storage.read_parquet(uri).to_pylist()
+    ]
+
+
+@torch.no_grad()
+def _plain_loop(checkpoint: str, rows: list[dict]) -> tuple[Embeddings, Embeddings]:
+    """The reference: every clip and every caption embedded on its own."""
+    model, model_cfg = load_gpa(checkpoint)
+    inputs = AudioInputs.from_config(model_cfg)
+    audio = Embeddings.cat(
+        [model.embed_audio(inputs.collate([inputs.from_row(row)])) for row in rows]
+    )
+    texts = Embeddings.cat(
+        [model.embed_text([caption]) for row in rows for caption in row["captions"]]
+    )
+    return audio, texts
+
+
+def _close(a: Embeddings, b: Embeddings) -> None:
+    torch.testing.assert_close(a.global_, b.global_, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.prototypes, b.prototypes, atol=1e-5, rtol=0)
+
+
+def test_unit_embedder_matches_plain_loop_and_records_failures(
+    esc50_clips: str, gpa_checkpoint: str, tmp_path: Path
+) -> None:
+    shard = storage.read_parquet(storage.list_files(esc50_clips, ".parquet")[0])
+    rows = shard.to_pylist()
+    rows[1]["audio"] = None  # a clip ingested without audio cannot be embedded by a CNN
+    storage.write_parquet(
+        str(tmp_path / "in" / "part-0.parquet"), pa.Table.from_pylist(rows, shard.schema)
+    )
+    cfg = _cfg(*_args(str(tmp_path / "in"), gpa_checkpoint, tmp_path / "index"))
+    plan = plan_build(cfg)
+    stats = IndexEmbedder(dataclasses.asdict(cfg), plan.layout.version, plan.files).run_unit(0)
+    kept = [r for i, r in enumerate(rows) if i != 1]
+    assert stats == {
+        "unit": 0,
+        "clips": len(kept),
+        "texts": sum(len(r["captions"]) for r in kept),
+        "failed": 1,
+        "with_audio": len(kept),
+        "embed_dim": 16,
+        "n_prototypes": 4,
+    }
+    marker = json.loads(storage.read_bytes(plan.layout.commit_marker(0)))
+    assert marker["failed"][0]["clip_id"] == rows[1]["clip_id"]
+    assert "no stored audio" in marker["failed"][0]["error"]
+    clips = pq.read_table(plan.layout.clips_file(0))
+    texts = pq.read_table(plan.layout.texts_file(0))
+    assert clips.column("clip_id").to_pylist() == [r["clip_id"] for r in kept]
+    assert clips.column("audio").to_pylist() == [r["audio"] for r in kept]
+    assert texts.column("text").to_pylist() == [c for r in kept for c in r["captions"]]
+    manifest = store.IndexManifest(
+        version="x",
+        created_at="",
+        checkpoint="",
+        embed_dim=16,
+        n_prototypes=4,
+        dtype="float32",
+        n_clips=len(kept),
+        n_texts=texts.num_rows,
+        clips_with_audio=0,
+        clip_files=[],
+        text_files=[],
+    )
+    audio_ref, text_ref = _plain_loop(gpa_checkpoint, kept)
+    _close(store._embeddings(clips, manifest), audio_ref)
+    _close(store._embeddings(texts, manifest), text_ref)
+
+
+def test_build_job_resumes_and_reruns_are_no_ops(
+    esc50_clips: str, gpa_checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = _args(esc50_clips, gpa_checkpoint, tmp_path / "index", "index.version=v1")
+    cfg = _cfg(*args)
+    plan = plan_build(cfg)
+    assert len(plan.files) == 2
+    # Unit 0 committed by an earlier (interrupted) run: only unit 1 is left to do.
+    IndexEmbedder(dataclasses.asdict(cfg), "v1", plan.files).run_unit(0)
+    assert _job_main()(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = _rows(esc50_clips)
+    assert summary["version"] == "v1" and summary["units_this_run"] == 1
+    assert (summary["clips"], summary["texts"]) == (8, sum(len(r["captions"]) for r in rows))
+    assert summary["clips_with_audio"] == 8 and summary["failed_clips"] == 0
+    index = store.load_index(str(tmp_path / "index"))
+    assert index.version == "v1" and index.manifest.checkpoint == gpa_checkpoint
+    assert index.clips.ids == [r["clip_id"] for r in rows]
+    audio_ref, text_ref = _plain_loop(gpa_checkpoint, rows)
+    _close(index.clips.embeddings, audio_ref)
+    _close(index.texts.embeddings, text_ref)
+    data, rate = index.clip_audio(rows[5]["clip_id"])
+    assert data == rows[5]["audio"] and rate == 32000
+    # A complete version is left alone; other settings under its name are refused.
+    assert run_build_index(cfg)["units_this_run"] == 0
+    with pytest.raises(IndexBuildError, match="dtype"):
+        run_build_index(_cfg(*args, "index.dtype=float16"))
+
+
+def test_bias_is_joined_and_must_cover_every_caption(
+    esc50_clips: str, gpa_checkpoint: str, tmp_path: Path
+) -> None:
+    from gpa_ray.bias_job import BIAS_FILE, BIAS_SCHEMA, META_FILE
+
+    rows = _rows(esc50_clips)
+    ids = [store.text_id(r["clip_id"], i) for r in rows for i in range(len(r["captions"]))]
+    bias_dir = tmp_path / "bias"
+    table = pa.table(
+        {
+            "text_id": ids[::-1],
+            "clip_id": [i.split("#")[0] for i in ids[::-1]],
+            "caption": ["c"] * len(ids),
+            "bias": [0.01 * n for n in range(len(ids))][::-1],
+            "qb_lse": [0.0] * len(ids),
+            "qb_active": [True] * len(ids),
+        },
+        schema=BIAS_SCHEMA,
+    )
+    storage.write_parquet(str(bias_dir / BIAS_FILE), table)
+    storage.write_bytes(str(bias_dir / META_FILE), json.dumps({"G": 3, "J": len(ids)}).encode())
+    cfg = _cfg(*_args(esc50_clips, gpa_checkpoint, tmp_path / "index", f"index.bias={bias_dir}"))
+    plan = plan_build(cfg)
+    embedder = IndexEmbedder(dataclasses.asdict(cfg), plan.layout.version, plan.files)
+    for unit in range(len(plan.files)):
+        embedder.run_unit(unit)
+    manifest = commit_version(cfg, plan, {})
+    assert manifest.bias == {"uri": str(bias_dir), "metadata": {"G": 3, "J": len(ids)}}
+    index = store.load_index(str(tmp_path / "index"))
+    torch.testing.assert_close(index.text_bias, 0.01 * torch.arange(len(ids), dtype=torch.float32))
+    # A bias computed over other captions cannot be used with this index.
+    storage.write_parquet(str(bias_dir / BIAS_FILE), table.slice(1))
+    with pytest.raises(IndexBuildError, match=f"covers {len(ids) - 1} of {len(ids)}"):
+        commit_version(cfg, plan, {})
+
+
+def test_build_refuses_bad_configs(esc50_clips: str, tmp_path: Path) -> None:
+    with pytest.raises(IndexBuildError, match="index.checkpoint is required"):
+        plan_build(_cfg(f"index.input={esc50_clips}"))
+    with pytest.raises(IndexBuildError, match="no clip shards"):
+        plan_build(_cfg(f"index.input={tmp_path}", "index.checkpoint=x"))
+    with pytest.raises(IndexBuildError, match="index.dtype"):
+        plan_build(_cfg(f"index.input={esc50_clips}", "index.checkpoint=x", "index.dtype=int8"))
