@@ -1,0 +1,287 @@
+"""Ray Serve deployments of the retriever and its typed application builder.
+
+    HTTP -> Ingress (FastAPI, `gpa_ray.serve.api`)
+              |-> TextEncoder   @serve.batch: captions -> query embeddings
+              |-> AudioEncoder  decode + preprocess per request, @serve.batch the model
+              '-> Searcher      index version in memory; two-stage search; clip records
+
+Every deployment loads the GPA checkpoint that the served index was built with (read
+from the index manifest when the app is built), so queries and index live in one space.
+`@serve.batch` can only fill a batch of n if a replica accepts n requests at once, and
+Serve's default `max_ongoing_requests` (5) would cap every batch at 5: each encoder
+accepts twice its batch size, so one batch fills while the previous one runs.
+
+The Searcher polls the index URI every `serve.reload_interval_s` and switches to a newer
+version once it loaded completely (`POST /v1/index/reload` does it at once).
+
+Errors caused by a request cross deployment boundaries as values (`Failure`), not as
+exceptions, so they arrive at the ingress as what they are and become a 4xx there.
+
+`build_app(RetrieverArgs)` is the import path for `serve run` / `serve deploy`
+(`gpa_ray/serve/serve_config.yaml`); `start_retriever(cfg)` runs it on the local Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from gpa_ray.config import Config, config_from_dict, load_config
+from gpa_ray.models.gpa import Embeddings
+from gpa_ray.serve.api import create_api
+from gpa_ray.serve.retriever import (
+    AudioQueryEncoder,
+    IndexMismatchError,
+    QueryError,
+    SearchService,
+    TextQueryEncoder,
+    index_checkpoint,
+    load_model,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request-caused failure returned by a deployment: `kind` "query" or "mismatch"."""
+
+    kind: str
+    message: str
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, Failure):
+        raise (QueryError if value.kind == "query" else IndexMismatchError)(value.message)
+    return value
+
+
+def _counts(counter: Counter[int]) -> dict[str, int]:
+    return {str(size): n for size, n in sorted(counter.items())}
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoderDeployment:
+    """Batches concurrent text queries into one forward pass of the text tower."""
+
+    def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
+        config = config_from_dict(cfg)
+        torch.set_num_threads(config.serve.torch_threads)
+        model, _ = load_model(config, checkpoint)
+        self.encoder = TextQueryEncoder(model)
+        self.batches: Counter[int] = Counter()
+        self.encode.set_max_batch_size(config.serve.text_batch_size)
+        self.encode.set_batch_wait_timeout_s(config.serve.text_batch_wait_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode(self, texts: list[str]) -> list[Embeddings]:
+        self.batches[len(texts)] += 1
+        return self.encoder.encode(texts)
+
+    def batch_sizes(self) -> dict[str, int]:
+        return _counts(self.batches)
+
+
+@serve.deployment(name="AudioEncoder")
+class AudioEncoderDeployment:
+    """Decodes and preprocesses each upload on its own (a bad file fails only its own
+    request), then batches the tower's forward pass."""
+
+    def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
+        config = config_from_dict(cfg)
+        torch.set_num_threads(config.serve.torch_threads)
+        model, model_cfg = load_model(config, checkpoint)
+        self.encoder = AudioQueryEncoder(model, model_cfg, config.serve.max_audio_seconds)
+        self.batches: Counter[int] = Counter()
+        self._encode.set_max_batch_size(config.serve.audio_batch_size)
+        self._encode.set_batch_wait_timeout_s(config.serve.audio_batch_wait_s)
+
+    async def embed(self, data: bytes, source: str) -> Embeddings | Failure:
+        try:
+            inputs = self.encoder.prepare(data, source)
+        except QueryError as exc:
+            return Failure("query", str(exc))
+        return await self._encode(inputs)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def _encode(self, items: list[dict[str, torch.Tensor]]) -> list[Embeddings]:
+        self.batches[len(items)] += 1
+        return self.encoder.encode(items)
+
+    def batch_sizes(self) -> dict[str, int]:
+        return _counts(self.batches)
+
+
+@serve.deployment(name="Searcher")
+class SearcherDeployment:
+    """Holds the served index version; searches, answers clip lookups, follows LATEST."""
+
+    def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
+        config = config_from_dict(cfg)
+        torch.set_num_threads(config.serve.torch_threads)
+        model, _ = load_model(config, checkpoint)
+        self.service = SearchService(config, model, checkpoint)
+        self._stop = threading.Event()
+        if config.serve.reload_interval_s > 0:
+            threading.Thread(
+                target=self._poll, args=(config.serve.reload_interval_s,), daemon=True
+            ).start()
+
+    def _poll(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                change = self.service.reload()
+                if change["changed"]:
+                    logger.info("now serving index version %s", change["index_version"])
+            except Exception:
+                logger.exception("index version check failed; still serving the current one")
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    def search_text(self, query: Embeddings, k: int) -> dict[str, Any]:
+        return self.service.search_text(query, k)
+
+    def search_audio(self, query: Embeddings, k: int, use_bias: bool) -> dict[str, Any]:
+        return self.service.search_audio(query, k, use_bias)
+
+    def clip(self, clip_id: str) -> dict[str, Any] | None:
+        return self.service.clip(clip_id)
+
+    def clip_audio(self, clip_id: str) -> tuple[bytes, int] | None:
+        return self.service.clip_audio(clip_id)
+
+    def health(self) -> dict[str, Any]:
+        return self.service.health()
+
+    def manifest(self) -> dict[str, Any]:
+        return self.service.manifest()
+
+    def reload(self) -> dict[str, Any] | Failure:
+        try:
+            return self.service.reload()
+        except IndexMismatchError as exc:
+            return Failure("mismatch", str(exc))
+
+
+class ServeBackend:
+    """The API's backend on Serve: forwards to the encoder and searcher deployments."""
+
+    def __init__(
+        self, text: DeploymentHandle, audio: DeploymentHandle, searcher: DeploymentHandle
+    ) -> None:
+        self.text = text
+        self.audio = audio
+        self.searcher = searcher
+
+    async def search_text(self, query: str, k: int) -> dict[str, Any]:
+        # The encoder's response goes straight to the searcher (Serve resolves it there),
+        # so the embedding never makes a round trip through the ingress.
+        return await self.searcher.search_text.remote(self.text.encode.remote(query), k)
+
+    async def search_audio(
+        self, data: bytes, source: str, k: int, use_bias: bool
+    ) -> dict[str, Any]:
+        embedding = _unwrap(await self.audio.embed.remote(data, source))
+        return await self.searcher.search_audio.remote(embedding, k, use_bias)
+
+    async def clip(self, clip_id: str) -> dict[str, Any] | None:
+        return await self.searcher.clip.remote(clip_id)
+
+    async def clip_audio(self, clip_id: str) -> tuple[bytes, int] | None:
+        return await self.searcher.clip_audio.remote(clip_id)
+
+    async def health(self) -> dict[str, Any]:
+        return await self.searcher.health.remote()
+
+    async def manifest(self) -> dict[str, Any]:
+        return await self.searcher.manifest.remote()
+
+    async def reload(self) -> dict[str, Any]:
+        return _unwrap(await self.searcher.reload.remote())
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "note": "batch sizes seen by one replica of each encoder",
+            "text": await self.text.batch_sizes.remote(),
+            "audio": await self.audio.batch_sizes.remote(),
+        }
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class IngressDeployment:
+    """The HTTP entry point: the FastAPI app of `gpa_ray.serve.api` over `ServeBackend`."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        text: DeploymentHandle,
+        audio: DeploymentHandle,
+        searcher: DeploymentHandle,
+    ) -> None:
+        self.cfg = config_from_dict(cfg)
+        self.backend = ServeBackend(text, audio, searcher)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_api(self.backend, self.cfg)
+
+
+class RetrieverArgs(BaseModel):
+    """Arguments of `build_app` (`args:` in a Serve config file): a config preset (name
+    or YAML path) and dotted overrides, checked against the config schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: str | None = Field(None, description="preset name or YAML path (None: defaults)")
+    overrides: list[str] = Field(
+        default_factory=list, description="dotted overrides, e.g. serve.index_uri=s3://b/index"
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> RetrieverArgs:
+        self.resolve()
+        return self
+
+    def resolve(self) -> Config:
+        return load_config(self.config, self.overrides)
+
+
+def retriever_app(cfg: Config) -> serve.Application:
+    """The bound retriever application for a resolved config."""
+    checkpoint = index_checkpoint(cfg)
+    cfg_dict = dataclasses.asdict(cfg)
+    s = cfg.serve
+    actor = {"num_cpus": s.cpus_per_replica}
+    text = TextEncoderDeployment.options(
+        max_ongoing_requests=2 * s.text_batch_size, ray_actor_options=actor
+    ).bind(cfg_dict, checkpoint)
+    audio = AudioEncoderDeployment.options(
+        max_ongoing_requests=2 * s.audio_batch_size, ray_actor_options=actor
+    ).bind(cfg_dict, checkpoint)
+    searcher = SearcherDeployment.options(
+        max_ongoing_requests=2 * s.text_batch_size, ray_actor_options=actor
+    ).bind(cfg_dict, checkpoint)
+    return IngressDeployment.options(
+        max_ongoing_requests=8 * s.text_batch_size, ray_actor_options=actor
+    ).bind(cfg_dict, text, audio, searcher)
+
+
+def build_app(args: RetrieverArgs) -> serve.Application:
+    """Typed application builder (`import_path: gpa_ray.serve.app:build_app`)."""
+    return retriever_app(args.resolve())
+
+
+def start_retriever(cfg: Config) -> str:
+    """Run the retriever on the connected Ray, HTTP on `serve.host:serve.port`; its URL."""
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(retriever_app(cfg), name=cfg.serve.app_name, route_prefix="/")
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
