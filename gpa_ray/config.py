@@ -485,6 +485,11 @@ def _all_keys(cls: type) -> list[str]:
     return keys
 
 
+def config_keys() -> list[str]:
+    """Every dotted key a preset or override may set (`section.field`)."""
+    return _all_keys(Config)
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -494,7 +499,7 @@ def _dataclass_type(tp: Any) -> type | None:
 
 
 def _unknown_key_error(key: str) -> ConfigError:
-    valid = _all_keys(Config)
+    valid = config_keys()
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
@@ -600,7 +605,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a preset (path or shipped name; defaults if None) and apply dotted overrides."""
     data: dict[str, Any] = _read_preset(path) if path else {}
-    leaf_keys = set(_all_keys(Config))
+    leaf_keys = set(config_keys())
     sections = {key.rsplit(".", 1)[0] for key in leaf_keys if "." in key}
     for text in overrides:
         key, value = parse_override(text)

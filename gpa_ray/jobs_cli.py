@@ -12,13 +12,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import textwrap
 
-from gpa_ray.config import Config, load_config
+from gpa_ray.config import Config, config_keys, load_config, preset_names
 
 
 def parse_job_args(argv: list[str] | None, description: str) -> Config:
     """Parse a job's command line into a resolved `Config` (errors exit with a message)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--config", default=None, help="YAML preset: a file path or a shipped preset name"
     )
@@ -38,6 +43,23 @@ def parse_job_args(argv: list[str] | None, description: str) -> Config:
         parser.error(str(exc))
     configure_logging()
     return cfg
+
+
+def config_help() -> str:
+    """The presets and every config key, for `--help` (the schema is the documentation)."""
+    by_section: dict[str, list[str]] = {}
+    for key in config_keys():
+        section, _, name = key.partition(".")
+        by_section.setdefault(section, []).append(name)
+    lines = [
+        f"presets (--config NAME): {', '.join(preset_names())} (gpa_ray/configs/*.yaml)",
+        "config keys (KEY=VALUE, e.g. train.lr=5e-5):",
+    ]
+    lines += [
+        "  " + textwrap.fill(f"{section}: {', '.join(names)}", 96, subsequent_indent="    ")
+        for section, names in by_section.items()
+    ]
+    return "\n".join(lines)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

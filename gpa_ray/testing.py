@@ -6,8 +6,9 @@ moto's server, real audio from the shared data folder), sized for a 2-core machi
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,30 +122,35 @@ def tiny_tokenizer() -> object:
     )
 
 
-def tiny_text_encoder(
-    trainable_layers: int = -1, pooling: str = "cls", max_length: int = 16, seed: int = 0
-) -> object:
-    """A `TextEncoder` over a randomly initialised 2-layer, 32-wide BERT (seeded)."""
+def tiny_bert(seed: int = 0, dropout: float = 0.1) -> object:
+    """A randomly initialised 2-layer, 32-wide BERT over `tiny_tokenizer`'s vocabulary."""
     import torch
     from transformers import BertConfig, BertModel
 
-    from gpa_ray.models.text import TextEncoder
-
-    tokenizer = tiny_tokenizer()
     config = BertConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tiny_tokenizer()),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        backbone = BertModel(config)
+        return BertModel(config)
+
+
+def tiny_text_encoder(
+    trainable_layers: int = -1, pooling: str = "cls", max_length: int = 16, seed: int = 0
+) -> object:
+    """A `TextEncoder` over a randomly initialised 2-layer, 32-wide BERT (seeded)."""
+    from gpa_ray.models.text import TextEncoder
+
     return TextEncoder(
-        backbone,
-        tokenizer,
+        tiny_bert(seed=seed),
+        tiny_tokenizer(),
         max_length=max_length,
         pooling=pooling,
         trainable_layers=trainable_layers,
@@ -284,18 +290,9 @@ def tiny_code_ids(batch: int = 3, n_codes: int = 40, seed: int = 0, ragged: bool
     return ids
 
 
-def tiny_text_model_dir(path: str | Path, seed: int = 0) -> str:
-    """Save the tiny BERT + WordPiece tokenizer of `tiny_text_encoder` as a transformers
-    folder, so that a `Config` can name it as `text.model` and `build_gpa` rebuilds it."""
-    encoder = tiny_text_encoder(seed=seed)
-    encoder.backbone.save_pretrained(str(path))
-    encoder.tokenizer.save_pretrained(str(path))
-    return str(path)
-
-
 def tiny_gpa_run_config(text_model: str, scorer: str = "lass", **sections: object) -> object:
     """A full `Config` that `build_gpa` turns into a tiny GPA: CNN14 width 2 on 32-bin
-    log-mel of 2 s of audio, the tiny BERT at `text_model` (see `tiny_text_model_dir`),
+    log-mel of 2 s of audio, the tiny BERT at `text_model` (see `save_tiny_text_model`),
     embed_dim 16, K = 3. `sections` replace whole config sections (e.g. `storage=...`)."""
     import dataclasses
 
@@ -334,25 +331,8 @@ def save_tiny_text_model(directory: str | Path, dropout: float = 0.0, seed: int 
     """Save a tiny BERT (2 layers x 32, `TINY_WORDS` tokenizer) where `text.model` can
     point: a real transformers folder, loaded by the same code as any pretrained model.
     Dropout defaults to 0 so a trainable text tower is deterministic (parity tests)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    tokenizer = tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = BertModel(config)
-    model.save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
+    tiny_bert(seed=seed, dropout=dropout).save_pretrained(str(directory))
+    tiny_tokenizer().save_pretrained(str(directory))
     return str(directory)
 
 
@@ -822,3 +802,14 @@ def local_ray_cluster(
         shutil.rmtree(temp_dir, ignore_errors=True)
         if left:
             raise RuntimeError(f"processes of the test Ray cluster outlived it: {left}\n{tail}")
+
+
+def job_main(name: str) -> Callable[[list[str] | None], int]:
+    """`main` of `jobs/<name>.py`: jobs are scripts, not a package, so tests load them by path."""
+    path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"gpa_ray_job_{name}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no job script at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

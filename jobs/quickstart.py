@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != "--no-serve"]
     if not any(a == "--config" or a.startswith("--config=") for a in args):
         args = ["--config", "quickstart", *args]
-    cfg = parse_job_args(args, "Run every gpa_ray stage on one machine, end to end.")
+    cfg = parse_job_args(
+        args,
+        "Run every gpa_ray stage on one machine, end to end "
+        "(--no-serve: stop after the report instead of serving until Ctrl-C).",
+    )
     init_ray(cfg)
     summary = run_quickstart(cfg, serve_app=serve_app)
     print("\n".join(summary["report"]))

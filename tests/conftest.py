@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpa_ray import testing
+from gpa_ray import storage, testing
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +38,29 @@ def s3_server() -> Iterator[testing.S3Server]:
     """A real S3 HTTP endpoint (moto server) on 127.0.0.1 with a test bucket."""
     with testing.local_s3_server() as server:
         yield server
+
+
+ESC50_POOL_TRAIN, ESC50_POOL_TEST = 12, 4
+
+
+@pytest.fixture(scope="session")
+def esc50_pool(shared_data: Path, s3_server: testing.S3Server) -> str:
+    """Ingest-layout shards of 12 train + 4 test real ESC-50 clips on the S3 server."""
+    uri = s3_server.uri("bias-eval", "esc50-ingest")
+    testing.write_esc50_clip_shards(
+        uri, shared_data / "esc50", ESC50_POOL_TRAIN, ESC50_POOL_TEST, storage_cfg=s3_server.storage
+    )
+    return uri
+
+
+@pytest.fixture(scope="session")
+def lass_checkpoint(tmp_path_factory: pytest.TempPathFactory, s3_server: testing.S3Server) -> str:
+    """A tiny GPA (LASS scorer) saved with `save_gpa` on the S3 server."""
+    uri = s3_server.uri("bias-eval", "checkpoint-lass")
+    if not storage.exists(storage.join(uri, "model.pt"), s3_server.storage):
+        text_dir = tmp_path_factory.getbasetemp() / "tiny-text-model"
+        if not (text_dir / "config.json").exists():
+            testing.save_tiny_text_model(text_dir)
+        cfg = testing.tiny_gpa_run_config(str(text_dir), storage=s3_server.storage)
+        testing.tiny_gpa_checkpoint(uri, cfg, s3_server.storage)
+    return uri

@@ -4,7 +4,6 @@ stored on the local S3 server."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from datetime import datetime
@@ -46,17 +45,11 @@ from gpa_ray.sinkhorn import (
     qb_norm_statistics,
     sinkhorn_potentials,
 )
+from gpa_ray.testing import job_main
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 12, 4
 TOL = 1e-5
-
-
-def _job_main(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _random_embeddings(n: int, k1: int = 4, e: int = 16, seed: int = 0) -> Embeddings:
@@ -131,38 +124,15 @@ def test_job_needs_a_checkpoint() -> None:
 # ---------------------------------------------------------------- real clips, real Ray
 
 
-@pytest.fixture(scope="module")
-def pool(shared_data: Path, s3_server: testing.S3Server) -> str:
-    """Ingest-layout shards of 12 train + 4 test real ESC-50 clips on the S3 server."""
-    uri = s3_server.uri("bias-eval", "esc50-ingest")
-    testing.write_esc50_clip_shards(
-        uri, shared_data / "esc50", N_TRAIN, N_TEST, storage_cfg=s3_server.storage
-    )
-    return uri
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, s3_server: testing.S3Server) -> str:
-    """A tiny GPA (LASS scorer) saved with `save_gpa` on the S3 server."""
-    uri = s3_server.uri("bias-eval", "checkpoint-lass")
-    if not storage.exists(storage.join(uri, "model.pt"), s3_server.storage):
-        text_dir = tmp_path_factory.getbasetemp() / "tiny-text-model"
-        if not (text_dir / "config.json").exists():
-            testing.tiny_text_model_dir(text_dir)
-        cfg = testing.tiny_gpa_run_config(str(text_dir), storage=s3_server.storage)
-        testing.tiny_gpa_checkpoint(uri, cfg, s3_server.storage)
-    return uri
-
-
 def _in_process_embeddings(
-    checkpoint: str, pool: str, s3: testing.S3Server
+    lass_checkpoint: str, esc50_pool: str, s3: testing.S3Server
 ) -> tuple[list[str], Embeddings, Embeddings]:
     """Query and text embeddings without Ray: parquet rows -> AudioInputs -> the model."""
-    model, cfg = load_gpa(checkpoint, s3.storage)
+    model, cfg = load_gpa(lass_checkpoint, s3.storage)
     inputs = AudioInputs.from_config(cfg)
-    rows = storage.read_parquet(storage.join(pool, "clips", "esc50", "train"), s3.storage)
+    rows = storage.read_parquet(storage.join(esc50_pool, "clips", "esc50", "train"), s3.storage)
     rows = rows.select(["clip_id", "audio"]).to_pylist()
-    captions = read_captions(pool, "test", storage_cfg=s3.storage)
+    captions = read_captions(esc50_pool, "test", storage_cfg=s3.storage)
     with torch.inference_mode():
         queries = model.embed_audio(inputs.collate([inputs.from_row(r) for r in rows]))
         texts = model.embed_text(captions.column("caption").to_pylist())
@@ -170,19 +140,23 @@ def _in_process_embeddings(
 
 
 @pytest.fixture(scope="module")
-def embedded(ray_session: None, pool: str, checkpoint: str, s3_server: testing.S3Server) -> Any:
+def embedded(
+    ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
+) -> Any:
     """Query embeddings (a materialised Ray Dataset) and text embeddings, via Ray Data."""
     settings = EmbedSettings(actors=1, cpus=0.5, batch_size=5)
-    captions = read_captions(pool, "test", storage_cfg=s3_server.storage)
-    texts = embed_captions(checkpoint, captions, settings=settings, storage_cfg=s3_server.storage)
+    captions = read_captions(esc50_pool, "test", storage_cfg=s3_server.storage)
+    texts = embed_captions(
+        lass_checkpoint, captions, settings=settings, storage_cfg=s3_server.storage
+    )
     queries = embed_clips(
-        checkpoint, pool, "train", settings=settings, storage_cfg=s3_server.storage
+        lass_checkpoint, esc50_pool, "train", settings=settings, storage_cfg=s3_server.storage
     )
     return queries, texts, captions
 
 
-def test_captions_are_read_clip_major(pool: str, s3_server: testing.S3Server) -> None:
-    captions = read_captions(pool, "test", storage_cfg=s3_server.storage).to_pylist()
+def test_captions_are_read_clip_major(esc50_pool: str, s3_server: testing.S3Server) -> None:
+    captions = read_captions(esc50_pool, "test", storage_cfg=s3_server.storage).to_pylist()
     # Two ESC-50 templates per test clip, in clip order, ids `<clip_id>#<caption index>`.
     assert len(captions) == 2 * N_TEST
     first, second = captions[0], captions[1]
@@ -193,15 +167,15 @@ def test_captions_are_read_clip_major(pool: str, s3_server: testing.S3Server) ->
     )
     assert first["caption"].startswith("the sound of a ")
     with pytest.raises(LoaderError, match="run ingest first"):
-        read_captions(pool, "val", storage_cfg=s3_server.storage)
+        read_captions(esc50_pool, "val", storage_cfg=s3_server.storage)
 
 
 def test_ray_data_embeddings_equal_in_process(
-    embedded: Any, pool: str, checkpoint: str, s3_server: testing.S3Server
+    embedded: Any, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
 ) -> None:
     queries_ds, texts, _ = embedded
     ids, queries = gather_embeddings(queries_ds, "clip_id")
-    ref_ids, ref_queries, ref_texts = _in_process_embeddings(checkpoint, pool, s3_server)
+    ref_ids, ref_queries, ref_texts = _in_process_embeddings(lass_checkpoint, esc50_pool, s3_server)
     order = torch.tensor([ids.index(i) for i in ref_ids])
     assert sorted(ids) == sorted(ref_ids) and len(ids) == N_TRAIN
     assert torch.allclose(queries.global_[order], ref_queries.global_, atol=TOL)
@@ -220,7 +194,7 @@ def test_ray_data_embeddings_equal_in_process(
 )
 def test_distributed_equals_single_process(
     embedded: Any,
-    checkpoint: str,
+    lass_checkpoint: str,
     s3_server: testing.S3Server,
     num_actors: int,
     block_size: int,
@@ -235,11 +209,11 @@ def test_distributed_equals_single_process(
         memory_budget_mb=memory_budget_mb,
         qb_norm_k=2,
     )
-    result = distributed_sinkhorn(checkpoint, queries_ds, texts, cfg, s3_server.storage)
+    result = distributed_sinkhorn(lass_checkpoint, queries_ds, texts, cfg, s3_server.storage)
 
     # Reference: the whole R' in one process and the plain single-process Sinkhorn.
     ids, queries = gather_embeddings(queries_ds, "clip_id")
-    model, _ = load_gpa(checkpoint, s3_server.storage)
+    model, _ = load_gpa(lass_checkpoint, s3_server.storage)
     with torch.inference_mode():
         scores = model.score(queries, texts)
     f, g = sinkhorn_potentials(scores, cfg.epsilon, cfg.n_iter)
@@ -268,8 +242,8 @@ def test_distributed_equals_single_process(
 @pytest.mark.s3
 def test_job_end_to_end_on_s3(
     ray_session: None,
-    pool: str,
-    checkpoint: str,
+    esc50_pool: str,
+    lass_checkpoint: str,
     s3_server: testing.S3Server,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -282,8 +256,8 @@ def test_job_end_to_end_on_s3(
         f"storage.region={s3.region}",
         f"storage.access_key_id={s3.access_key_id}",
         f"storage.secret_access_key={s3.secret_access_key}",
-        f"sinkhorn.checkpoint={checkpoint}",
-        f"sinkhorn.queries={pool}",
+        f"sinkhorn.checkpoint={lass_checkpoint}",
+        f"sinkhorn.queries={esc50_pool}",
         f"sinkhorn.output={output}",
         "sinkhorn.num_actors=2",
         "sinkhorn.cpus_per_actor=0.25",
@@ -291,14 +265,14 @@ def test_job_end_to_end_on_s3(
         "sinkhorn.memory_budget_mb=0",
     ]
     with caplog.at_level(logging.INFO, logger="gpa_ray.bias_job"):
-        assert _job_main("sinkhorn_bias")(argv) == 0
+        assert job_main("sinkhorn_bias")(argv) == 0
 
     table, meta = read_bias(output, s3)
-    ids, queries, texts = _in_process_embeddings(checkpoint, pool, s3_server)
-    model, _ = load_gpa(checkpoint, s3)
+    ids, queries, texts = _in_process_embeddings(lass_checkpoint, esc50_pool, s3_server)
+    model, _ = load_gpa(lass_checkpoint, s3)
     with torch.inference_mode():
         _, g = sinkhorn_potentials(model.score(queries, texts), 0.05, 10)
-    captions = read_captions(pool, "test", storage_cfg=s3)
+    captions = read_captions(esc50_pool, "test", storage_cfg=s3)
     assert table.column("text_id").to_pylist() == captions.column("text_id").to_pylist()
     assert table.column("bias").to_pylist() == pytest.approx(g.tolist(), abs=TOL)
     assert (meta["G"], meta["J"], meta["epsilon"], meta["n_iter"]) == (
@@ -307,7 +281,7 @@ def test_job_end_to_end_on_s3(
         0.05,
         10,
     )
-    assert meta["checkpoint"] == checkpoint and meta["num_actors"] == 2
+    assert meta["checkpoint"] == lass_checkpoint and meta["num_actors"] == 2
     assert datetime.fromisoformat(meta["timestamp"]).tzinfo is not None
     assert [r["round"] for r in meta["rounds"]] == list(range(1, 11))
     assert all(

@@ -4,7 +4,6 @@ text bias (shift invariance, hub suppression), then the bias job followed by
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -39,6 +38,7 @@ from gpa_ray.sinkhorn import (
     qb_norm_statistics,
     sinkhorn_potentials,
 )
+from gpa_ray.testing import job_main
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 12, 4
@@ -54,13 +54,6 @@ R_3X6 = torch.tensor(
     dtype=torch.float64,
 )
 CAPTION_TO_CLIP = [0, 0, 1, 1, 2, 2]
-
-
-def _job_main(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _row(results: dict[str, Any], direction: str, method: str = "none") -> dict[str, Any]:
@@ -188,29 +181,6 @@ def test_unknown_method_is_refused() -> None:
 # ---------------------------------------------------------------- real clips, real Ray
 
 
-@pytest.fixture(scope="module")
-def pool(shared_data: Path, s3_server: testing.S3Server) -> str:
-    """Ingest-layout shards of 12 train + 4 test real ESC-50 clips on the S3 server."""
-    uri = s3_server.uri("bias-eval", "esc50-ingest")
-    testing.write_esc50_clip_shards(
-        uri, shared_data / "esc50", N_TRAIN, N_TEST, storage_cfg=s3_server.storage
-    )
-    return uri
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, s3_server: testing.S3Server) -> str:
-    """A tiny GPA (LASS scorer) saved with `save_gpa` on the S3 server."""
-    uri = s3_server.uri("bias-eval", "checkpoint-lass")
-    if not storage.exists(storage.join(uri, "model.pt"), s3_server.storage):
-        text_dir = tmp_path_factory.getbasetemp() / "tiny-text-model"
-        if not (text_dir / "config.json").exists():
-            testing.tiny_text_model_dir(text_dir)
-        cfg = testing.tiny_gpa_run_config(str(text_dir), storage=s3_server.storage)
-        testing.tiny_gpa_checkpoint(uri, cfg, s3_server.storage)
-    return uri
-
-
 def _storage_args(s3: testing.S3Server) -> list[str]:
     cfg = s3.storage
     return [
@@ -222,13 +192,13 @@ def _storage_args(s3: testing.S3Server) -> list[str]:
 
 
 def test_missing_bias_is_reported(
-    pool: str, checkpoint: str, s3_server: testing.S3Server, tmp_path: Path
+    esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server, tmp_path: Path
 ) -> None:
     cfg = Config(
         storage=s3_server.storage,
         eval=EvalConfig(
-            checkpoint=checkpoint,
-            data=pool,
+            checkpoint=lass_checkpoint,
+            data=esc50_pool,
             bias=s3_server.uri("bias-eval", "no-bias-here"),
             output=str(tmp_path / "eval"),
         ),
@@ -240,7 +210,7 @@ def test_missing_bias_is_reported(
 @pytest.mark.slow
 @pytest.mark.s3
 def test_bias_job_then_evaluate_end_to_end_on_s3(
-    ray_session: None, pool: str, checkpoint: str, s3_server: testing.S3Server
+    ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
 ) -> None:
     s3 = s3_server.storage
     bias_uri = s3_server.uri("bias-eval", "bias-job")
@@ -249,8 +219,8 @@ def test_bias_job_then_evaluate_end_to_end_on_s3(
             Config(
                 storage=s3,
                 sinkhorn=SinkhornConfig(
-                    checkpoint=checkpoint,
-                    queries=pool,
+                    checkpoint=lass_checkpoint,
+                    queries=esc50_pool,
                     output=bias_uri,
                     num_actors=2,
                     cpus_per_actor=0.25,
@@ -262,12 +232,12 @@ def test_bias_job_then_evaluate_end_to_end_on_s3(
         "--config",
         "debug",
         *_storage_args(s3_server),
-        f"eval.checkpoint={checkpoint}",
-        f"eval.data={pool}",
+        f"eval.checkpoint={lass_checkpoint}",
+        f"eval.data={esc50_pool}",
         f"eval.bias={bias_uri}",
         f"eval.output={output}",
     ]
-    assert _job_main("evaluate")(argv) == 0
+    assert job_main("evaluate")(argv) == 0
 
     report = json.loads(storage.read_bytes(storage.join(output, METRICS_FILE), s3))
     assert report["pool"]["clips"] == N_TEST and report["pool"]["captions"] == 2 * N_TEST
@@ -281,11 +251,13 @@ def test_bias_job_then_evaluate_end_to_end_on_s3(
 
     # The same numbers from an in-process computation (no Ray): embeddings of the test
     # clips and captions, R, and the bias job's g and QB-Norm statistics on the train clips.
-    model, cfg = load_gpa(checkpoint, s3)
+    model, cfg = load_gpa(lass_checkpoint, s3)
     inputs = AudioInputs.from_config(cfg)
-    clips = storage.read_parquet(storage.join(pool, "clips", "esc50", "test"), s3).to_pylist()
-    train = storage.read_parquet(storage.join(pool, "clips", "esc50", "train"), s3).to_pylist()
-    captions = read_captions(pool, "test", storage_cfg=s3)
+    clips = storage.read_parquet(storage.join(esc50_pool, "clips", "esc50", "test"), s3).to_pylist()
+    train = storage.read_parquet(
+        storage.join(esc50_pool, "clips", "esc50", "train"), s3
+    ).to_pylist()
+    captions = read_captions(esc50_pool, "test", storage_cfg=s3)
     clip_index = {c["clip_id"]: i for i, c in enumerate(clips)}
     target = torch.tensor([clip_index[c] for c in captions.column("clip_id").to_pylist()])
     with torch.inference_mode():

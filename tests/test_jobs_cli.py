@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from gpa_ray.jobs_cli import init_ray, parse_job_args, ray_address
+from gpa_ray.testing import job_main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_preset_name_set_and_positional_overrides() -> None:
@@ -90,3 +93,13 @@ def test_init_ray_starts_a_local_ray_with_the_configured_resources() -> None:
     resources = json.loads(done.stdout.strip().splitlines()[-1])
     assert resources["CPU"] == 1.0
     assert resources["object_store_memory"] == pytest.approx(96 * 1024 * 1024, rel=0.01)
+
+
+@pytest.mark.parametrize("job", sorted(p.stem for p in (REPO / "jobs").glob("*.py")))
+def test_every_job_has_help_listing_presets_and_keys(job: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        job_main(job)(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "presets (--config NAME):" in out and "debug" in out
+    assert "train: lr, epochs" in out

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -37,15 +36,9 @@ from gpa_ray.data.ingest import (
     read_unit_rows,
     rows_per_unit,
 )
+from gpa_ray.testing import job_main
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _job_main():
-    spec = importlib.util.spec_from_file_location("ingest_job", REPO / "jobs" / "ingest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _clips(output: str, storage_cfg: StorageConfig | None = None) -> pa.Table:
@@ -271,7 +264,7 @@ def test_bad_files_become_error_rows_and_rerun_skips(
         "ingest.rows_per_commit=2",
         "ingest.num_encoders=1",
     ]
-    main = _job_main()
+    main = job_main("ingest")
     assert main(args) == 0
     clips = _clips(out)
     good = sorted(f"folder/{n}" for n, s in expected.items() if s == "ok")
@@ -319,7 +312,7 @@ def test_demo_corpora_subset(
     out = str(tmp_path / "out")
     args = [f"corpus.kind={kind}", f"corpus.root={shared_data / folder}", f"ingest.output={out}"]
     args += [*extra, f"corpus.limit={limit}", "ingest.num_encoders=1", "ingest.store_audio=false"]
-    assert _job_main()(args) == 0
+    assert job_main("ingest")(args) == 0
     _check_demo(out, args, limit)
 
 
@@ -350,7 +343,7 @@ def test_esc50_subset_to_s3(ray_session, shared_data: Path, s3_server) -> None:
         f"storage.secret_access_key={s3_server.storage.secret_access_key}",
         "ingest.num_encoders=1",
     ]
-    assert _job_main()(args) == 0
+    assert job_main("ingest")(args) == 0
     _check_esc50(out, 4, s3_server.storage)
 
 
@@ -390,7 +383,7 @@ def test_esc50_all_414_clips(
         ]
     else:
         out = str(tmp_path / "out")
-    assert _job_main()([*args, f"ingest.output={out}"]) == 0
+    assert job_main("ingest")([*args, f"ingest.output={out}"]) == 0
     _check_esc50(out, 414, storage_cfg)
     labels = {c["clip_id"]: c["labels"] for c in _clips(out, storage_cfg).to_pylist()}
     for row in iter_manifest(load_config(overrides=args[:2]).corpus):
@@ -405,7 +398,7 @@ def test_demo_corpora_full(ray_session, shared_data: Path, tmp_path: Path) -> No
     ]:
         out = str(tmp_path / kind)
         args = [f"corpus.kind={kind}", f"corpus.root={shared_data / folder}", *extra]
-        assert _job_main()([*args, f"ingest.output={out}"]) == 0
+        assert job_main("ingest")([*args, f"ingest.output={out}"]) == 0
         _check_demo(out, args, n_clips)
 
 
@@ -496,7 +489,7 @@ def test_sigkill_mid_run_then_resume_matches_clean_run(
     for part in storage.list_files(str(out / "clips"), ".parquet"):
         pq.read_table(part)
 
-    assert _job_main()(args) == 0
+    assert job_main("ingest")(args) == 0
     summary = _summary(str(out))
     assert summary["this_run"]["units_skipped"] == n_committed
     assert summary["clips_ok"] == 8 and summary["clips_failed"] == 0

@@ -23,6 +23,6 @@ def esc50_clips(ray_session, shared_data: Path, tmp_path_factory: pytest.TempPat
 def gpa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny GPA (CNN14 width 2, 2-layer BERT) saved with `save_gpa`."""
     root = tmp_path_factory.mktemp("gpa-checkpoint")
-    cfg = testing.tiny_gpa_run_config(testing.tiny_text_model_dir(root / "text"))
+    cfg = testing.tiny_gpa_run_config(testing.save_tiny_text_model(root / "text"))
     testing.tiny_gpa_checkpoint(str(root / "checkpoint"), cfg)
     return str(root / "checkpoint")

@@ -4,7 +4,6 @@ and `jobs/build_index.py` on Ray Data over real ESC-50 clip shards."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -26,15 +25,9 @@ from gpa_ray.index.build import (
 )
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.models.gpa_checkpoint import load_gpa
+from gpa_ray.testing import job_main
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _job_main():
-    spec = importlib.util.spec_from_file_location("build_index", REPO / "jobs" / "build_index.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _args(clips: str, checkpoint: str, output: Path, *extra: str) -> list[str]:
@@ -137,7 +130,7 @@ def test_build_job_resumes_and_reruns_are_no_ops(
     assert len(plan.files) == 2
     # Unit 0 committed by an earlier (interrupted) run: only unit 1 is left to do.
     IndexEmbedder(dataclasses.asdict(cfg), "v1", plan.files).run_unit(0)
-    assert _job_main()(args) == 0
+    assert job_main("build_index")(args) == 0
     summary = json.loads(capsys.readouterr().out)
     rows = _rows(esc50_clips)
     assert summary["version"] == "v1" and summary["units_this_run"] == 1

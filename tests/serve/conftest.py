@@ -19,6 +19,7 @@ import soundfile as sf
 from gpa_ray import storage, testing
 from gpa_ray.config import Config, load_config
 from gpa_ray.index import store
+from gpa_ray.testing import job_main
 
 
 def free_port() -> int:
@@ -64,7 +65,6 @@ def served_index(
 ) -> dict:
     """Ingest 8 ESC-50 clips, save a tiny GPA, write a bias for every caption, and build
     the index with `jobs/build_index.py` to s3://. Returns what tests need."""
-    import importlib.util
 
     root = tmp_path_factory.mktemp("served")
     ingest = tmp_path_factory.getbasetemp() / "esc50-ingest-8"  # shared with tests/index
@@ -74,7 +74,7 @@ def served_index(
     bias = {t: round(0.05 * ((7 * n) % 11) - 0.25, 4) for n, t in enumerate(text_ids)}
     bias_uri = s3_server.uri("bias-test")
     write_bias(bias_uri, list(bias), list(bias.values()), s3_server.storage)
-    run_cfg = testing.tiny_gpa_run_config(testing.tiny_text_model_dir(root / "text"))
+    run_cfg = testing.tiny_gpa_run_config(testing.save_tiny_text_model(root / "text"))
     checkpoint = str(root / "checkpoint")
     testing.tiny_gpa_checkpoint(checkpoint, run_cfg)
     index_uri = s3_server.uri("index")
@@ -86,12 +86,7 @@ def served_index(
         "index.num_workers=1",
         *_storage_args(s3_server),
     ]
-    spec = importlib.util.spec_from_file_location(
-        "build_index", Path(__file__).resolve().parents[2] / "jobs" / "build_index.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(build_args) == 0
+    assert job_main("build_index")(build_args) == 0
     return {
         "index_uri": index_uri,
         "checkpoint": checkpoint,

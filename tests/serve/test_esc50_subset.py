@@ -4,7 +4,6 @@ Ray Serve, and "a dog barking" answered exactly as the in-process search answers
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,9 @@ from gpa_ray.data.ingest import run_ingest
 from gpa_ray.models.factory import build_gpa
 from gpa_ray.models.gpa_checkpoint import save_gpa
 from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
+from gpa_ray.testing import job_main
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.mark.slow
@@ -56,7 +49,7 @@ def test_esc50_subset_dog_query_on_serve_equals_in_process(
         f"index.checkpoint={checkpoint}",
         f"index.output={index}",
     ]  # fmt: skip
-    assert _job("build_index")(build_args) == 0
+    assert job_main("build_index")(build_args) == 0
     cfg = serve_config(f"serve.index_uri={index}")
     serve_args = [
         f"serve.index_uri={index}",
@@ -65,7 +58,7 @@ def test_esc50_subset_dog_query_on_serve_equals_in_process(
         "serve.cpus_per_replica=0.25",
         "serve.reload_interval_s=0",
     ]
-    assert _job("serve_retriever")(serve_args, block=False) == 0
+    assert job_main("serve_retriever")(serve_args, block=False) == 0
     try:
         url = f"http://127.0.0.1:{cfg.serve.port}"
         response = requests.post(f"{url}/v1/search/text", json={"query": "a dog barking", "k": 10})

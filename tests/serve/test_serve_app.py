@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from collections.abc import Iterator
@@ -18,17 +17,9 @@ from gpa_ray import storage, testing
 from gpa_ray.config import Config
 from gpa_ray.index import store
 from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
+from gpa_ray.testing import job_main
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _job_main():
-    spec = importlib.util.spec_from_file_location(
-        "serve_retriever", REPO / "jobs" / "serve_retriever.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _replicas() -> set[str]:
@@ -61,7 +52,7 @@ def serve_app(ray_session, serve_config) -> Iterator[tuple[str, Config]]:
             ("storage.secret_access_key", cfg.storage.secret_access_key),
         )
     ]
-    assert _job_main()(args, block=False) == 0
+    assert job_main("serve_retriever")(args, block=False) == 0
     yield f"http://127.0.0.1:{cfg.serve.port}", cfg
     serve.shutdown()
 

@@ -10,7 +10,6 @@ run whose worker process exits mid-training and is restarted by Ray Train.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,20 +17,13 @@ from pathlib import Path
 import pytest
 
 from gpa_ray import storage
+from gpa_ray.testing import job_main
 from gpa_ray.train import checkpoints, history
 from gpa_ray.train.worker import FAULT_MARKER
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def job_main(name: str) -> Callable[[list[str]], int]:
-    """`main` of `jobs/<name>.py` (jobs are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ gradients); the job test ingests real ESC-50 clips and calls `jobs/train_gpa.py`
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from gpa_ray.config import Config, TrainConfig
 from gpa_ray.data.captions import clip_key
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.gpa_checkpoint import load_gpa
+from gpa_ray.testing import job_main
 from gpa_ray.train import history
 from gpa_ray.train.gpa_loop import (
     GPALoop,
@@ -208,14 +207,6 @@ def test_two_workers_step_like_one_worker_on_the_global_batch(
             moved += int((value != initial[name]).sum())
         print(f"{loss}: loss gap {gap:.1e}, largest parameter gap {worst:.1e}, {moved} moved")
         assert worst <= 1e-5 and moved > 0
-
-
-def job_main(name: str) -> Callable[[list[str]], int]:
-    """`main` of `jobs/<name>.py` (jobs are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.mark.slow
