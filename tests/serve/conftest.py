@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import socket
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +17,12 @@ import pyarrow as pa
 import pytest
 import requests
 import soundfile as sf
+import uvicorn
 
 from gpa_ray import storage, testing
 from gpa_ray.config import Config, load_config
 from gpa_ray.index import store
+from gpa_ray.serve.local import local_app
 from gpa_ray.testing import job_main
 
 
@@ -427,3 +431,22 @@ def check_bad_requests(bad_requests: list[BadRequest]) -> Callable[[str], None]:
         assert not failures, "\n".join(failures)
 
     return check
+
+
+@pytest.fixture(scope="module")
+def local_server(serve_config) -> Iterator[tuple[str, Config]]:
+    """The retriever API, page included, served by uvicorn in this process on loopback
+    (the same FastAPI app Ray Serve runs; seconds to start instead of tens)."""
+    cfg = serve_config()
+    server = uvicorn.Server(
+        uvicorn.Config(local_app(cfg), host="127.0.0.1", port=cfg.serve.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{cfg.serve.port}", cfg
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -4,40 +4,18 @@ the text bias, clips and audio, the page and the docs, version reloads, the Serv
 from __future__ import annotations
 
 import re
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-import uvicorn
 import yaml
 from pydantic import ValidationError
 
 from gpa_ray import storage, testing
-from gpa_ray.config import Config
 from gpa_ray.index import store
-from gpa_ray.serve.local import app_from_env, local_app
+from gpa_ray.serve.local import app_from_env
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def local_server(serve_config) -> Iterator[tuple[str, Config]]:
-    cfg = serve_config()
-    server = uvicorn.Server(
-        uvicorn.Config(local_app(cfg), host="127.0.0.1", port=cfg.serve.port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{cfg.serve.port}", cfg
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def esc50_wav(shared_data: Path, name: str = "4-102844-A-49.wav") -> bytes:

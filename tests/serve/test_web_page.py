@@ -13,17 +13,14 @@ import importlib.util
 import io
 import os
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 import soundfile as sf
-import uvicorn
 
-from gpa_ray.serve.local import local_app
+from gpa_ray.config import Config
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -81,24 +78,6 @@ def browser(chromium_available: None, tmp_path_factory: pytest.TempPathFactory) 
         driver.quit()
 
 
-@pytest.fixture(scope="module")
-def page_server(serve_config) -> Iterator[str]:
-    """The retriever API, page included, on a loopback port in this process."""
-    cfg = serve_config()
-    server = uvicorn.Server(
-        uvicorn.Config(local_app(cfg), host="127.0.0.1", port=cfg.serve.port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{cfg.serve.port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
 # Resolves when the <audio> element has loaded its source and decoded its header (the
 # browser can play it), with the duration; an error code if the browser cannot.
 LOAD_AUDIO_JS = """
@@ -118,11 +97,12 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.mark.usefixtures("chromium_available")
 def test_page_search_shows_results_with_audio_players(
-    browser, page_server: str, served_index: dict, tmp_path: Path
+    browser, local_server: tuple[str, Config], served_index: dict, tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    page_server, _ = local_server
     expected = requests.post(f"{page_server}/v1/search/text", json={"query": QUERY, "k": 10})
     assert expected.status_code == 200
     expected_results = expected.json()["results"]
