@@ -48,7 +48,7 @@ from gpa_ray.config import Config, load_config
 from gpa_ray.data.corpora import iter_manifest
 from gpa_ray.data.ingest import ClipEncoder, run_ingest
 from gpa_ray.jobs_cli import init_ray
-from gpa_ray.testing import loopback_ray_env, shared_data_dir
+from gpa_ray.testing import descendant_pids, loopback_ray_env, shared_data_dir
 
 MB = 1024 * 1024
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -71,24 +71,6 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def _tree(pid: int) -> list[int]:
-    """Every descendant of `pid` (the embedded Ray's processes are children of the driver)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _is_worker(pid: int) -> bool:
@@ -116,7 +98,7 @@ class Sampler:
 
     def _sample(self) -> None:
         me = os.getpid()
-        pids = [p for p in _tree(me) if _is_worker(p)]
+        pids = [p for p in descendant_pids(me) if _is_worker(p)]
         for pid in pids:
             cpu = _cpu_seconds(pid)
             self._cpu_start.setdefault(pid, cpu)

@@ -637,6 +637,26 @@ class LocalRayCluster:
         return str(Path(sys.executable).parent / "ray")
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """PIDs of every live process below `pid` (read from /proc; Linux), so tests and
+    benchmarks can measure or clean up exactly the processes they started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def cluster_processes(temp_dir: str, root_pid: int | None = None) -> dict[int, str]:
     """Live processes of the cluster rooted at `temp_dir`, as {pid: start time}: Ray's
     node processes and workers name the session folder on their command line, job

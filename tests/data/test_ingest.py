@@ -36,7 +36,7 @@ from gpa_ray.data.ingest import (
     read_unit_rows,
     rows_per_unit,
 )
-from gpa_ray.testing import job_main
+from gpa_ray.testing import descendant_pids, job_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -405,27 +405,6 @@ def test_demo_corpora_full(ray_session, shared_data: Path, tmp_path: Path) -> No
 # ---------------------------------------------------------------- kill and resume
 
 
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every process below `pid` (from /proc), so the test can clean up exactly
-    the processes it started."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _kill_after_first_commit(command: list[str], env: dict, commits: Path, log: Path) -> None:
     """Run the job as its own process (own embedded Ray) and SIGKILL the driver as soon as
     the first unit is committed; then make sure every process it started is gone."""
@@ -437,9 +416,9 @@ def _kill_after_first_commit(command: list[str], env: dict, commits: Path, log: 
             while not (commits.is_dir() and any(commits.iterdir())):
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "no unit committed within 240 s"
-                seen.update(_descendants(proc.pid))
+                seen.update(descendant_pids(proc.pid))
                 time.sleep(0.05)
-            seen.update(_descendants(proc.pid))
+            seen.update(descendant_pids(proc.pid))
             proc.send_signal(signal.SIGKILL)
         finally:
             if proc.poll() is None:
