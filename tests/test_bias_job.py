@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,7 +46,6 @@ from gpa_ray.sinkhorn import (
 )
 from gpa_ray.testing import job_main
 
-REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 12, 4
 TOL = 1e-5
 

@@ -40,7 +40,6 @@ from gpa_ray.sinkhorn import (
 )
 from gpa_ray.testing import job_main
 
-REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 12, 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

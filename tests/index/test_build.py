@@ -27,8 +27,6 @@ from gpa_ray.models.gpa import Embeddings
 from gpa_ray.models.gpa_checkpoint import load_gpa
 from gpa_ray.testing import job_main
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _args(clips: str, checkpoint: str, output: Path, *extra: str) -> list[str]:
     return [

@@ -17,8 +17,6 @@ from gpa_ray.models.gpa_checkpoint import save_gpa
 from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
 from gpa_ray.testing import job_main
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
 def test_esc50_subset_dog_query_on_serve_equals_in_process(

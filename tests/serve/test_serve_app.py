@@ -7,7 +7,6 @@ import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -18,8 +17,6 @@ from gpa_ray.config import Config
 from gpa_ray.index import store
 from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
 from gpa_ray.testing import job_main
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _replicas() -> set[str]:

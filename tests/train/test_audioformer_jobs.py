@@ -23,8 +23,6 @@ from gpa_ray.train.worker import FAULT_MARKER
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def esc50_clips(

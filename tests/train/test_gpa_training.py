@@ -33,7 +33,6 @@ from gpa_ray.train.gpa_loop import (
 )
 from gpa_ray.train.worker import seed_everything
 
-REPO = Path(__file__).resolve().parents[2]
 LOSSES = ["triplet", "nt_xent", "info_nce", "cwcl"]
 
 
