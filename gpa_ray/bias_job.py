@@ -194,7 +194,6 @@ def embed_clips(
     Returns a materialised Dataset (`clip_id`, `global`, `prototypes`) whose blocks stay in
     the object store. `checkpoint` must be a resolved checkpoint directory.
     """
-    import ray
 
     from gpa_ray.data.loaders import read_clips
 
@@ -207,14 +206,27 @@ def embed_clips(
         columns=audio_columns(checkpoint, storage_cfg),
         storage_cfg=storage_cfg,
     )
-    return clips.map_batches(
-        ClipEmbedder,
+    return _on_actor_pool(clips, ClipEmbedder, checkpoint, settings, storage_cfg).materialize()
+
+
+def _on_actor_pool(
+    dataset: Any,
+    embedder: type,
+    checkpoint: str,
+    settings: EmbedSettings,
+    storage_cfg: StorageConfig,
+) -> Any:
+    """`dataset` embedded by `embedder` actors, each loading the checkpoint once."""
+    import ray
+
+    return dataset.map_batches(
+        embedder,
         fn_constructor_args=(checkpoint, storage_cfg, settings.cpus),
         batch_format="pyarrow",
         batch_size=settings.batch_size,
         compute=ray.data.ActorPoolStrategy(size=settings.actors),
         num_cpus=settings.cpus,
-    ).materialize()
+    )
 
 
 def read_captions(
@@ -254,14 +266,8 @@ def embed_captions(
 
     storage_cfg = storage_cfg or StorageConfig()
     settings = settings or EmbedSettings()
-    dataset = ray.data.from_arrow(captions.select(["text_id", "caption"])).map_batches(
-        TextEmbedder,
-        fn_constructor_args=(checkpoint, storage_cfg, settings.cpus),
-        batch_format="pyarrow",
-        batch_size=settings.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=settings.actors),
-        num_cpus=settings.cpus,
-    )
+    texts = ray.data.from_arrow(captions.select(["text_id", "caption"]))
+    dataset = _on_actor_pool(texts, TextEmbedder, checkpoint, settings, storage_cfg)
     return collect_embeddings(dataset, "text_id", captions.column("text_id").to_pylist())
 
 

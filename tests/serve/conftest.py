@@ -407,6 +407,28 @@ def bad_requests() -> list[BadRequest]:
 
 
 @pytest.fixture(scope="session")
+def audio_search_by_bias(shared_data: Path) -> Callable[[str], dict[str, dict[str, dict]]]:
+    """A query that sends one real ESC-50 clip to a server's audio search with the bias on
+    and off (k above the pool) and returns {"true"|"false": {text_id: result}}."""
+    wav = (shared_data / "esc50" / "audio" / "4-102844-A-49.wav").read_bytes()
+
+    def search(base_url: str) -> dict[str, dict[str, dict]]:
+        results = {}
+        for bias in ("true", "false"):
+            response = requests.post(
+                f"{base_url}/v1/search/audio?k=50&bias={bias}",
+                data=wav,
+                headers={"Content-Type": "audio/wav"},
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["bias_applied"] is (bias == "true")
+            results[bias] = {r["text_id"]: r for r in response.json()["results"]}
+        return results
+
+    return search
+
+
+@pytest.fixture(scope="session")
 def check_bad_requests(bad_requests: list[BadRequest]) -> Callable[[str], None]:
     """A check that sends every bad request to a server: each must get its 4xx with a
     JSON error saying what is wrong."""

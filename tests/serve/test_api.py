@@ -48,19 +48,12 @@ def test_text_search_response(local_server, served_index) -> None:
         assert r["audio_url"].startswith("/v1/audio/")
 
 
-def test_audio_search_with_and_without_bias(local_server, served_index, shared_data) -> None:
+def test_audio_search_with_and_without_bias(
+    local_server, served_index, shared_data, audio_search_by_bias
+) -> None:
     url, _ = local_server
     wav = esc50_wav(shared_data)
-    results = {}
-    for bias in ("true", "false"):
-        response = requests.post(
-            f"{url}/v1/search/audio?k=50&bias={bias}",
-            data=wav,
-            headers={"Content-Type": "audio/wav"},
-        )
-        assert response.status_code == 200, response.text
-        assert response.json()["bias_applied"] is (bias == "true")
-        results[bias] = {r["text_id"]: r for r in response.json()["results"]}
+    results = audio_search_by_bias(url)
     assert set(results["true"]) == set(served_index["bias"])  # every caption, k > pool
     for text_id, r in results["true"].items():
         plain = results["false"][text_id]

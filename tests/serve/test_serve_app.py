@@ -102,21 +102,12 @@ def test_bad_input_never_gets_a_5xx_nor_kills_a_replica(
     assert requests.get(f"{url}/healthz").json()["status"] == "ok"
 
 
-def test_audio_query_bias_on_serve(serve_app, served_index, shared_data) -> None:
+def test_audio_query_bias_on_serve(serve_app, served_index, audio_search_by_bias) -> None:
     url, _ = serve_app
-    wav = (shared_data / "esc50" / "audio" / "4-102844-A-49.wav").read_bytes()
-    runs = {}
-    for bias in ("true", "false"):
-        response = requests.post(
-            f"{url}/v1/search/audio?k=50&bias={bias}",
-            data=wav,
-            headers={"Content-Type": "audio/wav"},
-        )
-        assert response.status_code == 200, response.text
-        runs[bias] = {r["text_id"]: r["score"] for r in response.json()["results"]}
+    runs = audio_search_by_bias(url)
     assert set(runs["true"]) == set(served_index["bias"])
-    for text_id, score in runs["true"].items():
-        assert score - runs["false"][text_id] == pytest.approx(
+    for text_id, result in runs["true"].items():
+        assert result["score"] - runs["false"][text_id]["score"] == pytest.approx(
             served_index["bias"][text_id], abs=1e-5
         )
 
