@@ -17,10 +17,14 @@ at WavCaps size it no longer fits one machine, so this job never builds it whole
 3. **Iterations.** Each `QueryBlock` owns its rows of R'. Every round the driver
    broadcasts g (one `ray.put`); each actor computes f for its rows and its column
    log-sum-exp (a J-vector) from its R' rows; the driver combines the J-vectors
-   (`combine_column_lse`) and computes the new g (`column_potential`). An actor keeps its
-   rows of R' if they fit `sinkhorn.memory_budget_mb`, and otherwise recomputes them in
-   [block_size, text_block_size] tiles (`GPAModel.iter_score_blocks`) every round, holding
-   at most one [block_size, J] row block: per-actor memory is O(block x J) either way.
+   (`combine_column_lse`) and computes the new g (`column_potential`). R' rows are scored
+   in [block_size, text_block_size] tiles (`GPAModel.iter_score_blocks`) and assembled
+   into [block_size, J] row blocks. In the first round an actor keeps as many leading row
+   blocks as fit `sinkhorn.memory_budget_mb`; every later round reuses those and recomputes
+   only the rest, holding at most one further row block. Per-actor memory is therefore
+   bounded by the budget plus O(block x J) whatever G is, and the compute is one scoring
+   pass when the budget holds the actor's rows (the usual case) and degrades gradually,
+   not all at once, when it does not.
    The first round also reduces QB-Norm's querybank statistics (a J-vector LSE and a
    J-vector activation mask), so evaluation can compare against QB-Norm without R' either.
 4. **Output** at `sinkhorn.output` (local or s3://): `bias.parquet` (`text_id`, `clip_id`,
@@ -348,35 +352,40 @@ class QueryBlock:
         table = pa.concat_tables(ray.get(list(query_blocks)))
         self.query_ids, self.queries = embeddings_from_table(table, "clip_id")
         self.texts = texts
-        n_rows, n_texts = len(self.queries), len(texts)
-        self.cached = n_rows * n_texts * 4 <= cfg.memory_budget_mb * 1024 * 1024
+        self.budget_bytes = int(cfg.memory_budget_mb * 1024 * 1024)
         self.largest_block = 0
         self.score_passes = 0
         self.score_seconds = 0.0
-        self._scores: Tensor | None = None
-        self.f = torch.zeros(n_rows)
+        # Leading row blocks of R' kept from the first round (a prefix of the rows).
+        self._cached: list[Tensor] = []
+        self._cached_rows = 0
+        self.f = torch.zeros(len(self.queries))
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(block.numel() * block.element_size() for block in self._cached)
 
     @torch.inference_mode()
     def _row_blocks(self) -> Iterator[Tensor]:
+        """This actor's R' rows in order: the cached prefix, then the rest recomputed. Only
+        the first pass adds to the cache, and only while the blocks fit the budget."""
         cfg = self.cfg
-        if self.cached:
-            if self._scores is None:
-                start = time.perf_counter()
-                self._scores = self.model.score_pool(
-                    self.queries, self.texts, cfg.block_size, cfg.text_block_size
-                )
-                self.score_seconds += time.perf_counter() - start
-                self.score_passes += 1
-                self.largest_block = self._scores.numel()
-            yield self._scores
+        yield from self._cached
+        if self._cached_rows == len(self.queries):
             return
+        caching = self.score_passes == 0
         start = time.perf_counter()
-        blocks = iter_row_blocks(
-            self.model, self.queries, self.texts, cfg.block_size, cfg.text_block_size
-        )
-        for block in blocks:
+        rest = self.queries[self._cached_rows :]
+        for block in iter_row_blocks(
+            self.model, rest, self.texts, cfg.block_size, cfg.text_block_size
+        ):
             self.score_seconds += time.perf_counter() - start
             self.largest_block = max(self.largest_block, block.numel())
+            block_bytes = block.numel() * block.element_size()
+            caching = caching and self.cached_bytes + block_bytes <= self.budget_bytes
+            if caching:
+                self._cached.append(block)
+                self._cached_rows += len(block)
             yield block
             start = time.perf_counter()
         self.score_passes += 1
@@ -406,7 +415,8 @@ class QueryBlock:
     def stats(self) -> dict[str, Any]:
         return {
             "rows": len(self.queries),
-            "cached": self.cached,
+            "cached_rows": self._cached_rows,
+            "cached_mb": round(self.cached_bytes / 2**20, 1),
             "largest_block_elements": self.largest_block,
             "score_passes": self.score_passes,
             "score_seconds": round(self.score_seconds, 4),

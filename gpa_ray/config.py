@@ -322,9 +322,9 @@ class SinkhornConfig:
     output: str = "outputs/bias"
     # Scores of one block of rows are computed in [block_size, text_block_size] tiles.
     text_block_size: int = 256
-    # An actor keeps its whole slice of R' ([rows, J] fp32) if it fits this budget, and
-    # otherwise recomputes it tile by tile on every iteration.
-    memory_budget_mb: int = 1024
+    # An actor keeps as many of its R' rows ([rows, J] fp32, in row blocks) as fit this
+    # budget and recomputes the others tile by tile every iteration; 0 recomputes all.
+    memory_budget_mb: float = 1024.0
     cpus_per_actor: float = 0.5
     # Ray Data embedding actors (each loads the checkpoint once).
     embed_actors: int = 1

@@ -187,6 +187,8 @@ def test_ray_data_embeddings_equal_in_process(
     [
         pytest.param(1, 5, 256, id="1-actor-cached"),
         pytest.param(2, 2, 0, id="2-actors-recompute"),
+        # Room for one [2, J] row block of the 2 x 4 x J bytes per actor.
+        pytest.param(2, 2, 2 * 2 * N_TEST * 4 * 1.5 / 2**20, id="2-actors-partly-cached"),
         pytest.param(4, 3, 0, id="4-actors-recompute", marks=pytest.mark.slow),
     ],
 )
@@ -196,7 +198,7 @@ def test_distributed_equals_single_process(
     s3_server: testing.S3Server,
     num_actors: int,
     block_size: int,
-    memory_budget_mb: int,
+    memory_budget_mb: float,
 ) -> None:
     queries_ds, texts, _ = embedded
     cfg = SinkhornConfig(
@@ -227,13 +229,15 @@ def test_distributed_equals_single_process(
     assert len(result.actors) == num_actors
     assert sum(a["rows"] for a in result.actors) == N_TRAIN
     assert len(result.rounds) == cfg.n_iter
+    # Each actor cached the leading row blocks that fit the budget and recomputed the rest
+    # every round; no block held more than block_size rows of R'.
+    block_bytes = block_size * n_texts * 4
+    blocks_in_budget = int(memory_budget_mb * 2**20) // block_bytes
     for actor in result.actors:
-        if memory_budget_mb == 0:
-            assert not actor["cached"] and actor["score_passes"] == cfg.n_iter
-            assert actor["largest_block_elements"] <= block_size * n_texts
-        else:
-            assert actor["cached"] and actor["score_passes"] == 1
-            assert actor["largest_block_elements"] == actor["rows"] * n_texts
+        cached_rows = min(actor["rows"], blocks_in_budget * block_size)
+        assert actor["cached_rows"] == cached_rows
+        assert actor["score_passes"] == (1 if cached_rows == actor["rows"] else cfg.n_iter)
+        assert actor["largest_block_elements"] <= block_size * n_texts
 
 
 @pytest.mark.slow
@@ -283,7 +287,8 @@ def test_job_end_to_end_on_s3(
     assert datetime.fromisoformat(meta["timestamp"]).tzinfo is not None
     assert [r["round"] for r in meta["rounds"]] == list(range(1, 11))
     assert all(
-        not a["cached"] and a["largest_block_elements"] <= 4 * 2 * N_TEST for a in meta["actors"]
+        a["cached_rows"] == 0 and a["largest_block_elements"] <= 4 * 2 * N_TEST
+        for a in meta["actors"]
     )
     resolved = yaml.safe_load(storage.read_bytes(storage.join(output, CONFIG_FILE), s3))
     assert resolved["sinkhorn"]["output"] == output

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from gpa_ray.config import GPAConfig
 from gpa_ray.models.outputs import EncoderOutput
 from gpa_ray.models.prototypes import build_prototype_generator
-from gpa_ray.models.scoring import build_scorer, prototype_similarity
+from gpa_ray.models.scoring import build_scorer
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class GPAModel(nn.Module):
             return audio_emb.global_.new_zeros(len(audio_emb), len(text_emb))
         if audio_emb.prototypes is None or text_emb.prototypes is None:
             raise ValueError("this GPA model scores prototypes but the embeddings have none")
-        return self.scorer(prototype_similarity(audio_emb.prototypes, text_emb.prototypes))
+        return self.scorer.score_pairs(audio_emb.prototypes, text_emb.prototypes)
 
     def score(self, audio_emb: Embeddings, text_emb: Embeddings) -> Tensor:
         """R = S_g + S'_p (eq 9) for every audio x text pair, [A, T], in one batch."""

@@ -23,9 +23,19 @@ s'_p = s'_a + s'_t.
 
 "L maps a vector v" means nn.Linear semantics: L(v) = W v + b,
 i.e. L(v)_i = sum_i' W[i, i'] v_i' + b_i.
+
+Layout. The scorers reduce s_p with the prototype axes first, x = [Ka, Kt, *pairs]: then
+every softmax, linear map and weighted sum over a prototype axis is an elementwise
+operation across a few contiguous [*pairs] planes, which is several times faster than
+reducing tiny trailing axes of size K+1 (pool scoring of the bias job, evaluation and
+stage 2 of search spend most of their time here). `forward(s_p)` takes the natural
+[..., Ka, Kt] layout; `score_pairs` builds x straight from the prototypes with one matrix
+product and never makes the [A, T, Ka, Kt] layout at all.
 """
 
 from __future__ import annotations
+
+import abc
 
 import torch
 from torch import Tensor, nn
@@ -38,23 +48,61 @@ def prototype_similarity(audio_prototypes: Tensor, text_prototypes: Tensor) -> T
     return torch.einsum("aid,tjd->atij", audio_prototypes, text_prototypes)
 
 
-def _two_stage(s_p: Tensor, first: nn.Module | None, second: nn.Module | None, axis: int) -> Tensor:
-    """Weighted pooling over `axis` (-2 audio rows or -1 text columns), then over the other.
-
-    `first` re-weights along `axis`, `second` along the remaining axis; None means plain
-    softmax weights. This is one branch of LASS (or of its softmax-weight ablation).
-    """
-    weights = torch.softmax(s_p, dim=axis)
-    if first is not None:
-        weights = torch.softmax(first(weights.transpose(axis, -1)).transpose(axis, -1), dim=axis)
-    pooled = (weights * s_p).sum(axis)
-    weights = torch.softmax(pooled, dim=-1)
-    if second is not None:
-        weights = torch.softmax(second(weights), dim=-1)
-    return (weights * pooled).sum(-1)
+def prototype_similarity_first(audio_prototypes: Tensor, text_prototypes: Tensor) -> Tensor:
+    """s_p for every pair with the prototype axes first: [Ka, Kt, A, T], from one
+    [Ka*A, D] x [D, Kt*T] matrix product."""
+    n_audio, ka, dim = audio_prototypes.shape
+    n_text, kt, _ = text_prototypes.shape
+    audio = audio_prototypes.transpose(0, 1).reshape(ka * n_audio, dim)
+    text = text_prototypes.transpose(0, 1).reshape(kt * n_text, dim)
+    return (audio @ text.T).view(ka, n_audio, kt, n_text).transpose(1, 2)
 
 
-class LASSScorer(nn.Module):
+def _linear_first(layer: nn.Linear, x: Tensor) -> Tensor:
+    """`layer` applied to the vectors along axis 0 of x [K, *rest]: W x + b per position.
+
+    mm then an in-place add: addmm with an inner dimension of K+1 is several times slower
+    on CPU, and the product's output is not needed by its backward, so the add may be
+    in place."""
+    k = x.shape[0]
+    flat = torch.mm(layer.weight, x.reshape(k, -1)).add_(layer.bias.unsqueeze(1))
+    return flat.view(x.shape)
+
+
+def _weights_first(v: Tensor, layer: nn.Linear | None) -> Tensor:
+    """softmax over axis 0, or softmax(L(softmax(.))) with a learnable L along axis 0."""
+    weights = torch.softmax(v, dim=0)
+    if layer is None:
+        return weights
+    return torch.softmax(_linear_first(layer, weights), dim=0)
+
+
+def _two_stage(x: Tensor, first: nn.Linear | None, second: nn.Linear | None) -> Tensor:
+    """One branch of LASS (or of its softmax-weight ablation) on x [K1, K2, *pairs]:
+    weighted pooling over axis 0 with weights re-mapped by `first`, then over the remaining
+    prototype axis with weights re-mapped by `second`. Returns [*pairs]."""
+    pooled = (_weights_first(x, first) * x).sum(0)
+    return (_weights_first(pooled, second) * pooled).sum(0)
+
+
+class PrototypeScorer(nn.Module, abc.ABC):
+    """A reduction of each pair's s_p to one score; subclasses implement `reduce_first` on
+    the prototype-first layout [Ka, Kt, *pairs]."""
+
+    @abc.abstractmethod
+    def reduce_first(self, x: Tensor) -> Tensor:
+        """x [Ka, Kt, *pairs] -> scores [*pairs]."""
+
+    def forward(self, s_p: Tensor) -> Tensor:
+        """s_p [..., Ka, Kt] -> scores [...]."""
+        return self.reduce_first(s_p.movedim((-2, -1), (0, 1)))
+
+    def score_pairs(self, audio_prototypes: Tensor, text_prototypes: Tensor) -> Tensor:
+        """S'_p for every audio x text pair: [A, Ka, D] x [T, Kt, D] -> [A, T]."""
+        return self.reduce_first(prototype_similarity_first(audio_prototypes, text_prototypes))
+
+
+class LASSScorer(PrototypeScorer):
     """Learnable aggregation (GPA eqs 2-8), see the module docstring for the exact axes.
 
     L_a and L_t start as identities (W = I, b = 0), so before training LASS weighs the
@@ -70,27 +118,27 @@ class LASSScorer(nn.Module):
             nn.init.eye_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, s_p: Tensor) -> Tensor:
-        audio_first = _two_stage(s_p, self.l_a, self.l_t, axis=-2)
-        text_first = _two_stage(s_p, self.l_t, self.l_a, axis=-1)
+    def reduce_first(self, x: Tensor) -> Tensor:
+        audio_first = _two_stage(x, self.l_a, self.l_t)
+        text_first = _two_stage(x.transpose(0, 1), self.l_t, self.l_a)
         return audio_first + text_first
 
 
-class SoftmaxWeightScorer(nn.Module):
+class SoftmaxWeightScorer(PrototypeScorer):
     """Ablation: the same two branches with plain softmax weights (no L_a, L_t)."""
 
-    def forward(self, s_p: Tensor) -> Tensor:
-        return _two_stage(s_p, None, None, axis=-2) + _two_stage(s_p, None, None, axis=-1)
+    def reduce_first(self, x: Tensor) -> Tensor:
+        return _two_stage(x, None, None) + _two_stage(x.transpose(0, 1), None, None)
 
 
-class MeanPoolScorer(nn.Module):
+class MeanPoolScorer(PrototypeScorer):
     """Ablation: the mean of all prototype similarities."""
 
-    def forward(self, s_p: Tensor) -> Tensor:
-        return s_p.mean(dim=(-2, -1))
+    def reduce_first(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(0, 1))
 
 
-def build_scorer(kind: str, n_audio: int, n_text: int) -> nn.Module | None:
+def build_scorer(kind: str, n_audio: int, n_text: int) -> PrototypeScorer | None:
     """ "lass", "mean", "softmax", or "none" (None: no prototype branch, the DP baseline)."""
     if kind == "lass":
         return LASSScorer(n_audio, n_text)

@@ -13,6 +13,7 @@ from gpa_ray.models.scoring import (
     SoftmaxWeightScorer,
     build_scorer,
     prototype_similarity,
+    prototype_similarity_first,
 )
 
 Linear = tuple[list[list[float]], list[float]]
@@ -167,3 +168,35 @@ def test_build_scorer() -> None:
     assert build_scorer("none", 4, 4) is None
     with pytest.raises(ValueError, match="lass"):
         build_scorer("max", 4, 4)
+
+
+def test_prototype_similarity_first_is_the_same_matrix_with_prototype_axes_first() -> None:
+    torch.manual_seed(3)
+    pa, pt = torch.randn(5, 3, 8), torch.randn(7, 2, 8)
+    first = prototype_similarity_first(pa, pt)
+    assert first.shape == (3, 2, 5, 7)
+    torch.testing.assert_close(first, prototype_similarity(pa, pt).permute(2, 3, 0, 1))
+
+
+@pytest.mark.parametrize("kind", ["lass", "softmax", "mean"])
+def test_score_pairs_equals_the_scorer_on_s_p_forward_and_backward(kind: str) -> None:
+    """The prototype-first pool path (`score_pairs`) against forward() on the plain
+    [A, T, Ka, Kt] s_p: same scores and same gradients for prototypes and L_a, L_t."""
+    torch.manual_seed(4)
+    scorer = build_scorer(kind, 4, 4)
+    for p in scorer.parameters():
+        torch.nn.init.normal_(p)
+    pa = torch.randn(6, 4, 16, dtype=torch.float64, requires_grad=True)
+    pt = torch.randn(5, 4, 16, dtype=torch.float64, requires_grad=True)
+    scorer = scorer.double()
+    weights = torch.randn(6, 5, dtype=torch.float64)
+
+    def grads(scores: torch.Tensor) -> list[torch.Tensor]:
+        params = [pa, pt, *scorer.parameters()]
+        return list(torch.autograd.grad((scores * weights).sum(), params))
+
+    simple = scorer(prototype_similarity(pa, pt))
+    pooled = scorer.score_pairs(pa, pt)
+    torch.testing.assert_close(pooled, simple, rtol=0, atol=1e-12)
+    for got, expected in zip(grads(pooled), grads(simple), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
