@@ -13,7 +13,9 @@ at WavCaps size it no longer fits one machine, so this job never builds it whole
 2. **Queries.** The training clips are read and embedded by Ray Data the same way
    (`ClipEmbedder`, through `AudioInputs`, the one preprocessing path of training and
    serving) and materialised in the object store; they never pass through the driver.
-   The dataset is cut into `num_actors` row ranges whose blocks go to `QueryBlock` actors.
+   The dataset is cut into row ranges whose blocks go to `QueryBlock` actors: `num_actors`
+   of them, or ceil(G / `rows_per_actor`) so that an actor's share stays the same size
+   however large G gets (`actor_count`).
 3. **Iterations.** Each `QueryBlock` owns its rows of R'. Every round the driver
    broadcasts g (one `ray.put`); each actor computes f for its rows and its column
    log-sum-exp (a J-vector) from its R' rows; the driver combines the J-vectors
@@ -37,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import resource
 import time
 from collections.abc import Iterator, Sequence
@@ -442,6 +445,18 @@ def _row_ranges(n_rows: int, n_parts: int) -> list[int]:
     return [n_rows * i // n_parts for i in range(1, n_parts)]
 
 
+def actor_count(n_rows: int, cfg: SinkhornConfig) -> int:
+    """How many `QueryBlock` actors share G = `n_rows` queries: ceil(G / rows_per_actor)
+    when that is set (fixed memory per actor), else `num_actors`; never more than G."""
+    if cfg.rows_per_actor < 0:
+        raise BiasJobError("sinkhorn.rows_per_actor must be >= 0 (0: use sinkhorn.num_actors)")
+    if cfg.rows_per_actor > 0:
+        return max(1, math.ceil(n_rows / cfg.rows_per_actor))
+    if cfg.num_actors < 1:
+        raise BiasJobError("sinkhorn.num_actors must be >= 1")
+    return min(cfg.num_actors, n_rows)
+
+
 def distributed_sinkhorn(
     checkpoint: str,
     queries: Any,
@@ -449,19 +464,17 @@ def distributed_sinkhorn(
     cfg: SinkhornConfig,
     storage_cfg: StorageConfig | None = None,
 ) -> SinkhornResult:
-    """GPA eq 10 over R' = scores(queries, texts) with rows split over `cfg.num_actors`
+    """GPA eq 10 over R' = scores(queries, texts) with rows split over `actor_count`
     `QueryBlock` actors; only J-vectors travel each round. `queries` is a materialised
     embedding Dataset (`embed_clips`), `texts` the text embeddings."""
     import ray
 
     if cfg.n_iter < 1:
         raise BiasJobError("sinkhorn.n_iter must be >= 1")
-    if cfg.num_actors < 1:
-        raise BiasJobError("sinkhorn.num_actors must be >= 1")
     n_rows = queries.count()
     if n_rows == 0:
         raise BiasJobError("no training queries to compute the bias from")
-    n_actors = min(cfg.num_actors, n_rows)
+    n_actors = actor_count(n_rows, cfg)
     parts = queries.split_at_indices(_row_ranges(n_rows, n_actors)) if n_actors > 1 else [queries]
     storage_cfg = storage_cfg or StorageConfig()
     texts_ref = ray.put(texts)
@@ -602,6 +615,7 @@ def run_bias_job(cfg: Config) -> dict[str, Any]:
         "texts": {"data": texts_uri, "split": sk.texts_split, "corpus": sk.corpus},
         "qb_norm": {"beta": sk.qb_norm_beta, "k": sk.qb_norm_k},
         "num_actors": len(result.actors),
+        "rows_per_actor": sk.rows_per_actor,
         "block_size": sk.block_size,
         "text_block_size": sk.text_block_size,
         "memory_budget_mb": sk.memory_budget_mb,

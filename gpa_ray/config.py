@@ -302,8 +302,13 @@ class SinkhornConfig:
 
     epsilon: float = 0.05
     n_iter: int = 10
-    block_size: int = 1024
+    # Rows of R' per block; a block is scored in [block_size, text_block_size] tiles. Small
+    # tiles keep LASS's elementwise work in cache (benchmarks/bias_job.py).
+    block_size: int = 128
+    # `QueryBlock` actors; with `rows_per_actor` > 0 there are ceil(G / rows_per_actor)
+    # instead, so per-actor memory stays fixed as G grows and the cluster scales out.
     num_actors: int = 2
+    rows_per_actor: int = 0
     method: str = "sinkhorn"
     qb_norm_beta: float = 20.0
     qb_norm_k: int = 1
@@ -320,8 +325,7 @@ class SinkhornConfig:
     # Corpus folder under `<data>/clips/`; empty means every corpus there.
     corpus: str = ""
     output: str = "outputs/bias"
-    # Scores of one block of rows are computed in [block_size, text_block_size] tiles.
-    text_block_size: int = 256
+    text_block_size: int = 512
     # An actor keeps as many of its R' rows ([rows, J] fp32, in row blocks) as fit this
     # budget and recomputes the others tile by tile every iteration; 0 recomputes all.
     memory_budget_mb: float = 1024.0

@@ -21,6 +21,7 @@ from gpa_ray.bias_job import (
     META_FILE,
     BiasJobError,
     EmbedSettings,
+    actor_count,
     align_to_texts,
     distributed_sinkhorn,
     embed_captions,
@@ -112,6 +113,18 @@ def test_align_to_texts_names_missing_ids() -> None:
     assert align_to_texts(table, "bias", ["b#0", "a#0"]).tolist() == [-0.5, 0.5]
     with pytest.raises(BiasJobError, match="not 1 of the 2"):
         align_to_texts(table, "bias", ["a#0", "c#0"])
+
+
+def test_actor_count_fixes_rows_per_actor_when_asked() -> None:
+    assert actor_count(10, SinkhornConfig(num_actors=4)) == 4
+    assert actor_count(3, SinkhornConfig(num_actors=4)) == 3  # never an actor without rows
+    # ceil(G / rows_per_actor) actors, whatever num_actors says.
+    assert actor_count(49_274, SinkhornConfig(num_actors=2, rows_per_actor=12_319)) == 4
+    assert actor_count(12_319, SinkhornConfig(rows_per_actor=12_319)) == 1
+    with pytest.raises(BiasJobError, match="rows_per_actor"):
+        actor_count(10, SinkhornConfig(rows_per_actor=-1))
+    with pytest.raises(BiasJobError, match="num_actors"):
+        actor_count(10, SinkhornConfig(num_actors=0))
 
 
 def test_job_needs_a_checkpoint() -> None:
