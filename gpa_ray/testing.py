@@ -17,6 +17,9 @@ from gpa_ray.config import StorageConfig
 
 SHARED_DATA_ENV = "GPA_RAY_SHARED_DATA"
 TEST_BUCKET = "gpa-ray-test"
+ESC50_POOL_TRAIN, ESC50_POOL_TEST = 12, 4
+"""Real ESC-50 clips in the tests' small retrieval pool (the `esc50_pool` fixture): training
+queries for the bias job, and test clips (two captions each) for evaluation."""
 
 
 def shared_data_dir() -> Path:

@@ -40,15 +40,16 @@ def s3_server() -> Iterator[testing.S3Server]:
         yield server
 
 
-ESC50_POOL_TRAIN, ESC50_POOL_TEST = 12, 4
-
-
 @pytest.fixture(scope="session")
 def esc50_pool(shared_data: Path, s3_server: testing.S3Server) -> str:
     """Ingest-layout shards of 12 train + 4 test real ESC-50 clips on the S3 server."""
     uri = s3_server.uri("bias-eval", "esc50-ingest")
     testing.write_esc50_clip_shards(
-        uri, shared_data / "esc50", ESC50_POOL_TRAIN, ESC50_POOL_TEST, storage_cfg=s3_server.storage
+        uri,
+        shared_data / "esc50",
+        testing.ESC50_POOL_TRAIN,
+        testing.ESC50_POOL_TEST,
+        storage_cfg=s3_server.storage,
     )
     return uri
 

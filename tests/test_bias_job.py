@@ -47,7 +47,7 @@ from gpa_ray.sinkhorn import (
 )
 from gpa_ray.testing import job_main
 
-N_TRAIN, N_TEST = 12, 4
+N_TRAIN, N_TEST = testing.ESC50_POOL_TRAIN, testing.ESC50_POOL_TEST
 TOL = 1e-5
 
 

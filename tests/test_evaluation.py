@@ -40,7 +40,7 @@ from gpa_ray.sinkhorn import (
 )
 from gpa_ray.testing import job_main
 
-N_TRAIN, N_TEST = 12, 4
+N_TRAIN, N_TEST = testing.ESC50_POOL_TRAIN, testing.ESC50_POOL_TEST
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # 3 clips x 6 captions, clip-major (captions 2c, 2c+1 belong to clip c).

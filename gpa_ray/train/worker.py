@@ -137,7 +137,12 @@ def train_worker(config: dict[str, Any]) -> None:
         model.train()
         sums: dict[str, float] = {}
         steps = 0
+        first_batch_seconds = 0.0
         for batch in _batches(loop, train_shard, True, epoch_seed(cfg.train.seed, rank, epoch)):
+            if steps == 0:
+                # Each epoch starts a new streaming execution of the shard: its start-up
+                # is a per-epoch cost, kept apart from the per-step time.
+                first_batch_seconds = time.perf_counter() - started
             state.step += 1
             maybe_fail(loop, run_uri, state.step, rank)
             batch = to_device(batch, device)
@@ -156,6 +161,7 @@ def train_worker(config: dict[str, Any]) -> None:
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "lr": lr}
         record["train_seconds"] = time.perf_counter() - started
         record["train_cpu_seconds"] = time.process_time() - cpu_started
+        record["first_batch_seconds"] = first_batch_seconds
         record.update({f"train_{k}": v for k, v in _mean_logs(sums, steps, sorted(sums)).items()})
         if val_shard is not None:
             model.eval()
