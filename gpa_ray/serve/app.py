@@ -24,6 +24,7 @@ exceptions, so they arrive at the ingress as what they are and become a 4xx ther
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import threading
 from collections import Counter
@@ -278,6 +279,12 @@ def retriever_app(cfg: Config) -> serve.Application:
 def build_app(args: RetrieverArgs) -> serve.Application:
     """Typed application builder (`import_path: gpa_ray.serve.app:build_app`)."""
     return retriever_app(args.resolve())
+
+
+# Serve validates `args` against the builder's parameter annotation only when that is a
+# class; postponed annotations make it the string "RetrieverArgs", and Serve would pass a
+# plain dict. The signature therefore carries the class itself.
+build_app.__signature__ = inspect.signature(build_app, eval_str=True)  # type: ignore[attr-defined]
 
 
 def start_retriever(cfg: Config) -> str:

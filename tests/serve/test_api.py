@@ -3,6 +3,7 @@ the text bias, clips and audio, the page and the docs, version reloads, the Serv
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -163,6 +164,9 @@ def test_serve_config_file_fits_the_app(served_index) -> None:
     assert all(d.autoscaling_config for d in app.deployments)
     args = RetrieverArgs.model_validate(app.args)
     assert args.resolve().serve.reload_interval_s == 60
+    # Serve turns the file's `args` into the model named by this annotation (a class, not
+    # the postponed string), so `serve deploy` hands the builder a RetrieverArgs.
+    assert inspect.signature(build_app).parameters["args"].annotation is RetrieverArgs
     # The builder accepts the file's args (pointed at the test index here).
     test_args = RetrieverArgs(
         config=args.config,
