@@ -108,7 +108,7 @@ class MLMLoop(TrainLoop):
         groups = [{"params": list(m.parameters())} for m in model.models.values()]
         return torch.optim.Adam(groups, lr=self.cfg.train.lr)
 
-    def collate_fn(self, train: bool) -> CodesCollate:
+    def collate_fn(self, train: bool, epoch: int = 0) -> CodesCollate:
         af = self.cfg.audioformer
         return CodesCollate(af.codebooks, af.max_positions)
 
@@ -190,7 +190,7 @@ class _ClassifierLoop(TrainLoop):
     def codebooks(self) -> list[int]:
         return list(self.cfg.audioformer.codebooks)
 
-    def collate_fn(self, train: bool) -> CodesCollate:
+    def collate_fn(self, train: bool, epoch: int = 0) -> CodesCollate:
         return CodesCollate(self.codebooks, self.cfg.audioformer.max_positions, self.label_space)
 
     def loss_targets(self, targets: Tensor) -> Tensor:

@@ -233,7 +233,6 @@ class GPALoop(TrainLoop):
             raise ValueError("gpa.caption_aug_share must lie in [0, 1]")
         audio_column = "codes" if cfg.audio_encoder.kind == "audioformer" else "audio"
         self.columns = ("clip_id", "captions", audio_column)
-        self._train_epochs = 0
 
     def build_model(self) -> nn.Module:
         model = build_gpa(self.cfg)
@@ -243,14 +242,12 @@ class GPALoop(TrainLoop):
         logger.info("GPA parameters: %s", trainable_summary(model))
         return model
 
-    def collate_fn(self, train: bool) -> GPACollate:
-        """Training draws change every epoch (this is called once per epoch); validation
-        inputs are the same every epoch."""
+    def collate_fn(self, train: bool, epoch: int = 0) -> GPACollate:
+        """Training draws depend on (run seed, epoch, clip) only, so they change every
+        epoch and a resumed run repeats them exactly; validation inputs never change."""
         if not train:
             return GPACollate(self.cfg, False, draw_seed(self.cfg.train.seed, "val"))
-        seed = draw_seed(self.cfg.train.seed, "train", self._train_epochs)
-        self._train_epochs += 1
-        return GPACollate(self.cfg, True, seed)
+        return GPACollate(self.cfg, True, draw_seed(self.cfg.train.seed, "train", epoch))
 
     def _text_features(self, net: GPAModel, text: dict[str, Tensor]) -> Tensor | None:
         """CWCL targets come from the text tower's own features, without gradient."""

@@ -59,8 +59,11 @@ class TrainLoop(abc.ABC):
         """A fresh model on CPU (initial weights included, e.g. from `train.init_from`)."""
 
     @abc.abstractmethod
-    def collate_fn(self, train: bool) -> Callable[[Any], Batch]:
-        """Arrow batch -> dict of tensors (see `gpa_ray.data.loaders.CodesCollate`)."""
+    def collate_fn(self, train: bool, epoch: int = 0) -> Callable[[Any], Batch]:
+        """Arrow batch -> dict of tensors (see `gpa_ray.data.loaders.CodesCollate`).
+
+        `epoch` (0-based) seeds any random draws made while collating training batches,
+        so a run resumed at epoch e draws what an uninterrupted run draws there."""
 
     @abc.abstractmethod
     def train_step(

@@ -138,7 +138,7 @@ def train_worker(config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         steps = 0
         first_batch_seconds = 0.0
-        for batch in _batches(loop, train_shard, True, epoch_seed(cfg.train.seed, rank, epoch)):
+        for batch in _batches(loop, train_shard, epoch, epoch_seed(cfg.train.seed, rank, epoch)):
             if steps == 0:
                 # Each epoch starts a new streaming execution of the shard: its start-up
                 # is a per-epoch cost, kept apart from the per-step time.
@@ -166,7 +166,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if val_shard is not None:
             model.eval()
             with torch.no_grad(), autocast(device, cfg.train.bf16):
-                batches = strided(_batches(loop, val_shard, False, 0), rank, world)
+                batches = strided(_batches(loop, val_shard, None, 0), rank, world)
                 metrics = loop.evaluate(model, (to_device(b, device) for b in batches))
             record.update({f"val_{k}": v for k, v in metrics.items()})
         record["epoch_seconds"] = time.perf_counter() - started
@@ -176,12 +176,14 @@ def train_worker(config: dict[str, Any]) -> None:
         _report(loop, run_uri, model, optimizer, scheduler, state, record, rank)
 
 
-def _batches(loop: TrainLoop, shard: Any, train: bool, seed: int) -> Iterator[dict[str, Any]]:
+def _batches(loop: TrainLoop, shard: Any, epoch: int | None, seed: int) -> Iterator[dict[str, Any]]:
+    """Batches of a shard: training batches of `epoch`, or validation batches (None)."""
     cfg = loop.cfg.train
+    train = epoch is not None
     shuffle = cfg.shuffle_buffer if train and cfg.shuffle_buffer > 0 else None
     return shard.iter_torch_batches(
         batch_size=cfg.batch_size,
-        collate_fn=loop.collate_fn(train),
+        collate_fn=loop.collate_fn(train, epoch or 0),
         local_shuffle_buffer_size=max(shuffle, cfg.batch_size) if shuffle else None,
         local_shuffle_seed=seed if shuffle else None,
     )

@@ -100,7 +100,7 @@ def test_training_batches(text_dir: str, table: object) -> None:
     cfg = _cfg(text_dir, caption_aug_share=0.5)
     loop = GPALoop(cfg)
     assert loop.columns == ("clip_id", "captions", "audio")
-    epoch1 = loop.collate_fn(True)
+    epoch1 = loop.collate_fn(True, 0)
     whole = epoch1(table)
     assert whole["audio.logmel"].shape == (8, 101, 32)  # 1 s at 32 kHz, hop 320
     assert whole["caption_clip"].tolist() == list(range(8))
@@ -116,8 +116,13 @@ def test_training_batches(text_dir: str, table: object) -> None:
     half_tokens = [row[row != 0].tolist() for h in halves for row in h["text.input_ids"]]
     assert tokens == half_tokens
     # The next epoch draws again: other SpecAugment masks.
-    epoch2 = loop.collate_fn(True)(table)
+    epoch2 = loop.collate_fn(True, 1)(table)
     assert not torch.equal(epoch2["audio.logmel"], whole["audio.logmel"])
+    # A resumed run (a fresh loop in a new worker) draws what epoch 2 drew, whatever
+    # epochs it collated before.
+    resumed = GPALoop(cfg).collate_fn(True, 1)(table)
+    assert torch.equal(resumed["audio.logmel"], epoch2["audio.logmel"])
+    assert torch.equal(resumed["text.input_ids"], epoch2["text.input_ids"])
     # Validation: no augmentation, every caption, each tied to its clip's row.
     val = loop.collate_fn(False)(table)
     assert torch.equal(val["audio.logmel"], loop.collate_fn(False)(table)["audio.logmel"])
