@@ -21,8 +21,10 @@ step counter continues (raise `train.epochs` to train further).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from gpa_ray import storage
@@ -132,8 +134,28 @@ def clip_datasets(loop: TrainLoop) -> dict[str, Any]:
     out = {"train": loaders.read_clips(data, cfg.train.train_split, **read).randomize_block_order()}
     if loaders.split_files(data, cfg.train.val_split, cfg.train.corpus, cfg.storage):
         # Read once into the object store: every worker iterates it whole every epoch.
-        out["val"] = loaders.read_clips(data, cfg.train.val_split, **read).materialize()
+        with _without_progress_bars():
+            out["val"] = loaders.read_clips(data, cfg.train.val_split, **read).materialize()
     return out
+
+
+@contextlib.contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """Datasets created inside carry a DataContext without progress bars.
+
+    Every worker iterates the validation split each epoch, each time as a new Ray Data
+    execution inside the worker; their bars are forwarded to the driver's console, which
+    keeps redrawing them long after the run (over the quickstart's serving output, too).
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    previous = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = previous
 
 
 def _best_checkpoint(result: Any, metric: str, mode: str, cfg: Config) -> str | None:
