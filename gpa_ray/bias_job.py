@@ -119,11 +119,21 @@ def embedding_table(ids: Sequence[str], id_column: str, emb: Embeddings) -> pa.T
 
 
 def _fixed_size_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = array.type.list_size
-    values = array.flatten().to_numpy(zero_copy_only=False)
-    # A copy: Arrow buffers are read-only, and tensors made from them must not alias them.
-    return np.array(values, dtype=np.float32).reshape(len(array), width)
+    """A fixed-size-list float column as an owned float32 matrix [rows, width].
+
+    Exactly one copy: each chunk is viewed in place, then concatenated. The copy is
+    needed (Arrow buffers are read-only, often object-store memory, and tensors made from
+    them must not alias them); a second one would double the peak memory of a bias
+    actor loading its queries."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    width = column.type.list_size
+    parts = [
+        chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), width)
+        for chunk in chunks
+    ]
+    if not parts:
+        return np.empty((0, width), dtype=np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False)
 
 
 def embeddings_from_table(table: pa.Table, id_column: str) -> tuple[list[str], Embeddings]:

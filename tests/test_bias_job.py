@@ -9,6 +9,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -94,6 +95,21 @@ def test_embedding_table_round_trip() -> None:
         embedding_table(["x"], "text_id", Embeddings(emb.global_[:1])), "text_id"
     )
     assert ids == ["x"] and dp.prototypes is None and torch.equal(dp.global_, emb.global_[:1])
+
+
+def test_embeddings_from_chunked_and_sliced_tables() -> None:
+    """What a bias actor gets: several object-store blocks, possibly slices of blocks."""
+    emb = _random_embeddings(7)
+    first = embedding_table(list("abcd"), "clip_id", emb[:4])
+    second = embedding_table(list("efg"), "clip_id", emb[4:])
+    table = pa.concat_tables([first.slice(1), second.slice(0, 2)])
+    assert table.column("global").num_chunks == 2
+    ids, back = embeddings_from_table(table, "clip_id")
+    assert ids == list("bcdef")
+    assert torch.equal(back.global_, emb.global_[1:6])
+    assert torch.equal(back.prototypes, emb.prototypes[1:6])
+    back.global_.add_(1.0)  # owned, writable memory, not the Arrow buffers
+    assert torch.equal(embeddings_from_table(table, "clip_id")[1].global_, emb.global_[1:6])
 
 
 def test_row_blocks_tile_the_score_matrix() -> None:
