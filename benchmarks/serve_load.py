@@ -16,8 +16,10 @@ build on Ray Data vs a plain loop.
    process (this script with `--client`) sends `--requests` requests per concurrency
    level with aiohttp; a `--malformed` share is bad (empty or 10k-char query, k = 0,
    broken JSON, wrong content type) and must get a 4xx. Reported per level: p50/p95/p99
-   latency of the valid requests, throughput, status counts, and the text encoder's
-   batch sizes during the level (from `/v1/stats`).
+   latency of the valid requests, throughput, status counts, the text encoder's batch
+   sizes during the level, and the replicas' own compute times (from `/v1/stats`). At
+   concurrency 1 the client's p50 is broken down: encoder and searcher compute, Serve's
+   routing between the ingress and them, and the proxy + HTTP hop.
 4. Index build: `--build-clips` real ESC-50 clips (2 s) ingested, then embedded by
    `run_build_index` (Ray Data, 2 actors at 0.5 CPU) and by a plain loop in this process
    calling the very per-unit code the actors run (`IndexEmbedder.run_unit`): clips/s.
@@ -249,12 +251,15 @@ def serve_levels(url: str, levels: list[int], n: int, malformed: float) -> list[
             text=True,
             check=True,
         )
-        after = Counter(requests.get(f"{url}/v1/stats", timeout=60).json()["text"])
+        stats = requests.get(f"{url}/v1/stats", timeout=60).json()
+        after = Counter(stats["text"])
         batches = {k: v for k, v in sorted((after - before).items(), key=lambda kv: int(kv[0]))}
         sizes = [int(k) for k, v in batches.items() for _ in range(v)]
         level_result = json.loads(result.stdout)
         level_result["text_batches"] = batches
         level_result["mean_batch_size"] = statistics.fmean(sizes) if sizes else 0.0
+        # Replica compute over the last 1000 calls: this level's when it sent >= 1000.
+        level_result["compute_ms"] = stats["compute_ms"]
         out.append(level_result)
         print(json.dumps(level_result), flush=True)
     return out
@@ -402,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
 
         serve.shutdown()
     c1 = next((s for s in served if s["concurrency"] == 1), served[0])
+    compute = c1["compute_ms"]
+    work_ms = compute["text_encoder"]["p50_ms"] + compute["searcher"]["p50_ms"]
     results = {
         "clips_indexed": args.clips,
         "model": "debug preset (MiniLM-L6 text tower, CNN14 width 8, embed_dim 32, K = 3)",
@@ -416,6 +423,14 @@ def main(argv: list[str] | None = None) -> int:
         "serve_over_in_process_p50_c1": c1["p50_ms"] / local["p50_ms"],
         "serve_over_in_process_serve_idle_p50_c1": c1["p50_ms"] / local_after["p50_ms"],
         "paired_concurrency_1": alternating,
+        "breakdown_p50_ms_c1": {
+            "client": c1["p50_ms"],
+            "ingress_took": c1["ingress_p50_ms"],
+            "text_encoder_compute": compute["text_encoder"]["p50_ms"],
+            "searcher_compute": compute["searcher"]["p50_ms"],
+            "serve_routing_in_ingress": c1["ingress_p50_ms"] - work_ms,
+            "proxy_and_http": c1["p50_ms"] - c1["ingress_p50_ms"],
+        },
         "total_5xx": sum(s["errors_5xx"] for s in served),
         "index_build": build,
         "load_average": os.getloadavg(),
@@ -424,7 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(results, indent=2))
-    keys = ("serve_over_in_process_p50_c1", "serve_over_in_process_serve_idle_p50_c1", "total_5xx")
+    keys = (
+        "serve_over_in_process_p50_c1",
+        "serve_over_in_process_serve_idle_p50_c1",
+        "total_5xx",
+        "breakdown_p50_ms_c1",
+    )
     print(json.dumps({**{k: results[k] for k in keys}, "paired": alternating}))
     print(f"wrote {out / 'serve_load.json'}")
     return 0

@@ -14,7 +14,7 @@ Routes:
     GET  /v1/audio/{id}      the clip's stored audio (FLAC)
     GET  /v1/index           the manifest of the index version served
     POST /v1/index/reload    switch to the version the index URI names now
-    GET  /v1/stats           encoder batch sizes seen so far
+    GET  /v1/stats           encoder batch sizes and replica compute times so far
     GET  /healthz            liveness + index version and counts
     GET  /                   the search page;  /docs, /openapi.json: the API docs
 

@@ -23,11 +23,14 @@ exceptions, so they arrive at the ingress as what they are and become a 4xx ther
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +73,33 @@ def _counts(counter: Counter[int]) -> dict[str, int]:
     return {str(size): n for size, n in sorted(counter.items())}
 
 
+class ComputeTimes:
+    """Milliseconds a replica spent computing its recent calls (the last `window`), so
+    the time a request spends in Serve itself (routing, queues, serialisation) can be told
+    apart from the work: a request's latency minus its stages' compute times."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self.recent: deque[float] = deque(maxlen=window)
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.recent.append(1e3 * (time.perf_counter() - started))
+
+    def summary(self) -> dict[str, float]:
+        values = sorted(self.recent)
+        if not values:
+            return {"calls": 0}
+        return {
+            "calls": len(values),
+            "p50_ms": values[len(values) // 2],
+            "mean_ms": sum(values) / len(values),
+        }
+
+
 @serve.deployment(name="TextEncoder")
 class TextEncoderDeployment:
     """Batches concurrent text queries into one forward pass of the text tower."""
@@ -80,16 +110,22 @@ class TextEncoderDeployment:
         model, _ = load_model(config, checkpoint)
         self.encoder = TextQueryEncoder(model)
         self.batches: Counter[int] = Counter()
+        self.compute = ComputeTimes()
         self.encode.set_max_batch_size(config.serve.text_batch_size)
         self.encode.set_batch_wait_timeout_s(config.serve.text_batch_wait_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, texts: list[str]) -> list[Embeddings]:
         self.batches[len(texts)] += 1
-        return self.encoder.encode(texts)
+        with self.compute.timed():
+            return self.encoder.encode(texts)
 
     def batch_sizes(self) -> dict[str, int]:
         return _counts(self.batches)
+
+    def compute_times(self) -> dict[str, float]:
+        """Per batch: the tower's forward pass and projection."""
+        return self.compute.summary()
 
 
 @serve.deployment(name="AudioEncoder")
@@ -131,6 +167,7 @@ class SearcherDeployment:
         torch.set_num_threads(config.serve.torch_threads)
         model, _ = load_model(config, checkpoint)
         self.service = SearchService(config, model, checkpoint)
+        self.compute = ComputeTimes()
         self._stop = threading.Event()
         if config.serve.reload_interval_s > 0:
             threading.Thread(
@@ -150,10 +187,16 @@ class SearcherDeployment:
         self._stop.set()
 
     def search_text(self, query: Embeddings, k: int) -> dict[str, Any]:
-        return self.service.search_text(query, k)
+        with self.compute.timed():
+            return self.service.search_text(query, k)
 
     def search_audio(self, query: Embeddings, k: int, use_bias: bool) -> dict[str, Any]:
-        return self.service.search_audio(query, k, use_bias)
+        with self.compute.timed():
+            return self.service.search_audio(query, k, use_bias)
+
+    def compute_times(self) -> dict[str, float]:
+        """Per search: both stages and the result rows."""
+        return self.compute.summary()
 
     def clip(self, clip_id: str) -> dict[str, Any] | None:
         return self.service.clip(clip_id)
@@ -212,9 +255,14 @@ class ServeBackend:
 
     async def stats(self) -> dict[str, Any]:
         return {
-            "note": "batch sizes seen by one replica of each encoder",
+            "note": "batch sizes seen by one replica of each encoder; compute times of the "
+            "last 1000 calls of one replica of each deployment",
             "text": await self.text.batch_sizes.remote(),
             "audio": await self.audio.batch_sizes.remote(),
+            "compute_ms": {
+                "text_encoder": await self.text.compute_times.remote(),
+                "searcher": await self.searcher.compute_times.remote(),
+            },
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,16 @@ def test_serve_config_file_fits_the_app(served_index) -> None:
         RetrieverArgs(overrides=["serve.max_kk=3"])
     with pytest.raises(ValidationError, match="Extra inputs"):
         RetrieverArgs.model_validate({"config": "debug", "index": "x"})
+
+
+def test_compute_times_summarise_the_recent_window() -> None:
+    from gpa_ray.serve.app import ComputeTimes
+
+    times = ComputeTimes(window=3)
+    assert times.summary() == {"calls": 0}
+    times.recent.extend([5.0, 1.0, 3.0, 100.0])  # the window keeps the last 3
+    # sorted (1, 3, 100): p50 = 3, mean = 104 / 3
+    assert times.summary() == {"calls": 3, "p50_ms": 3.0, "mean_ms": pytest.approx(104 / 3)}
+    with times.timed():
+        time.sleep(0.01)
+    assert times.recent[-1] >= 10.0

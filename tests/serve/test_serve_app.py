@@ -123,8 +123,14 @@ def test_concurrent_queries_are_batched_and_equal_single_queries(serve_app) -> N
 
     with ThreadPoolExecutor(len(queries)) as pool:
         together = list(pool.map(ask, queries))
-    sizes = requests.get(f"{url}/v1/stats").json()["text"]
+    stats = requests.get(f"{url}/v1/stats").json()
+    sizes = stats["text"]
     assert max(int(s) for s in sizes) > 1, sizes
+    # Every batch and every search was timed, so Serve's own share of a latency shows.
+    compute = stats["compute_ms"]
+    assert compute["text_encoder"]["calls"] == sum(sizes.values())
+    assert compute["searcher"]["calls"] >= len(queries)
+    assert 0 < compute["searcher"]["p50_ms"] < 60_000
     for query, batched in zip(queries[:6], together[:6], strict=True):
         alone = ask(query)
         assert [c for c, _ in alone] == [c for c, _ in batched]
