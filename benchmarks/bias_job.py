@@ -40,7 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,14 +50,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from gpa_ray.bias_job import distributed_sinkhorn, embedding_table
+from gpa_ray.bias_job import distributed_sinkhorn, embedding_table, peak_rss_mb
 from gpa_ray.config import Config, GPAConfig, SinkhornConfig
 from gpa_ray.jobs_cli import init_ray
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.testing import (
     loopback_ray_env,
+    random_unit_embeddings,
     save_tiny_text_model,
     tiny_gpa_checkpoint,
     tiny_gpa_run_config,
@@ -84,10 +83,7 @@ class Sizes:
 
 def random_embeddings(n: int, sizes: Sizes, seed: int) -> Embeddings:
     """n unit-norm items: global [n, D] and prototypes [n, K+1, D], from `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    global_ = torch.randn(n, sizes.dim, generator=generator)
-    prototypes = torch.randn(n, sizes.prototypes + 1, sizes.dim, generator=generator)
-    return Embeddings(F.normalize(global_, dim=-1), F.normalize(prototypes, dim=-1))
+    return random_unit_embeddings(n, sizes.dim, sizes.prototypes + 1, seed)
 
 
 def query_chunk(index: int, sizes: Sizes) -> Embeddings:
@@ -103,10 +99,6 @@ def query_chunks(sizes: Sizes) -> Iterator[Embeddings]:
 
 def texts(sizes: Sizes) -> Embeddings:
     return random_embeddings(sizes.texts, sizes, TEXT_SEED)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _reset_peak_rss() -> bool:
@@ -125,11 +117,7 @@ def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024.0
-    return _peak_rss_mb()
-
-
-def _load() -> float:
-    return os.getloadavg()[0]
+    return peak_rss_mb()
 
 
 # ------------------------------------------------------------------ (b) and (c): one process
@@ -155,7 +143,7 @@ def products_alone(sizes: Sizes, block_size: int, text_block_size: int) -> dict[
                     audio_global @ text_global.T
                     audio_protos @ text_protos.T
                 seconds += time.perf_counter() - start
-    return {"seconds": round(seconds, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    return {"seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def _np_logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -196,7 +184,7 @@ def naive_dense(
         "seconds": round(finished - start, 3),
         "score_seconds": round(score_seconds, 3),
         "sinkhorn_seconds": round(finished - scored, 3),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "dense_scores_mb": round(scores.nbytes / 2**20, 1),
         "g": g.astype(float).tolist(),
     }
@@ -319,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             memory_budget_mb=64 * 1024,
         )
         print(f"G={sizes.queries} J={sizes.texts} K={sizes.prototypes} D={sizes.dim}", flush=True)
-        load_before = _load()
+        load_before = os.getloadavg()[0]
         print("(b) matrix products alone ...", flush=True)
         products = _child("products", args, checkpoint)
         print(f"    {products['seconds']:.1f} s", flush=True)
@@ -384,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "max_abs_bias_difference_job_vs_naive": parity,
         "memory_sweep": sweep,
-        "load_average": {"before": load_before, "after": _load()},
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

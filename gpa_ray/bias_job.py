@@ -333,7 +333,7 @@ def iter_row_blocks(
         yield torch.cat(tiles, dim=1)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -433,7 +433,7 @@ class QueryBlock:
             "largest_block_elements": self.largest_block,
             "score_passes": self.score_passes,
             "score_seconds": round(self.score_seconds, 4),
-            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
         }
 
 

@@ -63,6 +63,16 @@ class S3Server:
     def uri(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *[p.strip("/") for p in parts]])
 
+    def overrides(self) -> list[str]:
+        """Dotted config overrides that point a job's `storage` section at this server."""
+        s = self.storage
+        return [
+            f"storage.endpoint_url={s.endpoint_url}",
+            f"storage.region={s.region}",
+            f"storage.access_key_id={s.access_key_id}",
+            f"storage.secret_access_key={s.secret_access_key}",
+        ]
+
 
 @contextmanager
 def local_s3_server(bucket: str = TEST_BUCKET) -> Iterator[S3Server]:

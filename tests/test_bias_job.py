@@ -283,10 +283,7 @@ def test_job_end_to_end_on_s3(
     argv = [
         "--config",
         "debug",
-        f"storage.endpoint_url={s3.endpoint_url}",
-        f"storage.region={s3.region}",
-        f"storage.access_key_id={s3.access_key_id}",
-        f"storage.secret_access_key={s3.secret_access_key}",
+        *s3_server.overrides(),
         f"sinkhorn.checkpoint={lass_checkpoint}",
         f"sinkhorn.queries={esc50_pool}",
         f"sinkhorn.output={output}",

@@ -180,16 +180,6 @@ def test_unknown_method_is_refused() -> None:
 # ---------------------------------------------------------------- real clips, real Ray
 
 
-def _storage_args(s3: testing.S3Server) -> list[str]:
-    cfg = s3.storage
-    return [
-        f"storage.endpoint_url={cfg.endpoint_url}",
-        f"storage.region={cfg.region}",
-        f"storage.access_key_id={cfg.access_key_id}",
-        f"storage.secret_access_key={cfg.secret_access_key}",
-    ]
-
-
 def test_missing_bias_is_reported(
     esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server, tmp_path: Path
 ) -> None:
@@ -230,7 +220,7 @@ def test_bias_job_then_evaluate_end_to_end_on_s3(
     argv = [
         "--config",
         "debug",
-        *_storage_args(s3_server),
+        *s3_server.overrides(),
         f"eval.checkpoint={lass_checkpoint}",
         f"eval.data={esc50_pool}",
         f"eval.bias={bias_uri}",

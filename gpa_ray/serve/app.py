@@ -40,7 +40,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gpa_ray.config import Config, config_from_dict, load_config
-from gpa_ray.models.gpa import Embeddings
+from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.serve.api import create_api
 from gpa_ray.serve.retriever import (
     AudioQueryEncoder,
@@ -100,14 +100,21 @@ class ComputeTimes:
         }
 
 
+def _replica_model(cfg: dict[str, Any], checkpoint: str) -> tuple[Config, GPAModel, Config]:
+    """What every replica starts from: the resolved config, the torch threads it allows,
+    and the index's GPA checkpoint (model and its training config), loaded once."""
+    config = config_from_dict(cfg)
+    torch.set_num_threads(config.serve.torch_threads)
+    model, model_cfg = load_model(config, checkpoint)
+    return config, model, model_cfg
+
+
 @serve.deployment(name="TextEncoder")
 class TextEncoderDeployment:
     """Batches concurrent text queries into one forward pass of the text tower."""
 
     def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
-        config = config_from_dict(cfg)
-        torch.set_num_threads(config.serve.torch_threads)
-        model, _ = load_model(config, checkpoint)
+        config, model, _ = _replica_model(cfg, checkpoint)
         self.encoder = TextQueryEncoder(model)
         self.batches: Counter[int] = Counter()
         self.compute = ComputeTimes()
@@ -134,9 +141,7 @@ class AudioEncoderDeployment:
     request), then batches the tower's forward pass."""
 
     def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
-        config = config_from_dict(cfg)
-        torch.set_num_threads(config.serve.torch_threads)
-        model, model_cfg = load_model(config, checkpoint)
+        config, model, model_cfg = _replica_model(cfg, checkpoint)
         self.encoder = AudioQueryEncoder(model, model_cfg, config.serve.max_audio_seconds)
         self.batches: Counter[int] = Counter()
         self._encode.set_max_batch_size(config.serve.audio_batch_size)
@@ -163,9 +168,7 @@ class SearcherDeployment:
     """Holds the served index version; searches, answers clip lookups, follows LATEST."""
 
     def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
-        config = config_from_dict(cfg)
-        torch.set_num_threads(config.serve.torch_threads)
-        model, _ = load_model(config, checkpoint)
+        config, model, _ = _replica_model(cfg, checkpoint)
         self.service = SearchService(config, model, checkpoint)
         self.compute = ComputeTimes()
         self._stop = threading.Event()

@@ -337,10 +337,7 @@ def test_esc50_subset_to_s3(ray_session, shared_data: Path, s3_server) -> None:
         f"corpus.root={shared_data / 'esc50'}",
         "corpus.limit=4",
         f"ingest.output={out}",
-        f"storage.endpoint_url={s3_server.storage.endpoint_url}",
-        f"storage.region={s3_server.storage.region}",
-        f"storage.access_key_id={s3_server.storage.access_key_id}",
-        f"storage.secret_access_key={s3_server.storage.secret_access_key}",
+        *s3_server.overrides(),
         "ingest.num_encoders=1",
     ]
     assert job_main("ingest")(args) == 0
@@ -375,12 +372,7 @@ def test_esc50_all_414_clips(
         server = request.getfixturevalue("s3_server")
         storage_cfg = server.storage
         out = server.uri("ingest-esc50")
-        args += [
-            f"storage.endpoint_url={storage_cfg.endpoint_url}",
-            f"storage.region={storage_cfg.region}",
-            f"storage.access_key_id={storage_cfg.access_key_id}",
-            f"storage.secret_access_key={storage_cfg.secret_access_key}",
-        ]
+        args += server.overrides()
     else:
         out = str(tmp_path / "out")
     assert job_main("ingest")([*args, f"ingest.output={out}"]) == 0

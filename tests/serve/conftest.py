@@ -32,16 +32,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _storage_args(server: testing.S3Server) -> list[str]:
-    s = server.storage
-    return [
-        f"storage.endpoint_url={s.endpoint_url}",
-        f"storage.region={s.region}",
-        f"storage.access_key_id={s.access_key_id}",
-        f"storage.secret_access_key={s.secret_access_key}",
-    ]
-
-
 def write_bias(uri: str, text_ids: list[str], values: list[float], storage_cfg) -> None:
     """A bias folder in the bias job's format (`gpa_ray.bias_job`)."""
     from gpa_ray.bias_job import BIAS_FILE, BIAS_SCHEMA, META_FILE
@@ -88,7 +78,7 @@ def served_index(
         f"index.output={index_uri}",
         f"index.bias={bias_uri}",
         "index.num_workers=1",
-        *_storage_args(s3_server),
+        *s3_server.overrides(),
     ]
     assert job_main("build_index")(build_args) == 0
     return {
@@ -96,7 +86,7 @@ def served_index(
         "checkpoint": checkpoint,
         "clips": clips,
         "bias": bias,
-        "storage_args": _storage_args(s3_server),
+        "storage_args": s3_server.overrides(),
         "storage": s3_server.storage,
     }
 

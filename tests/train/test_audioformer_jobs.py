@@ -147,10 +147,7 @@ def test_checkpoints_on_s3_and_second_run_resumes(esc50_clips: str, s3_server: o
     argv = [
         *common(esc50_clips, s3_server.uri("runs"), "resume", "audioformer.codebooks=[0]"),
         "train.batch_size=8",
-        f"storage.endpoint_url={s3.endpoint_url}",
-        f"storage.region={s3.region}",
-        f"storage.access_key_id={s3.access_key_id}",
-        f"storage.secret_access_key={s3.secret_access_key}",
+        *s3_server.overrides(),
     ]
     run = s3_server.uri("runs", "resume")
     timed(job_main("pretrain_audioformer"), [*argv, "train.epochs=1"])

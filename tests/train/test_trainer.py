@@ -152,7 +152,6 @@ def test_build_trainer_maps_the_config(ray_session: None, s3_server: object) -> 
     import ray
     import ray.train
 
-    s3 = s3_server.storage
     cfg = load_config(
         "debug",
         [
@@ -162,10 +161,7 @@ def test_build_trainer_maps_the_config(ray_session: None, s3_server: object) -> 
             "train.cpus_per_worker=0.5",
             "train.max_failures=3",
             "train.checkpoints_to_keep=2",
-            f"storage.endpoint_url={s3.endpoint_url}",
-            f"storage.region={s3.region}",
-            f"storage.access_key_id={s3.access_key_id}",
-            f"storage.secret_access_key={s3.secret_access_key}",
+            *s3_server.overrides(),
         ],
     )
     loop = MLMLoop(cfg)
