@@ -302,8 +302,8 @@ class SinkhornConfig:
 
     epsilon: float = 0.05
     n_iter: int = 10
-    # Rows of R' per block; a block is scored in [block_size, text_block_size] tiles. Small
-    # tiles keep LASS's elementwise work in cache (benchmarks/bias_job.py).
+    # Rows of R' per block; a block is scored in [block_size, text_block_size] tiles, each
+    # one matrix product (the scorer then reduces it in cache-sized runs of pairs).
     block_size: int = 128
     # `QueryBlock` actors; with `rows_per_actor` > 0 there are ceil(G / rows_per_actor)
     # instead, so per-actor memory stays fixed as G grows and the cluster scales out.
