@@ -246,7 +246,7 @@ def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor
     return summed / count
 
 
-def mpc_loss(views: Tensor, temperature: float = 0.05) -> Tensor:
+def mpc_loss(views: Tensor, temperature: float = 0.05, clip_ids: Tensor | None = None) -> Tensor:
     """Multi-positive contrastive loss over codebook views (AudioFormer eq 8).
 
     `views` [B, V, D]: view 0 of clip b is the anchor (trainable C1 model), views 1..V-1 are
@@ -259,6 +259,10 @@ def mpc_loss(views: Tensor, temperature: float = 0.05) -> Tensor:
     The denominator runs over every view of every clip except the anchor itself: the other
     positives and all V views of the other clips (negatives). The infimum is log(V - 1),
     approached when views of a clip coincide and clips are far apart.
+
+    `clip_ids` [B] (optional) names each item's clip: the views of another item of the same
+    clip (a clip drawn twice into one global batch) are the same audio, so they are left
+    out of the anchor's denominator instead of being pushed away as negatives.
     """
     if views.ndim != 3 or views.shape[1] < 2:
         raise ValueError(f"views must be [B, V >= 2, D], got {tuple(views.shape)}")
@@ -268,9 +272,15 @@ def mpc_loss(views: Tensor, temperature: float = 0.05) -> Tensor:
     keys = unit.reshape(batch * n_views, -1)
     logits = anchors @ keys.T / temperature
     rows = torch.arange(batch, device=views.device)
-    self_pair = torch.zeros_like(logits, dtype=torch.bool)
-    self_pair[rows, rows * n_views] = True
-    log_prob = F.log_softmax(logits.masked_fill(self_pair, float("-inf")), dim=1)
+    excluded = torch.zeros_like(logits, dtype=torch.bool)
+    excluded[rows, rows * n_views] = True
+    if clip_ids is not None:
+        if clip_ids.shape != (batch,):
+            raise ValueError(f"clip_ids must have shape ({batch},), got {tuple(clip_ids.shape)}")
+        clip_ids = clip_ids.to(views.device)
+        same_clip = (clip_ids[:, None] == clip_ids[None, :]) & (rows[:, None] != rows[None, :])
+        excluded |= same_clip.repeat_interleave(n_views, dim=1)
+    log_prob = F.log_softmax(logits.masked_fill(excluded, float("-inf")), dim=1)
     positives = rows[:, None] * n_views + torch.arange(1, n_views, device=views.device)[None, :]
     return -log_prob.gather(1, positives).mean()
 
@@ -282,7 +292,8 @@ def ft2_loss(
     alpha: float = 0.95,
     temperature: float = 0.05,
     classification: str = "lsep",
+    clip_ids: Tensor | None = None,
 ) -> Tensor:
     """AudioFormer FT2 multi-task loss: alpha * MLC + (1 - alpha) * MPC, alpha = 0.95."""
     mlc = classification_loss(logits, targets, classification)
-    return alpha * mlc + (1.0 - alpha) * mpc_loss(views, temperature)
+    return alpha * mlc + (1.0 - alpha) * mpc_loss(views, temperature, clip_ids)

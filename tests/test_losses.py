@@ -80,8 +80,9 @@ def loop_cwcl(m, feats, tau, clips=None) -> float:
     return 0.5 * (direction(m) + direction(_transpose(m)))
 
 
-def loop_mpc(views: list[list[list[float]]], tau: float) -> float:
-    """AudioFormer eq 8 over explicit (anchor, key) loops with cosine similarity."""
+def loop_mpc(views: list[list[list[float]]], tau: float, clips: list[int] | None = None) -> float:
+    """AudioFormer eq 8 over explicit (anchor, key) loops with cosine similarity; with
+    `clips`, views of another item of the anchor's clip leave the denominator."""
 
     def cos(u, v):
         return sum(a * b for a, b in zip(u, v, strict=True)) / (
@@ -96,7 +97,7 @@ def loop_mpc(views: list[list[list[float]]], tau: float) -> float:
             math.exp(cos(anchor, views[c][v]) / tau)
             for c in range(n_clips)
             for v in range(n_views)
-            if (c, v) != (b, 0)
+            if (c, v) != (b, 0) and (c == b or clips is None or clips[c] != clips[b])
         )
         for p in range(1, n_views):
             terms.append(-math.log(math.exp(cos(anchor, views[b][p]) / tau) / denom))
@@ -289,6 +290,29 @@ def test_mpc_pinned() -> None:
     assert loop_mpc(VIEWS, 0.5) == pytest.approx(1.3092182967, abs=1e-9)
     assert mpc_loss(_t(VIEWS)).item() == pytest.approx(1.9331694921, abs=1e-9)
     assert mpc_loss(_t(VIEWS), 0.5).item() == pytest.approx(1.3092182967, abs=1e-9)
+
+
+# Three items; items 0 and 2 are the same clip drawn twice (views of item 2 near item 0's).
+VIEWS_REPEAT = [
+    [[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]],
+    [[0.0, 1.0], [-0.6, 0.8], [1.0, 1.0]],
+    [[0.9, 0.1], [0.7, 0.7], [1.0, 0.2]],
+]
+
+
+def test_mpc_leaves_a_repeated_clip_out_of_the_negatives() -> None:
+    # Expected: loop_mpc(VIEWS_REPEAT, 0.5, clips) run once (plain Python, rounded to 1e-10).
+    assert loop_mpc(VIEWS_REPEAT, 0.5, [7, 8, 7]) == pytest.approx(1.3582869353, abs=1e-9)
+    assert loop_mpc(VIEWS_REPEAT, 0.5) == pytest.approx(1.8593926848, abs=1e-9)
+    views = _t(VIEWS_REPEAT)
+    repeated = mpc_loss(views, 0.5, torch.tensor([7, 8, 7]))
+    assert repeated.item() == pytest.approx(1.3582869353, abs=1e-9)
+    # Distinct clip ids change nothing: the plain eq 8.
+    distinct = mpc_loss(views, 0.5, torch.tensor([1, 2, 3])).item()
+    assert distinct == pytest.approx(mpc_loss(views, 0.5).item(), abs=1e-12)
+    assert distinct == pytest.approx(1.8593926848, abs=1e-9)
+    with pytest.raises(ValueError, match="clip_ids"):
+        mpc_loss(views, 0.5, torch.tensor([1, 2]))
 
 
 def test_mpc_minimum_with_identical_views_and_orthogonal_clips() -> None:

@@ -31,6 +31,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from gpa_ray import storage
 from gpa_ray.audio.codec import PAD, to_token_ids
 from gpa_ray.config import StorageConfig
+from gpa_ray.data.captions import clip_key
 
 IGNORE_LABEL = -100
 """Class index of a clip with no known label (CE ignores it; metrics drop it)."""
@@ -191,11 +192,17 @@ def pad_token_ids(
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
+def clip_key_tensor(clip_ids: Sequence[object]) -> torch.Tensor:
+    """[B] int64 `clip_key`s of a batch's clip ids: equal exactly for items of one clip."""
+    return torch.tensor([clip_key(str(c)) for c in clip_ids], dtype=torch.long)
+
+
 class CodesCollate(ArrowBatchCollateFn):
-    """Arrow batch -> {"input_ids", "attention_mask"[, "targets"]} tensors.
+    """Arrow batch -> {"input_ids", "attention_mask"[, "targets"][, "clip_keys"]} tensors.
 
     `input_ids`/`attention_mask` are [B, Q, L] for the selected codebooks; `targets` (only
-    with a label space) follows `LabelSpace.encode`.
+    with a label space) follows `LabelSpace.encode`; `clip_keys` (when the batch has a
+    `clip_id` column) are `clip_key` ints, for losses that must recognise a repeated clip.
     """
 
     def __init__(
@@ -213,4 +220,6 @@ class CodesCollate(ArrowBatchCollateFn):
         out = {"input_ids": ids, "attention_mask": mask}
         if self.label_space is not None:
             out["targets"] = self.label_space.encode(batch.column("labels").to_pylist())
+        if "clip_id" in batch.column_names:
+            out["clip_keys"] = clip_key_tensor(batch.column("clip_id").to_pylist())
         return out

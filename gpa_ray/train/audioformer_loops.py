@@ -274,6 +274,7 @@ class FT2Loop(_ClassifierLoop):
     """FT2: FT1's classifier on codebook 1 plus MPC against frozen codebook-2..N views."""
 
     task = "ft2"
+    columns = ("codes", "labels", "clip_id")
 
     def __init__(self, cfg: Config, label_space: LabelSpace) -> None:
         super().__init__(cfg, label_space)
@@ -296,7 +297,9 @@ class FT2Loop(_ClassifierLoop):
         # Every rank scores the whole global batch of views; the gather's backward sums the
         # ranks' gradients into the local rows and DDP averages, giving the full-batch step.
         views, _ = gather_with_grad(out.views.float())
-        mpc = mpc_loss(views, af.ft2_temperature)
+        keys = batch.get("clip_keys")
+        clip_keys = gather_rows(keys) if keys is not None else None
+        mpc = mpc_loss(views, af.ft2_temperature, clip_keys)
         loss = af.ft2_alpha * mlc + (1.0 - af.ft2_alpha) * mpc
         logs = {
             "loss": float(loss.detach()),

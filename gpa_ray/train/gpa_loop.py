@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from gpa_ray import losses, storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import Config, GPAConfig
-from gpa_ray.data.captions import augment_caption, choose_caption, clip_key, draw_seed
-from gpa_ray.data.loaders import codes_from_arrow
+from gpa_ray.data.captions import augment_caption, choose_caption, draw_seed
+from gpa_ray.data.loaders import clip_key_tensor, codes_from_arrow
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.factory import build_gpa, build_tokenizer, trainable_summary
 from gpa_ray.models.gpa import Embeddings, GPAModel
@@ -118,7 +118,7 @@ class GPACollate(ArrowBatchCollateFn):
             caption_clip = [row for row, caps in enumerate(captions) for _ in caps or []]
         batch: Batch = {AUDIO_PREFIX + k: v for k, v in self.inputs.collate(items).items()}
         batch.update({TEXT_PREFIX + k: v for k, v in self._tokenize(texts).items()})
-        batch["clip_keys"] = torch.tensor([clip_key(c) for c in clip_ids], dtype=torch.long)
+        batch["clip_keys"] = clip_key_tensor(clip_ids)
         batch["caption_clip"] = torch.tensor(caption_clip, dtype=torch.long)
         return batch
 

@@ -12,6 +12,7 @@ import torch
 from gpa_ray import storage
 from gpa_ray.audio.codec import BOA, EOA, PAD
 from gpa_ray.data import schema
+from gpa_ray.data.captions import clip_key
 from gpa_ray.data.loaders import (
     IGNORE_LABEL,
     CodesCollate,
@@ -136,6 +137,9 @@ def test_codes_collate_builds_tensors() -> None:
     batch = CodesCollate([1], max_len=16, label_space=space)(table)
     assert batch["input_ids"].tolist() == [[[BOA, 6, 7, 8, EOA]], [[BOA, 13, EOA, PAD, PAD]]]
     assert batch["targets"].tolist() == [1, 0]
+    assert batch["clip_keys"].tolist() == [clip_key("t/train/0"), clip_key("t/train/1")]
+    without_ids = CodesCollate([1], max_len=16)(table.drop(["clip_id"]))
+    assert set(without_ids) == {"input_ids", "attention_mask"}
 
 
 @pytest.mark.s3

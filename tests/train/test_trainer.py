@@ -242,10 +242,15 @@ def test_ft2_step_equals_library_loss_on_one_process() -> None:
     torch.manual_seed(0)
     model = loop.build_model()
     batch = token_batch()
+    batch["clip_keys"] = torch.tensor([5, 6, 5])  # items 0 and 2: one clip drawn twice
     loss, logs = loop.train_step(model, batch, torch.Generator())
     out = model(batch["input_ids"], batch["attention_mask"])
-    expected = ft2_loss(out.logits, batch["targets"], out.views, 0.95, 0.05, "ce")
+    expected = ft2_loss(
+        out.logits, batch["targets"], out.views, 0.95, 0.05, "ce", batch["clip_keys"]
+    )
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    unaware = ft2_loss(out.logits, batch["targets"], out.views, 0.95, 0.05, "ce")
+    assert abs(float(loss.detach()) - float(unaware.detach())) > 1e-6
     assert logs["loss"] == pytest.approx(0.95 * logs["mlc"] + 0.05 * logs["mpc"], rel=1e-5)
 
 
