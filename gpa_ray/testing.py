@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpa_ray.config import StorageConfig
+from gpa_ray.jobs_cli import set_ray_process_env
 
 SHARED_DATA_ENV = "GPA_RAY_SHARED_DATA"
 TEST_BUCKET = "gpa-ray-test"
@@ -31,10 +32,12 @@ def shared_data_dir() -> Path:
 
 
 def loopback_ray_env() -> None:
-    """Environment that keeps a local Ray on 127.0.0.1 and without token auth (tests only)."""
+    """Environment that keeps a local Ray on 127.0.0.1 and without token auth (tests only),
+    plus the project's own Ray process environment (what the jobs run with)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    set_ray_process_env()
 
 
 def start_local_ray(num_cpus: int = 2) -> None:
@@ -758,6 +761,7 @@ def local_ray_cluster(
         RAY_USAGE_STATS_ENABLED="0",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
     )
+    set_ray_process_env(env)
     command = [
         str(Path(sys.executable).parent / "ray"),
         "start",

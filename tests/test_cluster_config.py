@@ -11,6 +11,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from gpa_ray.config import load_config, preset_names
+from gpa_ray.jobs_cli import RAY_PROCESS_ENV
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 
@@ -61,3 +62,11 @@ def test_every_preset_fits_a_node_type(cluster: dict, preset: str) -> None:
     )
     if cfg.train.use_gpu:
         assert cfg.train.num_workers <= gpu_nodes, f"{preset}: more GPU workers than nodes"
+
+
+def test_every_node_starts_ray_with_the_project_ray_environment(cluster: dict) -> None:
+    """The cluster's Ray gets what a locally started one gets (`RAY_PROCESS_ENV`)."""
+    for commands in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        exports = " ".join(f"{key}={value}" for key, value in RAY_PROCESS_ENV.items())
+        assert f"export {exports} &&" in start

@@ -103,3 +103,14 @@ def test_every_job_has_help_listing_presets_and_keys(job: str, capsys) -> None:
     out = capsys.readouterr().out
     assert "presets (--config NAME):" in out and "debug" in out
     assert "train: lr, epochs" in out
+
+
+def test_ray_process_env_adds_defaults_and_keeps_what_the_user_set() -> None:
+    from gpa_ray.jobs_cli import RAY_PROCESS_ENV, set_ray_process_env
+
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "OTHER": "x"}
+    set_ray_process_env(env)
+    assert env == {**RAY_PROCESS_ENV, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "OTHER": "x"}
+    empty: dict[str, str] = {}
+    set_ray_process_env(empty)
+    assert empty == RAY_PROCESS_ENV
