@@ -10,9 +10,16 @@ The same real clips (ESC-50 from the shared test data, 5 s each) go through
     encoder actors at 0.5 CPU each, writing shards to a temporary folder;
 
 then (b) again on the set repeated `--repeat` times, to see whether memory stays flat as
-the corpus grows. (a) runs before and after the first (b) and its mean rate is the
-baseline of every ratio: a plain loop's cost per clip does not depend on how many clips
-follow, and bracketing (b) evens out other work on a shared machine.
+the corpus grows, and
+
+(c) the machine's own ceiling for two workers: two plain loops at once in two processes,
+    each on every other clip of the large set, no Ray. Their combined rate over (a) is
+    what two cores give this work at best (below 2x when the cores share caches, memory
+    bandwidth or a physical core); (b)'s ratio is read against it.
+
+(a) runs before and after the first (b) and its mean rate is the baseline of every ratio:
+a plain loop's cost per clip does not depend on how many clips follow, and bracketing (b)
+evens out other work on a shared machine.
 
 Figures per run:
 - `audio_seconds_per_s`: audio-seconds per wall-second end to end (for (b) including the
@@ -35,6 +42,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,7 +56,12 @@ from gpa_ray.config import Config, load_config
 from gpa_ray.data.corpora import iter_manifest
 from gpa_ray.data.ingest import ClipEncoder, run_ingest
 from gpa_ray.jobs_cli import init_ray
-from gpa_ray.testing import descendant_pids, loopback_ray_env, shared_data_dir
+from gpa_ray.testing import (
+    descendant_pids,
+    loopback_ray_env,
+    shared_data_dir,
+    steady_commit_rate,
+)
 
 MB = 1024 * 1024
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -153,18 +166,23 @@ def make_corpus(root: Path, clips: int, repeat: int) -> None:
     (root / "captions.csv").write_text("\n".join(lines) + "\n")
 
 
-def plain_loop(cfg: Config) -> dict[str, Any]:
-    """(a): every clip through `ClipEncoder` in this process, one torch thread."""
+def plain_loop(cfg: Config, part: int = 0, parts: int = 1) -> dict[str, Any]:
+    """(a): every clip (or every `parts`-th from `part`) through `ClipEncoder` in this
+    process, one torch thread."""
     torch.set_num_threads(1)
     load = _load()
     encoder = ClipEncoder(cfg)
-    cpu0, started = time.process_time(), time.perf_counter()
+    cpu0, started, began = time.process_time(), time.perf_counter(), time.time()
     audio_s, n = 0.0, 0
-    for row in iter_manifest(cfg.corpus, cfg.storage):
+    for index, row in enumerate(iter_manifest(cfg.corpus, cfg.storage)):
+        if index % parts != part:
+            continue
         audio_s += encoder.process(row, encoder.fetch(row))["duration_s"]
         n += 1
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
     return {
+        "began_unix_s": began,
+        "ended_unix_s": time.time(),
         "clips": n,
         "audio_seconds": audio_s,
         "wall_s": round(wall, 2),
@@ -175,17 +193,6 @@ def plain_loop(cfg: Config) -> dict[str, Any]:
         ),
         "load_average_1min_at_start": load,
     }
-
-
-def _steady_rate(output: Path) -> float | None:
-    """Audio-s/s once both actors are up, from the commit markers' modification times."""
-    commits = sorted(
-        (m.stat().st_mtime, json.loads(m.read_text())["audio_seconds"])
-        for m in (output / "_commits").rglob("unit-*.json")
-    )
-    if len(commits) < 3 or commits[-1][0] <= commits[1][0]:
-        return None
-    return round(sum(a for _, a in commits[2:]) / (commits[-1][0] - commits[1][0]), 2)
 
 
 def ray_pipeline(cfg: Config) -> dict[str, Any]:
@@ -202,11 +209,49 @@ def ray_pipeline(cfg: Config) -> dict[str, Any]:
         "audio_seconds": audio_s,
         "wall_s": round(summary["wall_time_s"], 2),
         "audio_seconds_per_s": round(summary["audio_seconds_per_second"], 2),
-        "steady_audio_seconds_per_s": _steady_rate(Path(cfg.ingest.output)),
+        "steady_audio_seconds_per_s": steady_commit_rate(
+            Path(cfg.ingest.output) / "_commits", "audio_seconds"
+        ),
         "audio_seconds_per_cpu_s": round(audio_s / cpu, 2),
         **sampler.as_dict(),
         "load_average_1min_at_start": load,
     }
+
+
+def parallel_plain_loops(corpus_root: Path, processes: int) -> dict[str, Any]:
+    """(c): `processes` plain loops at once, each in its own process on its share of the
+    clips. The combined rate counts from the first loop's start to the last one's end
+    (interpreter start and imports excluded)."""
+    load = _load()
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--plain-part", f"{i}/{processes}", str(corpus_root)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    runs = []
+    for child in children:
+        out, _ = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"plain loop child exited with {child.returncode}")
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    wall = max(r["ended_unix_s"] for r in runs) - min(r["began_unix_s"] for r in runs)
+    audio_s = sum(r["audio_seconds"] for r in runs)
+    return {
+        "processes": processes,
+        "clips": sum(r["clips"] for r in runs),
+        "audio_seconds": audio_s,
+        "wall_s": round(wall, 2),
+        "audio_seconds_per_s": round(audio_s / wall, 2),
+        "per_process_audio_seconds_per_s": [r["audio_seconds_per_s"] for r in runs],
+        "load_average_1min_at_start": load,
+    }
+
+
+def _corpus_cfg(root: Path) -> Config:
+    return load_config(overrides=["corpus.kind=folder", f"corpus.root={root}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=16, help="distinct ESC-50 clips")
     parser.add_argument("--repeat", type=int, default=10, help="size factor of the second run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--plain-part", help=argparse.SUPPRESS)
+    parser.add_argument("corpus", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plain_part:
+        part, parts = (int(v) for v in args.plain_part.split("/"))
+        print(json.dumps(plain_loop(_corpus_cfg(Path(args.corpus)), part, parts)), flush=True)
+        return 0
 
     work = Path(tempfile.mkdtemp(prefix="gpa_ray_bench_ingest_"))
 
@@ -248,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(a) plain loop again: {plain[1]}", flush=True)
         large = ray_pipeline(cfg("large"))
         print(f"(b) ray pipeline x{args.repeat}: {large}", flush=True)
+        ceiling = parallel_plain_loops(work / "large", 2)
+        print(f"(c) two plain loops at once: {ceiling}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -270,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             if large["steady_audio_seconds_per_s"]
             else None
         ),
+        "two_plain_loops": ceiling,
+        "ratio_two_plain_loops": round(ceiling["audio_seconds_per_s"] / base, 2),
         f"workers_peak_rss_growth_x{args.repeat}": round(
             large["workers_peak_rss_mb"] / max(small["workers_peak_rss_mb"], 1e-9), 2
         ),

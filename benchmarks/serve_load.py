@@ -300,7 +300,7 @@ def build_throughput(work: Path, checkpoint: str, n_clips: int) -> dict[str, Any
     from gpa_ray.config import load_config
     from gpa_ray.data.ingest import run_ingest
     from gpa_ray.index.build import IndexEmbedder, plan_build, run_build_index
-    from gpa_ray.testing import shared_data_dir
+    from gpa_ray.testing import shared_data_dir, steady_commit_rate
 
     ingest = work / "ingest"
     run_ingest(
@@ -332,6 +332,7 @@ def build_throughput(work: Path, checkpoint: str, n_clips: int) -> dict[str, Any
     started = time.perf_counter()
     summary = run_build_index(cfg_for("built-ray"))
     ray_wall = time.perf_counter() - started
+    steady = steady_commit_rate(work / "built-ray", "clips")
     cfg = cfg_for("built-loop")
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -342,9 +343,14 @@ def build_throughput(work: Path, checkpoint: str, n_clips: int) -> dict[str, Any
     return {
         "clips": summary["clips"],
         "units": len(plan.files),
-        "ray_data": {"wall_s": ray_wall, "clips_per_s": summary["clips"] / ray_wall},
+        "ray_data": {
+            "wall_s": ray_wall,
+            "clips_per_s": summary["clips"] / ray_wall,
+            "steady_clips_per_s": steady,
+        },
         "plain_loop": {"wall_s": loop_wall, "clips_per_s": clips / loop_wall},
         "ray_over_loop_speed": (summary["clips"] / ray_wall) / (clips / loop_wall),
+        "ray_steady_over_loop_speed": None if steady is None else steady / (clips / loop_wall),
     }
 
 

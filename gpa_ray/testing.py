@@ -7,6 +7,7 @@ moto's server, real audio from the shared data folder), sized for a 2-core machi
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -671,6 +672,23 @@ def descendant_pids(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def steady_commit_rate(commits_dir: Path, field: str, warm_up: int = 2) -> float | None:
+    """Rate of a resumable job once its actors are up, from its commit markers (JSON files
+    named `unit-*.json` carrying a count `field`, e.g. ingest's `audio_seconds` or the
+    index build's `clips`): the count of the units committed after the first `warm_up`
+    (one per actor), divided by the time from commit `warm_up` to the last. None with too
+    few commits. Benchmarks report it beside the end-to-end rate, which includes starting
+    the actors and loading their models."""
+    commits = sorted(
+        (marker.stat().st_mtime, float(json.loads(marker.read_text())[field]))
+        for marker in Path(commits_dir).rglob("unit-*.json")
+    )
+    if len(commits) <= warm_up or commits[-1][0] <= commits[warm_up - 1][0]:
+        return None
+    done = sum(count for _, count in commits[warm_up:])
+    return round(done / (commits[-1][0] - commits[warm_up - 1][0]), 2)
 
 
 def cluster_processes(temp_dir: str, root_pid: int | None = None) -> dict[int, str]:
