@@ -340,7 +340,8 @@ class SinkhornConfig:
 class IndexConfig:
     """Embedding index build and search.
 
-    The build reads clip shards from `input` (empty: `<ingest.output>/clips`), embeds them
+    The build reads clip shards from `input` (an ingest output, whose `clips/` it reads, or
+    a folder of clip shards; empty: `<ingest.output>/clips`), embeds them
     with the GPA checkpoint `checkpoint` and writes the version `version` (empty: a name
     derived from the build settings, so a rerun resumes the same version) under `output`.
     `bias`: a text-bias URI written by the Sinkhorn bias job (empty: no bias).

@@ -1,11 +1,13 @@
 """Build a retrieval index: clip shards -> GPA embeddings (+ text bias) -> an index version.
 
     python jobs/build_index.py [--config PRESET] index.checkpoint=CKPT \
-        [index.input=CLIPS] index.output=PATH_OR_S3 [index.bias=BIAS] [key=value ...]
+        [index.input=INGEST] index.output=PATH_OR_S3 [index.bias=BIAS] [key=value ...]
 
-`index.input` defaults to `<ingest.output>/clips`; `index.bias` names a Sinkhorn bias job
-output. Re-running the same command resumes the same version (committed units are
-skipped); the finished version becomes the index's LATEST.
+`index.input` is an ingest output (or a folder of its clip shards) and defaults to
+`<ingest.output>/clips`; `index.bias` names a Sinkhorn bias job output, which covers one
+split's captions (index that split: `index.splits=[test]`). Re-running the same command
+resumes the same version (committed units are skipped); the finished version becomes the
+index's LATEST.
 """
 
 from __future__ import annotations

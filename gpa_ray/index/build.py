@@ -44,6 +44,8 @@ from gpa_ray.models.gpa import Embeddings
 logger = logging.getLogger(__name__)
 
 META_COLUMNS = [f.name for f in store.CLIP_META_FIELDS]
+SHARD_COLUMNS = [*META_COLUMNS, "audio", "audio_sample_rate"]
+"""Columns every clip shard must have for the build (plus `codes` for an AudioFormer tower)."""
 
 
 class IndexBuildError(RuntimeError):
@@ -51,7 +53,60 @@ class IndexBuildError(RuntimeError):
 
 
 def source_uri(cfg: Config) -> str:
-    return cfg.index.input or storage.join(cfg.ingest.output, "clips")
+    """The folder of clip shards to index: `index.input`, which may be an ingest output
+    (the URI `train.data`, `sinkhorn.queries` and `eval.data` take: its `clips/` are
+    read, never its manifest) or a folder of shards; empty: `<ingest.output>/clips`."""
+    if not cfg.index.input:
+        return storage.join(cfg.ingest.output, "clips")
+    clips = storage.join(cfg.index.input, "clips")
+    if storage.list_files(clips, ".parquet", cfg.storage):
+        return clips
+    return cfg.index.input
+
+
+def check_clip_shard(uri: str, storage_cfg: Any = None) -> None:
+    """Refuse a parquet file that is not a clip shard before any actor starts, naming the
+    file and the columns it lacks (rather than a scanner error deep inside an actor)."""
+    fs, path = storage.resolve(uri, storage_cfg)
+    names = set(pq.read_schema(path, filesystem=fs).names)
+    missing = [c for c in SHARD_COLUMNS if c not in names]
+    if missing:
+        raise IndexBuildError(
+            f"{uri} is not a clip shard (no column {', '.join(missing)}): point index.input "
+            "at an ingest output or its clips/ folder"
+        )
+
+
+def _shard_splits(source: str, files: Sequence[str]) -> set[str] | None:
+    """The splits of shards laid out as ingest writes them (`<corpus>/<split>/part-N`
+    below `source`); None if some file is not in that layout."""
+    splits = set()
+    for uri in files:
+        parts = uri[len(source) :].strip("/").split("/")
+        if len(parts) != 3:
+            return None
+        splits.add(parts[1])
+    return splits
+
+
+def check_bias_split(cfg: Config, source: str, files: Sequence[str]) -> None:
+    """A text bias covers the captions of the split it was computed on (the bias job's
+    `sinkhorn.texts_split`). Refuse an index over other splits before embedding anything,
+    saying which `index.splits` to set (the join at commit time would fail after all the
+    work)."""
+    if not cfg.index.bias:
+        return
+    from gpa_ray.bias_job import read_bias
+
+    _, metadata = read_bias(cfg.index.bias, cfg.storage)
+    bias_split = (metadata.get("texts") or {}).get("split")
+    indexed = set(cfg.index.splits) or _shard_splits(source, files)
+    if bias_split and indexed is not None and indexed != {bias_split}:
+        raise IndexBuildError(
+            f"the text bias at {cfg.index.bias} covers the captions of split "
+            f"{bias_split!r} only, but the index would hold {sorted(indexed)}: set "
+            f"index.splits=[{bias_split}] (or index without index.bias)"
+        )
 
 
 def build_settings(cfg: Config, source: str, files: Sequence[str]) -> dict[str, Any]:
@@ -150,7 +205,7 @@ class IndexEmbedder:
     def run_unit(self, unit: int) -> dict[str, Any]:
         """Embed one unit and commit it: clips shard, texts shard, then the marker."""
         cfg, layout = self.cfg, self.layout
-        columns = [*META_COLUMNS, "audio", "audio_sample_rate"]
+        columns = list(SHARD_COLUMNS)
         if self.inputs.needs_codes:
             columns.append("codes")
         rows = read_clip_rows(self.files[unit], columns, cfg.index.splits, cfg.storage)
@@ -244,6 +299,8 @@ def plan_build(cfg: Config) -> BuildPlan:
     files = storage.list_files(source, ".parquet", cfg.storage)
     if not files:
         raise IndexBuildError(f"no clip shards (*.parquet) under {source}")
+    check_clip_shard(files[0], cfg.storage)
+    check_bias_split(cfg, source, files)
     settings = build_settings(cfg, source, files)
     layout = store.IndexLayout(cfg.index.output, version_name(cfg, settings))
     _check_settings(cfg, layout, settings)

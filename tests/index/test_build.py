@@ -191,3 +191,46 @@ def test_build_refuses_bad_configs(esc50_clips: str, tmp_path: Path) -> None:
         plan_build(_cfg(f"index.input={tmp_path}", "index.checkpoint=x"))
     with pytest.raises(IndexBuildError, match="index.dtype"):
         plan_build(_cfg(f"index.input={esc50_clips}", "index.checkpoint=x", "index.dtype=int8"))
+
+
+def test_input_may_be_the_ingest_output_but_never_its_manifest(
+    esc50_clips: str, tmp_path: Path
+) -> None:
+    """`index.input` may name the ingest output, as `train.data` does: the build reads its
+    clips/ (the manifest parquet beside it has no audio and would fail in the actors); a
+    folder of non-clip parquet is refused up front, naming the file and what it lacks."""
+    ingest_root = str(Path(esc50_clips).parent)
+    assert storage.list_files(storage.join(ingest_root, "manifest"), ".parquet")
+    where = ["index.checkpoint=x", f"index.output={tmp_path / 'index'}"]
+    from_root = plan_build(_cfg(f"index.input={ingest_root}", *where))
+    from_clips = plan_build(_cfg(f"index.input={esc50_clips}", *where))
+    assert from_root.source == from_clips.source == esc50_clips
+    assert from_root.files == from_clips.files
+    manifest_only = tmp_path / "manifest_only"
+    manifest_only.mkdir()
+    pq.write_table(pa.table({"clip_id": ["a"], "unit": [0]}), manifest_only / "part-0.parquet")
+    with pytest.raises(IndexBuildError, match=r"part-0.parquet is not a clip shard \(no column"):
+        plan_build(_cfg(f"index.input={manifest_only}", *where))
+
+
+def test_a_bias_of_one_split_refuses_an_index_of_others_before_embedding(
+    esc50_clips: str, tmp_path: Path
+) -> None:
+    """The bias job covers the captions of `sinkhorn.texts_split`; indexing every split
+    (here the shards' only split, train) with a test-split bias is refused by the plan,
+    naming the setting that fixes it, and `index.splits` equal to the bias's split plans."""
+    from gpa_ray.bias_job import BIAS_FILE, BIAS_SCHEMA, META_FILE
+
+    bias_dir = tmp_path / "bias"
+    storage.write_parquet(str(bias_dir / BIAS_FILE), BIAS_SCHEMA.empty_table())
+    metadata = {"G": 3, "J": 0, "texts": {"data": "x", "split": "test", "corpus": ""}}
+    storage.write_bytes(str(bias_dir / META_FILE), json.dumps(metadata).encode())
+    where = [f"index.bias={bias_dir}", "index.checkpoint=x", f"index.output={tmp_path / 'ix'}"]
+    with pytest.raises(
+        IndexBuildError, match=r"split 'test' only.*\['train'\].*index.splits=\[test\]"
+    ):
+        plan_build(_cfg(f"index.input={esc50_clips}", *where))
+    with pytest.raises(IndexBuildError, match=r"\['train', 'val'\]"):
+        plan_build(_cfg(f"index.input={esc50_clips}", "index.splits=[train,val]", *where))
+    plan = plan_build(_cfg(f"index.input={esc50_clips}", "index.splits=[test]", *where))
+    assert plan.files
