@@ -2,7 +2,8 @@
 build on Ray Data vs a plain loop.
 
     python benchmarks/serve_load.py [--clips 100000] [--requests 2000] \
-        [--concurrency 1,4,8] [--malformed 0.1] [--build-clips 96] [--out benchmarks/results]
+        [--concurrency 1,4,8] [--malformed 0.1] [--build-clips 192] [--build-unit 16] \
+        [--out benchmarks/results]
 
 1. A GPA model of the `debug` preset (the real pretrained MiniLM text tower, CNN14
    width 8, embed_dim 32, K = 3) is saved as a checkpoint, and an index of `--clips`
@@ -20,12 +21,13 @@ build on Ray Data vs a plain loop.
    sizes during the level, and the replicas' own compute times (from `/v1/stats`). At
    concurrency 1 the client's p50 is broken down: encoder and searcher compute, Serve's
    routing between the ingress and them, and the proxy + HTTP hop.
-4. Index build: `--build-clips` real ESC-50 clips (2 s) ingested, then embedded by
-   `run_build_index` (Ray Data, 2 actors at 0.5 CPU) and by a plain loop in this process
-   calling the very per-unit code the actors run (`IndexEmbedder.run_unit`): clips/s end
-   to end (Ray: starting its actors and loading the model in each; the loop: its one model
-   load), and at steady state (Ray: from the commit markers once both actors committed a
-   unit, `testing.steady_commit_rate`; the loop: after its model load).
+4. Index build: `--build-clips` real ESC-50 clips (2 s) ingested in units of
+   `--build-unit` clips, then embedded by `run_build_index` (Ray Data, 2 actors at 0.5
+   CPU) and by a plain loop in this process calling the very per-unit code the actors
+   run (`IndexEmbedder.run_unit`): clips/s end to end (Ray: starting its actors and
+   loading the model in each; the loop: its one model load), and at steady state (Ray:
+   from the commit markers once both actors committed a unit,
+   `testing.steady_commit_rate`; the loop: after its model load).
 
 The Serve/in-process ratios are p50 at concurrency 1 over each in-process p50, and, more
 robust on a shared machine, a paired run that alternates one in-process query and one
@@ -298,7 +300,7 @@ def paired(cfg: Any, checkpoint: str, url: str, n: int) -> dict[str, Any]:
     }
 
 
-def build_throughput(work: Path, checkpoint: str, n_clips: int) -> dict[str, Any]:
+def build_throughput(work: Path, checkpoint: str, n_clips: int, unit_clips: int) -> dict[str, Any]:
     from gpa_ray.config import load_config
     from gpa_ray.data.ingest import run_ingest
     from gpa_ray.index.build import IndexEmbedder, plan_build, run_build_index
@@ -314,7 +316,7 @@ def build_throughput(work: Path, checkpoint: str, n_clips: int) -> dict[str, Any
                 f"corpus.limit={n_clips}",
                 f"ingest.output={ingest}",
                 "ingest.max_seconds=2.0",
-                "ingest.rows_per_commit=6",
+                f"ingest.rows_per_commit={unit_clips}",
             ],
         )
     )
@@ -369,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--malformed", type=float, default=0.1)
     parser.add_argument("--in-process-queries", type=int, default=300)
-    parser.add_argument("--build-clips", type=int, default=96, help="0 skips the build part")
+    parser.add_argument("--build-clips", type=int, default=192, help="0 skips the build part")
+    parser.add_argument("--build-unit", type=int, default=16, help="clips per index work unit")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -416,7 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         # Again with the Serve replicas up but idle: the same machine state as the levels.
         local_after = in_process(cfg, checkpoint, args.in_process_queries)
         print("in process, Serve idle:", json.dumps(local_after), flush=True)
-        build = build_throughput(work, checkpoint, args.build_clips) if args.build_clips else None
+        build = (
+            build_throughput(work, checkpoint, args.build_clips, args.build_unit)
+            if args.build_clips
+            else None
+        )
         from ray import serve
 
         serve.shutdown()
