@@ -41,6 +41,13 @@ class LoaderError(ValueError):
     """The requested clips are missing or do not fit the requested batch layout."""
 
 
+def shard_split(clips: str, uri: str) -> str | None:
+    """The split of a clip shard laid out as ingest writes it below the `clips` folder
+    (`<corpus>/<split>/...`); None for a file outside that layout."""
+    parts = uri[len(clips) :].strip("/").split("/")
+    return parts[1] if len(parts) >= 3 else None
+
+
 def split_files(
     data: str, split: str, corpus: str = "", storage_cfg: StorageConfig | None = None
 ) -> list[str]:
@@ -54,7 +61,7 @@ def split_files(
     return [
         uri
         for uri in storage.list_files(clips, ".parquet", storage_cfg)
-        if uri[len(clips) :].strip("/").split("/")[1:2] == [split]
+        if shard_split(clips, uri) == split
     ]
 
 

@@ -38,6 +38,7 @@ import torch
 
 from gpa_ray import storage
 from gpa_ray.config import Config, config_from_dict, dump_config
+from gpa_ray.data.loaders import shard_split
 from gpa_ray.index import store
 from gpa_ray.models.gpa import Embeddings
 
@@ -59,9 +60,7 @@ def source_uri(cfg: Config) -> str:
     if not cfg.index.input:
         return storage.join(cfg.ingest.output, "clips")
     clips = storage.join(cfg.index.input, "clips")
-    if storage.list_files(clips, ".parquet", cfg.storage):
-        return clips
-    return cfg.index.input
+    return clips if storage.exists(clips, cfg.storage) else cfg.index.input
 
 
 def check_clip_shard(uri: str, storage_cfg: Any = None) -> None:
@@ -77,18 +76,6 @@ def check_clip_shard(uri: str, storage_cfg: Any = None) -> None:
         )
 
 
-def _shard_splits(source: str, files: Sequence[str]) -> set[str] | None:
-    """The splits of shards laid out as ingest writes them (`<corpus>/<split>/part-N`
-    below `source`); None if some file is not in that layout."""
-    splits = set()
-    for uri in files:
-        parts = uri[len(source) :].strip("/").split("/")
-        if len(parts) != 3:
-            return None
-        splits.add(parts[1])
-    return splits
-
-
 def check_bias_split(cfg: Config, source: str, files: Sequence[str]) -> None:
     """A text bias covers the captions of the split it was computed on (the bias job's
     `sinkhorn.texts_split`). Refuse an index over other splits before embedding anything,
@@ -100,8 +87,8 @@ def check_bias_split(cfg: Config, source: str, files: Sequence[str]) -> None:
 
     _, metadata = read_bias(cfg.index.bias, cfg.storage)
     bias_split = (metadata.get("texts") or {}).get("split")
-    indexed = set(cfg.index.splits) or _shard_splits(source, files)
-    if bias_split and indexed is not None and indexed != {bias_split}:
+    indexed = set(cfg.index.splits) or {shard_split(source, uri) for uri in files}
+    if bias_split and None not in indexed and indexed != {bias_split}:
         raise IndexBuildError(
             f"the text bias at {cfg.index.bias} covers the captions of split "
             f"{bias_split!r} only, but the index would hold {sorted(indexed)}: set "
