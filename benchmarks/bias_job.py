@@ -51,8 +51,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpa_ray.bias_job import distributed_sinkhorn, embedding_table, peak_rss_mb
+from gpa_ray.bias_job import distributed_sinkhorn, peak_rss_mb
 from gpa_ray.config import Config, GPAConfig, SinkhornConfig
+from gpa_ray.embedding_table import embedding_table
 from gpa_ray.jobs_cli import init_ray
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.testing import (

@@ -328,8 +328,8 @@ def build_throughput(work: Path, checkpoint: str, n_clips: int, unit_clips: int)
                 f"index.input={ingest / 'clips'}",
                 f"index.checkpoint={checkpoint}",
                 f"index.output={work / name}",
-                "index.num_workers=2",
-                "index.cpus_per_worker=0.5",
+                "index.embed_pool.actors=2",
+                "index.embed_pool.cpus_per_actor=0.5",
             ],
         )
 

@@ -4,7 +4,8 @@ One root dataclass (`Config`) holds a section per concern. Presets are YAML file
 in `gpa_ray/configs/`; `load_config` merges a preset with dotted `a.b=c` overrides and
 converts each value to the field's annotated type, so a typo fails loudly (naming the
 closest valid key) instead of silently running with a default. Ray Train workers receive
-`asdict(cfg)` and rebuild it with `config_from_dict`.
+`asdict(cfg)` and rebuild it with `config_from_dict`. Where a stage's input key is empty
+it reads the previous stage's output: `resolve_stage_uris` is the one place that says so.
 """
 
 from __future__ import annotations
@@ -97,11 +98,13 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class AudioConfig:
-    """Waveform policy: the feature sample rate and how clips are padded or cropped."""
+    """How a clip becomes model input: at most `max_seconds` of it (`crop`: which part,
+    "start", "center" or "random"; training always crops at random), and with
+    `length_policy` "pad_or_crop" shorter clips are zero-padded to `max_seconds` too
+    ("crop": they keep their own length and a batch pads them)."""
 
-    sample_rate: int = 32000
     max_seconds: float = 10.0
-    length_policy: str = "pad_or_crop"
+    length_policy: str = "crop"
     crop: str = "start"
 
 
@@ -134,7 +137,20 @@ class CodecConfig:
     weights: str = "random:0"
     bandwidth: float = 3.0
     device: str = "cpu"
-    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class ActorPoolConfig:
+    """A Ray Data actor pool that runs a model over rows (ingest's EnCodec encoders; the
+    GPA embedders of the index build, the bias job and evaluation): `actors` in the pool,
+    each holding `cpus_per_actor` CPUs (fractional on small machines: whole-CPU actors can
+    starve Ray Data's read tasks) and `gpus_per_actor` GPUs, with `batch_size` rows per
+    model call. Each actor loads its model once."""
+
+    actors: int = 1
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+    batch_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -142,11 +158,11 @@ class IngestConfig:
     """Ray Data ingest: manifest -> codes (+ optional FLAC audio) -> parquet shards."""
 
     output: str = "outputs/ingest"
-    num_encoders: int = 2
-    cpus_per_encoder: float = 0.5
-    gpus_per_encoder: float = 0.0
-    # Clips per EnCodec batch on a GPU (on CPU, batching is no faster: one clip at a time).
-    batch_size: int = 8
+    # EnCodec actors; `batch_size` clips per EnCodec call on a GPU (on CPU, batching is no
+    # faster: one clip at a time).
+    encode_pool: ActorPoolConfig = field(
+        default_factory=lambda: ActorPoolConfig(actors=2, batch_size=8)
+    )
     store_audio: bool = True
     audio_sample_rate: int = 32000
     # A work unit (one shard file, committed atomically; the resume granularity) holds
@@ -293,12 +309,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SinkhornConfig:
-    """Log-domain Sinkhorn-Knopp over training audio queries x test texts (GPA eq 10).
-
-    `method` picks the A2T rescoring: "sinkhorn" (GPA), "qb_norm" (dynamic inverted softmax
-    over the training querybank), "dual_softmax" (uses the test queries: comparison only),
-    or "none".
-    """
+    """Log-domain Sinkhorn-Knopp over training audio queries x test texts (GPA eq 10), and
+    QB-Norm's querybank statistics (beta, k) computed in the same pass; evaluation's
+    `eval.methods` picks which A2T rescorings are reported."""
 
     epsilon: float = 0.05
     n_iter: int = 10
@@ -309,10 +322,8 @@ class SinkhornConfig:
     # instead, so per-actor memory stays fixed as G grows and the cluster scales out.
     num_actors: int = 2
     rows_per_actor: int = 0
-    method: str = "sinkhorn"
     qb_norm_beta: float = 20.0
     qb_norm_k: int = 1
-    dsl_temperature: float = 0.01
     # The distributed bias job (`jobs/sinkhorn_bias.py`). `checkpoint`: a GPA checkpoint
     # URI, or a run URI (its latest checkpoint). `queries`/`texts`: ingest outputs (local
     # or s3://) holding the training audio and the test captions; empty `queries` means
@@ -330,10 +341,8 @@ class SinkhornConfig:
     # budget and recomputes the others tile by tile every iteration; 0 recomputes all.
     memory_budget_mb: float = 1024.0
     cpus_per_actor: float = 0.5
-    # Ray Data embedding actors (each loads the checkpoint once).
-    embed_actors: int = 1
-    embed_cpus: float = 0.5
-    embed_batch_size: int = 16
+    # Ray Data actors that embed the captions and the training clips (CPU only).
+    embed_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
 
 
 @dataclass(frozen=True)
@@ -341,7 +350,7 @@ class IndexConfig:
     """Embedding index build and search.
 
     The build reads clip shards from `input` (an ingest output, whose `clips/` it reads, or
-    a folder of clip shards; empty: `<ingest.output>/clips`), embeds them
+    a folder of clip shards; empty: `ingest.output`), embeds them
     with the GPA checkpoint `checkpoint` and writes the version `version` (empty: a name
     derived from the build settings, so a rerun resumes the same version) under `output`.
     `bias`: a text-bias URI written by the Sinkhorn bias job (empty: no bias).
@@ -360,9 +369,9 @@ class IndexConfig:
     splits: list[str] = field(default_factory=list)
     bias: str = ""
     store_audio: bool = True
-    batch_size: int = 16
-    num_workers: int = 2
-    cpus_per_worker: float = 0.5
+    # Ray Data actors that embed and commit the units (CPU only; `batch_size` clips per
+    # model call, captions in batches of 4 x that).
+    embed_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors=2))
     ivf_nlist: int = 0
     ivf_nprobe: int = 16
 
@@ -417,9 +426,10 @@ class EvalConfig:
         default_factory=lambda: ["none", "sinkhorn", "qb_norm", "dual_softmax"]
     )
     block_size: int = 256
-    embed_actors: int = 1
-    embed_cpus: float = 0.5
-    embed_batch_size: int = 16
+    # DSL's softmax temperature (method "dual_softmax").
+    dsl_temperature: float = 0.01
+    # Ray Data actors that embed the test clips and captions (CPU only).
+    embed_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
 
 
 @dataclass(frozen=True)
@@ -625,8 +635,28 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-def dump_config(cfg: Config, uri: str) -> None:
-    """Write the resolved configuration as YAML to a local path or s3:// URI."""
-    from gpa_ray import storage
+def resolve_stage_uris(cfg: Config) -> Config:
+    """`cfg` with every empty cross-stage URI filled in, the one place these fallbacks live.
 
-    storage.write_bytes(uri, config_to_yaml(cfg).encode(), storage_cfg=cfg.storage)
+    Each stage reads what an earlier one wrote, so an empty key means "the previous
+    stage's output": training and the index build read `ingest.output`; the bias job's
+    training queries are `train.data` and its test texts the same data; evaluation scores
+    the bias job's checkpoint on its test texts with its bias; Serve follows
+    `index.output`. Idempotent; keys that are set are kept.
+    """
+    train_data = cfg.train.data or cfg.ingest.output
+    queries = cfg.sinkhorn.queries or train_data
+    texts = cfg.sinkhorn.texts or queries
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, data=train_data),
+        sinkhorn=dataclasses.replace(cfg.sinkhorn, queries=queries, texts=texts),
+        eval=dataclasses.replace(
+            cfg.eval,
+            checkpoint=cfg.eval.checkpoint or cfg.sinkhorn.checkpoint,
+            data=cfg.eval.data or texts,
+            bias=cfg.eval.bias or cfg.sinkhorn.output,
+        ),
+        index=dataclasses.replace(cfg.index, input=cfg.index.input or cfg.ingest.output),
+        serve=dataclasses.replace(cfg.serve, index_uri=cfg.serve.index_uri or cfg.index.output),
+    )

@@ -33,14 +33,15 @@ import torch
 from torch import Tensor
 
 from gpa_ray import storage
-from gpa_ray.config import Config, dump_config
+from gpa_ray.bias_file import BiasFileError, align_to_texts, read_bias
+from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.metrics import (
     audio_to_text_metrics,
     audio_to_text_ranks,
     text_to_audio_metrics,
     text_to_audio_ranks,
 )
-from gpa_ray.sinkhorn import RESCORING_METHODS, QBNormStats, dual_softmax, qb_norm_apply
+from gpa_ray.sinkhorn import QBNormStats, dual_softmax, qb_norm_apply
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ METHOD_LABELS = {
     "qb_norm": "QB-Norm, training querybank",
     "dual_softmax": "DSL (leaking: uses the other test queries)",
 }
+RESCORING_METHODS = tuple(METHOD_LABELS)
 LEAKING_METHODS = ("dual_softmax",)
 NEEDS_BIAS_OUTPUT = ("sinkhorn", "qb_norm")
 MAX_CURVE_K = 50
@@ -211,18 +213,16 @@ def _rescoring(
     cfg: Config, methods: Sequence[str], text_ids: Sequence[str]
 ) -> tuple[Rescoring, dict[str, Any] | None]:
     """The bias job's output aligned to the test captions, if a method needs it."""
-    from gpa_ray.bias_job import BiasJobError, align_to_texts, read_bias
-
-    dsl = cfg.sinkhorn.dsl_temperature
+    dsl = cfg.eval.dsl_temperature
     if not any(m in NEEDS_BIAS_OUTPUT for m in methods):
         return Rescoring(dsl_temperature=dsl), None
-    uri = cfg.eval.bias or cfg.sinkhorn.output
+    uri = cfg.eval.bias
     try:
         table, metadata = read_bias(uri, cfg.storage)
         bias = align_to_texts(table, "bias", text_ids)
         lse = align_to_texts(table, "qb_lse", text_ids)
         active = align_to_texts(table, "qb_active", text_ids).bool()
-    except BiasJobError as exc:
+    except BiasFileError as exc:
         raise EvaluationError(
             f"{exc}; or leave the bias out with eval.methods=[none,dual_softmax]"
         ) from exc
@@ -235,65 +235,70 @@ def _rescoring(
     return rescoring, {"uri": uri, "metadata": metadata}
 
 
+def _write_report(cfg: Config, report: dict[str, Any], results: dict[str, Any], title: str) -> str:
+    """`metrics.json`, `metrics.md` and `recall.png` under `eval.output`; returns the table."""
+    ev = cfg.eval
+    table = markdown_table(results["rows"])
+    storage.write_bytes(
+        storage.join(ev.output, METRICS_FILE), json.dumps(report, indent=2).encode(), cfg.storage
+    )
+    storage.write_bytes(storage.join(ev.output, TABLE_FILE), table.encode(), cfg.storage)
+    storage.write_bytes(storage.join(ev.output, PLOT_FILE), plot_png(results, title), cfg.storage)
+    return table
+
+
 def run_evaluation(cfg: Config) -> dict[str, Any]:
     """Evaluate the configured checkpoint on the full test pool and write the report."""
-    from gpa_ray.bias_job import (
-        EmbedSettings,
+    from gpa_ray.models.gpa_checkpoint import load_gpa, resolve_gpa_checkpoint
+    from gpa_ray.ray_embedding import (
+        check_cpu_pool,
         embed_captions,
         embed_clips,
-        gather_embeddings,
+        fetch_embeddings,
         read_captions,
     )
-    from gpa_ray.models.gpa_checkpoint import load_gpa, resolve_gpa_checkpoint
 
+    cfg = resolve_stage_uris(cfg)
     ev = cfg.eval
     unknown = [m for m in ev.methods if m not in RESCORING_METHODS]
     if unknown:
         raise EvaluationError(f"unknown eval.methods {unknown}; choose from {RESCORING_METHODS}")
-    reference = ev.checkpoint or cfg.sinkhorn.checkpoint
-    if not reference:
+    if not ev.checkpoint:
         raise EvaluationError("set eval.checkpoint (or sinkhorn.checkpoint) to a GPA checkpoint")
+    check_cpu_pool(ev.embed_pool, "eval.embed_pool")
     started = time.perf_counter()
-    checkpoint = resolve_gpa_checkpoint(reference, cfg.storage)
-    data = (
-        ev.data or cfg.sinkhorn.texts or cfg.sinkhorn.queries or cfg.train.data or cfg.ingest.output
-    )
-    dump_config(cfg, storage.join(ev.output, CONFIG_FILE))
+    checkpoint = resolve_gpa_checkpoint(ev.checkpoint, cfg.storage)
+    storage.dump_config(cfg, storage.join(ev.output, CONFIG_FILE))
 
-    captions = read_captions(data, ev.split, ev.corpus, cfg.storage)
+    captions = read_captions(ev.data, ev.split, ev.corpus, cfg.storage)
     text_ids = captions.column("text_id").to_pylist()
     rescoring, bias_info = _rescoring(cfg, ev.methods, text_ids)
-    settings = EmbedSettings(ev.embed_actors, ev.embed_cpus, ev.embed_batch_size)
-    texts = embed_captions(checkpoint, captions, settings=settings, storage_cfg=cfg.storage)
+    texts = embed_captions(checkpoint, captions, pool=ev.embed_pool, storage_cfg=cfg.storage)
     clips = embed_clips(
-        checkpoint, data, ev.split, corpus=ev.corpus, settings=settings, storage_cfg=cfg.storage
+        checkpoint, ev.data, ev.split, corpus=ev.corpus, pool=ev.embed_pool, storage_cfg=cfg.storage
     )
-    clip_ids, audio = gather_embeddings(clips, "clip_id")
+    clip_ids, audio = fetch_embeddings(clips, "clip_id")
     logger.info("embedded %d test clips and %d captions", len(clip_ids), len(text_ids))
     target = caption_index(clip_ids, captions.column("clip_id").to_pylist())
     model, _ = load_gpa(checkpoint, cfg.storage, "cpu")
     with torch.inference_mode():
         scores = model.score_pool(audio, texts, ev.block_size)
     results = evaluate_scores(scores, target, ev.methods, rescoring, ev.block_size)
+    pool = {
+        "data": ev.data,
+        "split": ev.split,
+        "corpus": ev.corpus,
+        "clips": len(clip_ids),
+        "captions": len(text_ids),
+    }
     report = {
         "checkpoint": checkpoint,
-        "pool": {
-            "data": data,
-            "split": ev.split,
-            "corpus": ev.corpus,
-            "clips": len(clip_ids),
-            "captions": len(text_ids),
-        },
+        "pool": pool,
         "bias": bias_info,
         **results,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    table = markdown_table(results["rows"])
     title = f"{len(clip_ids)} clips x {len(text_ids)} captions ({ev.split})"
-    storage.write_bytes(
-        storage.join(ev.output, METRICS_FILE), json.dumps(report, indent=2).encode(), cfg.storage
-    )
-    storage.write_bytes(storage.join(ev.output, TABLE_FILE), table.encode(), cfg.storage)
-    storage.write_bytes(storage.join(ev.output, PLOT_FILE), plot_png(results, title), cfg.storage)
+    table = _write_report(cfg, report, results, title)
     logger.info("evaluation of %s on %s:\n%s", checkpoint, title, table)
-    return {"output": ev.output, "pool": report["pool"], "rows": results["rows"]}
+    return {"output": ev.output, "pool": pool, "rows": results["rows"]}

@@ -35,9 +35,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gpa_ray.config import SinkhornConfig
-
-RESCORING_METHODS = ("sinkhorn", "qb_norm", "dual_softmax", "none")
 ScoreBlocks = Sequence[Tensor] | Callable[[], Iterable[Tensor]]
 
 
@@ -225,29 +222,3 @@ def dual_softmax(scores: Tensor, temperature: float = 0.01) -> Tensor:
     """
     working = _working(scores)
     return working * torch.softmax(working / temperature, dim=0)
-
-
-def rescore_audio_to_text(
-    test_scores: Tensor, querybank_scores: Tensor | None, cfg: SinkhornConfig
-) -> Tensor:
-    """A2T scores [P, J] after the configured rescoring (`cfg.method`), in process.
-
-    `querybank_scores` [G, J] are training audio queries x the same test texts (R'); the
-    "sinkhorn" and "qb_norm" methods need them, "dual_softmax" and "none" do not. For
-    "sinkhorn" the result is R + g (GPA eq 10). The distributed job computes g blockwise
-    instead of calling this with a materialised R'.
-    """
-    if cfg.method not in RESCORING_METHODS:
-        raise ValueError(
-            f"unknown rescoring method {cfg.method!r}; choose from {RESCORING_METHODS}"
-        )
-    if cfg.method == "none":
-        return test_scores
-    if cfg.method == "dual_softmax":
-        return dual_softmax(test_scores, cfg.dsl_temperature)
-    if querybank_scores is None:
-        raise ValueError(f"method {cfg.method!r} needs querybank scores (training queries x texts)")
-    if cfg.method == "qb_norm":
-        return qb_norm(test_scores, querybank_scores, cfg.qb_norm_beta, cfg.qb_norm_k)
-    _, g = sinkhorn_potentials(querybank_scores, cfg.epsilon, cfg.n_iter)
-    return _working(test_scores) + g.to(test_scores.device)[None, :]

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gpa_ray.config import StorageConfig
+from gpa_ray.config import Config, StorageConfig, config_to_yaml
 
 _DEFAULT = StorageConfig()
 
@@ -164,3 +164,8 @@ def read_parquet(uri: str, storage_cfg: StorageConfig | None = None) -> pa.Table
         return pq.read_table(path, filesystem=fs)
     except (OSError, pa.ArrowException) as exc:
         raise StorageError(f"cannot read parquet {uri}: {exc}") from exc
+
+
+def dump_config(cfg: Config, uri: str) -> None:
+    """Write the resolved configuration as YAML to a local path or s3:// URI."""
+    write_bytes(uri, config_to_yaml(cfg).encode(), storage_cfg=cfg.storage)

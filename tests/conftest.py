@@ -5,10 +5,21 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import pytest
+import torch
 
 from gpa_ray import storage, testing
+from gpa_ray.audio.inputs import AudioInputs
+from gpa_ray.config import ActorPoolConfig
+from gpa_ray.models.gpa import Embeddings
+from gpa_ray.models.gpa_checkpoint import load_gpa
+from gpa_ray.ray_embedding import embed_captions, embed_clips, read_captions
+
+if TYPE_CHECKING:
+    from ray.data import MaterializedDataset
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +76,35 @@ def lass_checkpoint(tmp_path_factory: pytest.TempPathFactory, s3_server: testing
         cfg = testing.tiny_gpa_run_config(str(text_dir), storage=s3_server.storage)
         testing.tiny_gpa_checkpoint(uri, cfg, s3_server.storage)
     return uri
+
+
+@pytest.fixture(scope="session")
+def in_process_pool(
+    esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
+) -> tuple[list[str], Embeddings, Embeddings]:
+    """(train clip ids, their embeddings, the test captions' embeddings) of `esc50_pool`
+    without Ray: parquet rows -> AudioInputs -> the model, the reference for Ray paths."""
+    model, cfg = load_gpa(lass_checkpoint, s3_server.storage)
+    inputs = AudioInputs.from_config(cfg)
+    clips = storage.join(esc50_pool, "clips", "esc50", "train")
+    rows = storage.read_parquet(clips, s3_server.storage).select(["clip_id", "audio"]).to_pylist()
+    captions = read_captions(esc50_pool, "test", storage_cfg=s3_server.storage)
+    with torch.inference_mode():
+        queries = model.embed_audio(inputs.collate([inputs.from_row(r) for r in rows]))
+        texts = model.embed_text(captions.column("caption").to_pylist())
+    return [r["clip_id"] for r in rows], queries, texts
+
+
+@pytest.fixture(scope="session")
+def embedded_pool(
+    ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
+) -> tuple[MaterializedDataset, Embeddings, pa.Table]:
+    """(train clip embeddings as a materialised Ray Dataset, test caption embeddings, the
+    captions) of `esc50_pool`, embedded on Ray Data actor pools."""
+    pool = ActorPoolConfig(actors=1, cpus_per_actor=0.5, batch_size=5)
+    captions = read_captions(esc50_pool, "test", storage_cfg=s3_server.storage)
+    texts = embed_captions(lass_checkpoint, captions, pool=pool, storage_cfg=s3_server.storage)
+    queries = embed_clips(
+        lass_checkpoint, esc50_pool, "train", pool=pool, storage_cfg=s3_server.storage
+    )
+    return queries, texts, captions

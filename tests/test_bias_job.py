@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pytest
@@ -15,30 +15,18 @@ import torch
 import yaml
 
 from gpa_ray import storage, testing
-from gpa_ray.audio.inputs import AudioInputs
+from gpa_ray.bias_file import BIAS_FILE, CONFIG_FILE, META_FILE, read_bias
 from gpa_ray.bias_job import (
-    BIAS_FILE,
-    CONFIG_FILE,
-    META_FILE,
     BiasJobError,
-    EmbedSettings,
     actor_count,
-    align_to_texts,
     distributed_sinkhorn,
-    embed_captions,
-    embed_clips,
-    embedding_table,
-    embeddings_from_table,
-    gather_embeddings,
     iter_row_blocks,
-    read_bias,
-    read_captions,
     run_bias_job,
 )
 from gpa_ray.config import Config, SinkhornConfig
-from gpa_ray.data.loaders import LoaderError
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.models.gpa_checkpoint import load_gpa
+from gpa_ray.ray_embedding import fetch_embeddings, read_captions
 from gpa_ray.sinkhorn import (
     combine_qb_norm_statistics,
     qb_norm,
@@ -48,15 +36,11 @@ from gpa_ray.sinkhorn import (
 )
 from gpa_ray.testing import job_main
 
+if TYPE_CHECKING:
+    from ray.data import MaterializedDataset
+
 N_TRAIN, N_TEST = testing.ESC50_POOL_TRAIN, testing.ESC50_POOL_TEST
 TOL = 1e-5
-
-
-def _random_embeddings(n: int, k1: int = 4, e: int = 16, seed: int = 0) -> Embeddings:
-    gen = torch.Generator().manual_seed(seed)
-    g = torch.nn.functional.normalize(torch.randn(n, e, generator=gen), dim=-1)
-    p = torch.nn.functional.normalize(torch.randn(n, k1, e, generator=gen), dim=-1)
-    return Embeddings(g, p)
 
 
 # ---------------------------------------------------------------- without Ray
@@ -85,50 +69,17 @@ def test_qb_norm_statistics_by_hand() -> None:
     assert stats.active.tolist() == [True, False, False]
 
 
-def test_embedding_table_round_trip() -> None:
-    emb = _random_embeddings(5)
-    ids, back = embeddings_from_table(embedding_table(list("abcde"), "clip_id", emb), "clip_id")
-    assert ids == list("abcde")
-    assert torch.equal(back.global_, emb.global_)
-    assert torch.equal(back.prototypes, emb.prototypes)
-    ids, dp = embeddings_from_table(
-        embedding_table(["x"], "text_id", Embeddings(emb.global_[:1])), "text_id"
-    )
-    assert ids == ["x"] and dp.prototypes is None and torch.equal(dp.global_, emb.global_[:1])
-
-
-def test_embeddings_from_chunked_and_sliced_tables() -> None:
-    """What a bias actor gets: several object-store blocks, possibly slices of blocks."""
-    emb = _random_embeddings(7)
-    first = embedding_table(list("abcd"), "clip_id", emb[:4])
-    second = embedding_table(list("efg"), "clip_id", emb[4:])
-    table = pa.concat_tables([first.slice(1), second.slice(0, 2)])
-    assert table.column("global").num_chunks == 2
-    ids, back = embeddings_from_table(table, "clip_id")
-    assert ids == list("bcdef")
-    assert torch.equal(back.global_, emb.global_[1:6])
-    assert torch.equal(back.prototypes, emb.prototypes[1:6])
-    back.global_.add_(1.0)  # owned, writable memory, not the Arrow buffers
-    assert torch.equal(embeddings_from_table(table, "clip_id")[1].global_, emb.global_[1:6])
-
-
 def test_row_blocks_tile_the_score_matrix() -> None:
     model = testing.tiny_gpa_model().eval()
-    queries, texts = _random_embeddings(11, seed=1), _random_embeddings(9, seed=2)
+    queries, texts = (
+        testing.random_unit_embeddings(11, seed=1),
+        testing.random_unit_embeddings(9, seed=2),
+    )
     with torch.inference_mode():
         blocks = list(iter_row_blocks(model, queries, texts, block_size=4, text_block_size=2))
         full = model.score(queries, texts)
     assert [tuple(b.shape) for b in blocks] == [(4, 9), (4, 9), (3, 9)]
     assert torch.allclose(torch.cat(blocks), full, atol=1e-6)
-
-
-def test_align_to_texts_names_missing_ids() -> None:
-    import pyarrow as pa
-
-    table = pa.table({"text_id": ["a#0", "b#0"], "bias": [0.5, -0.5]})
-    assert align_to_texts(table, "bias", ["b#0", "a#0"]).tolist() == [-0.5, 0.5]
-    with pytest.raises(BiasJobError, match="not 1 of the 2"):
-        align_to_texts(table, "bias", ["a#0", "c#0"])
 
 
 def test_actor_count_fixes_rows_per_actor_when_asked() -> None:
@@ -151,66 +102,6 @@ def test_job_needs_a_checkpoint() -> None:
 # ---------------------------------------------------------------- real clips, real Ray
 
 
-def _in_process_embeddings(
-    lass_checkpoint: str, esc50_pool: str, s3: testing.S3Server
-) -> tuple[list[str], Embeddings, Embeddings]:
-    """Query and text embeddings without Ray: parquet rows -> AudioInputs -> the model."""
-    model, cfg = load_gpa(lass_checkpoint, s3.storage)
-    inputs = AudioInputs.from_config(cfg)
-    rows = storage.read_parquet(storage.join(esc50_pool, "clips", "esc50", "train"), s3.storage)
-    rows = rows.select(["clip_id", "audio"]).to_pylist()
-    captions = read_captions(esc50_pool, "test", storage_cfg=s3.storage)
-    with torch.inference_mode():
-        queries = model.embed_audio(inputs.collate([inputs.from_row(r) for r in rows]))
-        texts = model.embed_text(captions.column("caption").to_pylist())
-    return [r["clip_id"] for r in rows], queries, texts
-
-
-@pytest.fixture(scope="module")
-def embedded(
-    ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
-) -> Any:
-    """Query embeddings (a materialised Ray Dataset) and text embeddings, via Ray Data."""
-    settings = EmbedSettings(actors=1, cpus=0.5, batch_size=5)
-    captions = read_captions(esc50_pool, "test", storage_cfg=s3_server.storage)
-    texts = embed_captions(
-        lass_checkpoint, captions, settings=settings, storage_cfg=s3_server.storage
-    )
-    queries = embed_clips(
-        lass_checkpoint, esc50_pool, "train", settings=settings, storage_cfg=s3_server.storage
-    )
-    return queries, texts, captions
-
-
-def test_captions_are_read_clip_major(esc50_pool: str, s3_server: testing.S3Server) -> None:
-    captions = read_captions(esc50_pool, "test", storage_cfg=s3_server.storage).to_pylist()
-    # Two ESC-50 templates per test clip, in clip order, ids `<clip_id>#<caption index>`.
-    assert len(captions) == 2 * N_TEST
-    first, second = captions[0], captions[1]
-    assert first["clip_id"] == second["clip_id"]
-    assert (first["text_id"], second["text_id"]) == (
-        f"{first['clip_id']}#0",
-        f"{first['clip_id']}#1",
-    )
-    assert first["caption"].startswith("the sound of a ")
-    with pytest.raises(LoaderError, match="run ingest first"):
-        read_captions(esc50_pool, "val", storage_cfg=s3_server.storage)
-
-
-def test_ray_data_embeddings_equal_in_process(
-    embedded: Any, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
-) -> None:
-    queries_ds, texts, _ = embedded
-    ids, queries = gather_embeddings(queries_ds, "clip_id")
-    ref_ids, ref_queries, ref_texts = _in_process_embeddings(lass_checkpoint, esc50_pool, s3_server)
-    order = torch.tensor([ids.index(i) for i in ref_ids])
-    assert sorted(ids) == sorted(ref_ids) and len(ids) == N_TRAIN
-    assert torch.allclose(queries.global_[order], ref_queries.global_, atol=TOL)
-    assert torch.allclose(queries.prototypes[order], ref_queries.prototypes, atol=TOL)
-    assert torch.allclose(texts.global_, ref_texts.global_, atol=TOL)
-    assert torch.allclose(texts.prototypes, ref_texts.prototypes, atol=TOL)
-
-
 @pytest.mark.parametrize(
     ("num_actors", "block_size", "memory_budget_mb"),
     [
@@ -222,14 +113,14 @@ def test_ray_data_embeddings_equal_in_process(
     ],
 )
 def test_distributed_equals_single_process(
-    embedded: Any,
+    embedded_pool: tuple[MaterializedDataset, Embeddings, pa.Table],
     lass_checkpoint: str,
     s3_server: testing.S3Server,
     num_actors: int,
     block_size: int,
     memory_budget_mb: float,
 ) -> None:
-    queries_ds, texts, _ = embedded
+    queries_ds, texts, _ = embedded_pool
     cfg = SinkhornConfig(
         num_actors=num_actors,
         cpus_per_actor=0.25,
@@ -241,7 +132,7 @@ def test_distributed_equals_single_process(
     result = distributed_sinkhorn(lass_checkpoint, queries_ds, texts, cfg, s3_server.storage)
 
     # Reference: the whole R' in one process and the plain single-process Sinkhorn.
-    ids, queries = gather_embeddings(queries_ds, "clip_id")
+    ids, queries = fetch_embeddings(queries_ds, "clip_id")
     model, _ = load_gpa(lass_checkpoint, s3_server.storage)
     with torch.inference_mode():
         scores = model.score(queries, texts)
@@ -276,6 +167,7 @@ def test_job_end_to_end_on_s3(
     esc50_pool: str,
     lass_checkpoint: str,
     s3_server: testing.S3Server,
+    in_process_pool: tuple[list[str], Embeddings, Embeddings],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     output = s3_server.uri("bias-eval", "bias-job")
@@ -296,10 +188,10 @@ def test_job_end_to_end_on_s3(
         assert job_main("sinkhorn_bias")(argv) == 0
 
     table, meta = read_bias(output, s3)
-    ids, queries, texts = _in_process_embeddings(lass_checkpoint, esc50_pool, s3_server)
     model, _ = load_gpa(lass_checkpoint, s3)
     with torch.inference_mode():
-        _, g = sinkhorn_potentials(model.score(queries, texts), 0.05, 10)
+        scores = model.score(*in_process_pool[1:])
+    _, g = sinkhorn_potentials(scores, 0.05, 10)
     captions = read_captions(esc50_pool, "test", storage_cfg=s3)
     assert table.column("text_id").to_pylist() == captions.column("text_id").to_pylist()
     assert table.column("bias").to_pylist() == pytest.approx(g.tolist(), abs=TOL)

@@ -52,7 +52,10 @@ def test_every_preset_fits_a_node_type(cluster: dict, preset: str) -> None:
     cfg = load_config(preset)
     nodes = _worker_types(cluster)
     train = {"CPU": cfg.train.cpus_per_worker, "GPU": 1.0 if cfg.train.use_gpu else 0.0}
-    encoder = {"CPU": cfg.ingest.cpus_per_encoder, "GPU": cfg.ingest.gpus_per_encoder}
+    encoder = {
+        "CPU": cfg.ingest.encode_pool.cpus_per_actor,
+        "GPU": cfg.ingest.encode_pool.gpus_per_actor,
+    }
     assert _fits(train, nodes), f"{preset}: no node type offers a train worker {train}"
     assert _fits(encoder, nodes), f"{preset}: no node type offers an encoder {encoder}"
     gpu_nodes = sum(

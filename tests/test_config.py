@@ -12,10 +12,10 @@ from gpa_ray.config import (
     ConfigError,
     config_from_dict,
     config_to_yaml,
-    dump_config,
     load_config,
     preset_names,
 )
+from gpa_ray.storage import dump_config
 
 
 def test_defaults_without_preset() -> None:
@@ -49,7 +49,7 @@ def test_overrides_convert_to_field_types() -> None:
             "ray.num_cpus=none",
             "audioformer.codebooks=[0, 2]",
             "corpus.caption_templates=a {category},the {category}",
-            "ingest.cpus_per_encoder=1",
+            "ingest.encode_pool.cpus_per_actor=1",
         ],
     )
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
@@ -58,7 +58,9 @@ def test_overrides_convert_to_field_types() -> None:
     assert cfg.ray.num_cpus is None
     assert cfg.audioformer.codebooks == [0, 2]
     assert cfg.corpus.caption_templates == ["a {category}", "the {category}"]
-    assert cfg.ingest.cpus_per_encoder == 1.0 and isinstance(cfg.ingest.cpus_per_encoder, float)
+    assert cfg.ingest.encode_pool.cpus_per_actor == 1.0 and isinstance(
+        cfg.ingest.encode_pool.cpus_per_actor, float
+    )
 
 
 def test_override_wins_over_preset() -> None:

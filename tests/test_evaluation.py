@@ -14,7 +14,8 @@ import torch
 
 from gpa_ray import storage, testing
 from gpa_ray.audio.inputs import AudioInputs
-from gpa_ray.bias_job import read_bias, read_captions, run_bias_job
+from gpa_ray.bias_file import read_bias
+from gpa_ray.bias_job import run_bias_job
 from gpa_ray.config import Config, EvalConfig, SinkhornConfig
 from gpa_ray.evaluation import (
     CONFIG_FILE,
@@ -32,6 +33,7 @@ from gpa_ray.evaluation import (
 )
 from gpa_ray.metrics import audio_to_text_metrics, retrieval_metrics
 from gpa_ray.models.gpa_checkpoint import load_gpa
+from gpa_ray.ray_embedding import read_captions
 from gpa_ray.sinkhorn import (
     dual_softmax,
     qb_norm,
@@ -121,6 +123,13 @@ def test_rescore_methods() -> None:
         rescore(R_3X6, "sinkhorn", rescoring)
     with pytest.raises(EvaluationError, match="unknown A2T method"):
         rescore(R_3X6, "bogus", rescoring)
+
+
+def test_sinkhorn_rescoring_adds_the_text_potential() -> None:
+    bank = torch.tensor([[0.9, 0.1, 0.5, 0.4, 0.2, 0.7], [0.3, 0.8, 0.2, 0.6, 0.1, 0.4]])
+    _, g = sinkhorn_potentials(bank.double(), 0.05, 10)
+    rescored = rescore(R_3X6, "sinkhorn", Rescoring(bias=g))
+    assert torch.equal(rescored, R_3X6 + g.to(R_3X6)[None, :])
 
 
 def test_constant_shift_leaves_a2t_unchanged() -> None:

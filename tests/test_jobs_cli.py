@@ -22,13 +22,13 @@ def test_preset_name_set_and_positional_overrides() -> None:
             "--config",
             "debug",
             "--set",
-            "ingest.num_encoders=3",
+            "ingest.encode_pool.actors=3",
             "corpus.kind=esc50",
             "codec.bandwidth=6",
         ],
         "test",
     )
-    assert cfg.ingest.num_encoders == 3  # --set beats the preset (which says 2)
+    assert cfg.ingest.encode_pool.actors == 3  # --set beats the preset (which says 2)
     assert cfg.ingest.rows_per_commit == 16  # from the debug preset
     assert cfg.corpus.kind == "esc50"
     assert cfg.codec.bandwidth == 6.0
@@ -36,12 +36,19 @@ def test_preset_name_set_and_positional_overrides() -> None:
 
 def test_preset_by_path_and_later_override_wins(tmp_path: Path) -> None:
     preset = tmp_path / "mine.yaml"
-    preset.write_text("ingest:\n  output: /data/out\n  batch_size: 2\n")
+    preset.write_text("ingest:\n  output: /data/out\n  encode_pool:\n    batch_size: 2\n")
     cfg = parse_job_args(
-        ["--config", str(preset), "--set", "ingest.batch_size=5", "ingest.batch_size=7"], "test"
+        [
+            "--config",
+            str(preset),
+            "--set",
+            "ingest.encode_pool.batch_size=5",
+            "ingest.encode_pool.batch_size=7",
+        ],
+        "test",
     )
     assert cfg.ingest.output == "/data/out"
-    assert cfg.ingest.batch_size == 7
+    assert cfg.ingest.encode_pool.batch_size == 7
 
 
 def test_bad_arguments_exit_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,7 +60,7 @@ def test_bad_arguments_exit_with_a_message(capsys: pytest.CaptureFixture[str]) -
         parse_job_args(["--config", "no_such_preset"], "test")
     assert "shipped presets are" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        parse_job_args(["ingest.num_encoders=two"], "test")
+        parse_job_args(["ingest.encode_pool.actors=two"], "test")
     assert "expects int" in capsys.readouterr().err
 
 

@@ -7,14 +7,12 @@ import math
 import pytest
 import torch
 
-from gpa_ray.config import SinkhornConfig
 from gpa_ray.sinkhorn import (
     column_lse,
     column_potential,
     combine_column_lse,
     dual_softmax,
     qb_norm,
-    rescore_audio_to_text,
     row_potential,
     sinkhorn_potentials,
     sinkhorn_potentials_blockwise,
@@ -199,20 +197,3 @@ def test_dual_softmax_hand_case() -> None:
     out = dual_softmax(torch.tensor([[0.5, 0.2], [0.1, 0.4]], dtype=torch.float64), 0.1)
     assert out[0].tolist() == pytest.approx([0.491006895, 0.0238405844], abs=1e-9)
     assert out[1].tolist() == pytest.approx([0.001798621, 0.3523188312], abs=1e-9)
-
-
-def test_rescore_dispatch() -> None:
-    test = torch.tensor(TEST, dtype=torch.float64)
-    bank = torch.tensor(R_3X4, dtype=torch.float64)[:, :3]
-    _, g = sinkhorn_potentials(bank, 0.05, 10)
-    sinkhorn = rescore_audio_to_text(test, bank, SinkhornConfig())
-    assert torch.equal(sinkhorn, test + g[None, :])
-    qb = rescore_audio_to_text(test, bank, SinkhornConfig(method="qb_norm", qb_norm_beta=1.0))
-    assert torch.equal(qb, qb_norm(test, bank, 1.0, 1))
-    dsl = rescore_audio_to_text(test, None, SinkhornConfig(method="dual_softmax"))
-    assert torch.equal(dsl, dual_softmax(test, 0.01))
-    assert rescore_audio_to_text(test, None, SinkhornConfig(method="none")) is test
-    with pytest.raises(ValueError, match="querybank"):
-        rescore_audio_to_text(test, None, SinkhornConfig())
-    with pytest.raises(ValueError, match="unknown rescoring"):
-        rescore_audio_to_text(test, bank, SinkhornConfig(method="softmax"))

@@ -10,8 +10,10 @@ Per clip, `from_waveform`:
 1. resamples to the tower's rate (`features.sample_rate` for log-mel towers, 44.1 kHz
    for aisfx, 24 kHz for AudioFormer's EnCodec tokenizer);
 2. crops to `audio.max_seconds`: a random window when training (drawn from `seed`),
-   else `audio.crop` (default the start). Clips are never padded here: `collate` pads
-   per batch and passes the true lengths, so padding never counts as audio in pooling;
+   else `audio.crop` (default the start). With `audio.length_policy` "crop" (default)
+   shorter clips keep their length: `collate` pads per batch and passes the true
+   lengths, so padding never counts as audio in pooling; "pad_or_crop" zero-pads them
+   to `audio.max_seconds` first (fixed-length inputs, as PANNs train);
 3. computes the tower's input: PANNs log-mel [T, n_mels] for cnn14/resnet38/resnet50/vit,
    the aisfx front end [T, 96] for aisfx, token ids `[BOA] c+3 ... [EOA]` of codebook
    `audioformer.codebooks[0]` for audioformer (via EnCodec, or `from_codes`);
@@ -43,6 +45,8 @@ MEL_KINDS = ("cnn14", "resnet38", "resnet50", "vit", "vit_b16")
 """Towers fed with PANNs log-mel (`gpa_ray.audio.features.LogMel`)."""
 KINDS = (*MEL_KINDS, "aisfx", "audioformer")
 """Every `audio_encoder.kind`."""
+WAVEFORM_POLICIES = ("crop", "pad_or_crop")
+"""`audio.length_policy` values (see `gpa_ray.audio.io.fit_length`)."""
 MIN_FRAMES = {"mel": 32, "aisfx": 8}
 """Shortest spectrogram a tower accepts (CNN14/ResNet halve time 5 times, aisfx 3 times)."""
 
@@ -67,6 +71,16 @@ class AudioInputs:
         self.family = "mel" if kind in MEL_KINDS else kind
         self.max_seconds = cfg.audio.max_seconds
         self.crop = cfg.audio.crop
+        self.length_policy = cfg.audio.length_policy
+        if self.length_policy not in WAVEFORM_POLICIES:
+            raise ValueError(
+                f"audio.length_policy {self.length_policy!r}: choose one of {WAVEFORM_POLICIES}"
+            )
+        if kind == "audioformer" and self.length_policy != "crop":
+            raise ValueError(
+                "audio.length_policy must be 'crop' for the audioformer tower: it reads "
+                "EnCodec codes of the clip's own length (zero-padded audio would add codes)"
+            )
         self.spec_augment = cfg.audio_encoder.spec_augment
         self._tokenizer: Any = None
         if self.family == "mel":
@@ -113,7 +127,7 @@ class AudioInputs:
             raise AudioInputError(f"expected a non-empty mono waveform, got shape {wave.shape}")
         wave = resample(wave, int(sr), self.sample_rate)
         n_max = max(1, round(self.max_seconds * self.sample_rate))
-        wave = fit_length(wave, n_max, "crop", "random" if train else self.crop, seed)
+        wave = fit_length(wave, n_max, self.length_policy, "random" if train else self.crop, seed)
         if self.family == "audioformer":
             codes = self.tokenizer.encode([wave])[0]
             return self.from_codes(codes, train=False)

@@ -16,8 +16,6 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from gpa_ray.config import AudioConfig
-
 LENGTH_POLICIES = ("pad_or_crop", "crop", "none")
 CROP_MODES = ("start", "center", "random")
 
@@ -143,20 +141,10 @@ def fit_length(
     return wave
 
 
-def load_waveform(
-    data: bytes,
-    source: str,
-    target_sr: int,
-    audio_cfg: AudioConfig | None = None,
-    seed: int = 0,
-) -> np.ndarray:
-    """Decode, resample to `target_sr`, and (with a config) apply its length policy."""
+def load_waveform(data: bytes, source: str, target_sr: int) -> np.ndarray:
+    """Decode and resample to `target_sr` (model inputs are shaped by `AudioInputs`)."""
     wave, sr = decode_audio(data, source)
-    wave = resample(wave, sr, target_sr)
-    if audio_cfg is not None:
-        n_samples = round(audio_cfg.max_seconds * target_sr)
-        wave = fit_length(wave, n_samples, audio_cfg.length_policy, audio_cfg.crop, seed)
-    return wave
+    return resample(wave, sr, target_sr)
 
 
 def encode_flac(wave: np.ndarray, sr: int) -> bytes:

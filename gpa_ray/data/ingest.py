@@ -18,7 +18,7 @@ Design (streaming, resumable, correct; in the order a run does it):
    EnCodec model once, runs torch on one thread (or its GPU), and for each unit reads
    that unit's manifest rows, fetches the bytes through `gpa_ray.storage` on a few
    threads while it encodes, then decodes, resamples, tokenises and FLAC-encodes clip by
-   clip (EnCodec batches of `ingest.batch_size` on a GPU). A failure of one clip becomes
+   clip (EnCodec batches of `ingest.encode_pool.batch_size` on a GPU). A failure of one clip becomes
    an error row (stage locate | read | decode | encode) and never stops the unit or the
    job. Units, not clips, are the dataset rows because a unit must be written as one
    file by one writer to commit atomically: regrouping clip rows into units after a
@@ -62,7 +62,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from gpa_ray import storage
-from gpa_ray.config import Config, config_from_dict, dump_config
+from gpa_ray.config import Config, config_from_dict
 from gpa_ray.data import schema
 from gpa_ray.data.corpora import corpus_name, iter_manifest
 
@@ -429,12 +429,12 @@ class UnitEncoder:
         torch.set_num_threads(1)
         self.cfg = config_from_dict(cfg)
         device = self.cfg.codec.device
-        if self.cfg.ingest.gpus_per_encoder > 0 and device == "cpu":
+        if self.cfg.ingest.encode_pool.gpus_per_actor > 0 and device == "cpu":
             device = "cuda"
         self.encoder = ClipEncoder(self.cfg, device=device)
         # Batching pays on a GPU; on CPU EnCodec is no faster batched and padding to the
         # longest clip of a batch would only add work.
-        self.encode_batch = max(1, self.cfg.ingest.batch_size) if device != "cpu" else 1
+        self.encode_batch = max(1, self.cfg.ingest.encode_pool.batch_size) if device != "cpu" else 1
         self.layout = Layout(self.cfg.ingest.output, corpus)
         self.pool = ThreadPoolExecutor(max(1, self.cfg.ingest.read_threads))
 
@@ -548,7 +548,7 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     output = cfg.ingest.output
     layout = Layout(output, corpus_name(cfg.corpus))
     remove_stale_temporaries(cfg, output)
-    dump_config(cfg, storage.join(output, "config.yaml"))
+    storage.dump_config(cfg, storage.join(output, "config.yaml"))
     marker = load_or_build_manifest(cfg, layout)
     done = committed_units(cfg, layout)
     todo = [u for u in marker["units"] if u["unit"] not in done]
@@ -560,14 +560,14 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     new_stats: list[dict[str, Any]] = []
     if todo:
         items = [{"unit": u["unit"], "split": u["split"], "file": u["file"]} for u in todo]
-        encoders = max(1, min(cfg.ingest.num_encoders, len(items)))
+        encoders = max(1, min(cfg.ingest.encode_pool.actors, len(items)))
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             UnitEncoder,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=encoders, max_tasks_in_flight_per_actor=1),
             fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "corpus": layout.corpus},
-            num_cpus=cfg.ingest.cpus_per_encoder,
-            num_gpus=cfg.ingest.gpus_per_encoder or None,
+            num_cpus=cfg.ingest.encode_pool.cpus_per_actor,
+            num_gpus=cfg.ingest.encode_pool.gpus_per_actor or None,
         )
         for stats in dataset.iter_rows():
             new_stats.append(stats)

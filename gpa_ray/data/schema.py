@@ -11,6 +11,9 @@ Three tables flow through ingest:
 - the *errors* table: one row per input that failed, naming the stage that failed, so
   nothing is ever dropped silently.
 
+Captions are addressed by `text_id` (`<clip_id>#<caption index>`) in every later table:
+the text bias, the index's text side and the evaluation pool.
+
 Everything that writes or validates these tables imports the schemas from here.
 """
 
@@ -73,6 +76,11 @@ ERROR_SCHEMA = pa.schema(
     ]
 )
 """One failed input: `stage` is one of `STAGES`, `error` is "ExceptionType: message"."""
+
+
+def text_id(clip_id: str, caption_index: int) -> str:
+    """The id of a clip's caption: stable, unique, and the key the text bias is joined on."""
+    return f"{clip_id}#{caption_index}"
 
 
 def codes_array(codes: list[Any]) -> pa.ListArray:

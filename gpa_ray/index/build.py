@@ -1,17 +1,18 @@
 """Batch index build on Ray Data: clip shards -> GPA embeddings -> an index version.
 
-1. **Units.** Every clip shard under `index.input` (local or `s3://`; default
-   `<ingest.output>/clips`) is one work unit, numbered in sorted order. The list of shards
-   and the settings that shape the output (checkpoint, dtype, splits, audio, bias) are
-   stored as `build.json` in the version folder; the version name defaults to a hash of
-   them, so rerunning the same command resumes the same version, and a rerun with other
-   settings under an explicit `index.version` is refused rather than mixing outputs.
+1. **Units.** Every clip shard under `index.input` (local or `s3://`; an ingest output,
+   whose `clips/` are read, or a folder of shards; default `ingest.output`) is one work
+   unit, numbered in sorted order. The list of shards and the settings that shape the
+   output (checkpoint, dtype, splits, audio, bias) are stored as `build.json` in the
+   version folder; the version name defaults to a hash of them, so rerunning the same
+   command resumes the same version, and a rerun with other settings under an explicit
+   `index.version` is refused rather than mixing outputs.
 2. **Skip committed units.** A unit is done iff `_commits/unit-N.json` exists.
 3. **Embed on an actor pool.** `map_batches(IndexEmbedder, compute=ActorPoolStrategy)`
    with fractional CPUs; each actor loads the GPA checkpoint once, runs torch on one
    thread, and per unit reads the shard's rows (filtered to `index.splits`), turns each
    clip into tower inputs through `AudioInputs` (the same path training and the audio
-   query endpoint use), embeds clips and their captions in batches of `index.batch_size`
+   query endpoint use), embeds clips and their captions in batches of `index.embed_pool.batch_size`
    (identical caption strings once), and writes the unit's clips and texts shards (each
    atomic) and then its commit marker. A clip that cannot be embedded (no audio, an
    undecodable FLAC) is recorded in the marker and the summary, never silently dropped,
@@ -37,10 +38,13 @@ import pyarrow.parquet as pq
 import torch
 
 from gpa_ray import storage
-from gpa_ray.config import Config, config_from_dict, dump_config
+from gpa_ray.bias_file import read_bias
+from gpa_ray.config import Config, config_from_dict, resolve_stage_uris
 from gpa_ray.data.loaders import shard_split
+from gpa_ray.embedding_table import DTYPES
 from gpa_ray.index import store
 from gpa_ray.models.gpa import Embeddings
+from gpa_ray.ray_embedding import check_cpu_pool
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +60,9 @@ class IndexBuildError(RuntimeError):
 def source_uri(cfg: Config) -> str:
     """The folder of clip shards to index: `index.input`, which may be an ingest output
     (the URI `train.data`, `sinkhorn.queries` and `eval.data` take: its `clips/` are
-    read, never its manifest) or a folder of shards; empty: `<ingest.output>/clips`."""
+    read, never its manifest) or a folder of shards."""
     if not cfg.index.input:
-        return storage.join(cfg.ingest.output, "clips")
+        raise IndexBuildError("index.input is empty: set it to an ingest output or its clips/")
     clips = storage.join(cfg.index.input, "clips")
     return clips if storage.exists(clips, cfg.storage) else cfg.index.input
 
@@ -83,8 +87,6 @@ def check_bias_split(cfg: Config, source: str, files: Sequence[str]) -> None:
     work)."""
     if not cfg.index.bias:
         return
-    from gpa_ray.bias_job import read_bias
-
     _, metadata = read_bias(cfg.index.bias, cfg.storage)
     bias_split = (metadata.get("texts") or {}).get("split")
     indexed = set(cfg.index.splits) or {shard_split(source, uri) for uri in files}
@@ -163,7 +165,7 @@ class IndexEmbedder:
         ok: list[dict[str, Any]] = []
         parts: list[Embeddings] = []
         failed: list[dict[str, str]] = []
-        for chunk in _chunks(rows, self.cfg.index.batch_size):
+        for chunk in _chunks(rows, self.cfg.index.embed_pool.batch_size):
             items, kept = [], []
             for row in chunk:
                 try:
@@ -184,7 +186,7 @@ class IndexEmbedder:
         distinct = list(dict.fromkeys(texts))
         parts = [
             self.model.embed_text(list(chunk))
-            for chunk in _chunks(distinct, 4 * self.cfg.index.batch_size)
+            for chunk in _chunks(distinct, 4 * self.cfg.index.embed_pool.batch_size)
         ]
         where = {t: i for i, t in enumerate(distinct)}
         return Embeddings.cat(parts)[torch.tensor([where[t] for t in texts], dtype=torch.long)]
@@ -204,10 +206,12 @@ class IndexEmbedder:
                 self.embed_texts([t["text"] for t in texts]) if texts else _empty_like(clip_emb)
             )
             dtype = cfg.index.dtype
-            clips_table = store.clips_table(ok, clip_emb, dtype, cfg.index.store_audio)
+            clips_table = store.index_clips_table(ok, clip_emb, dtype, cfg.index.store_audio)
             store.write_table(layout.clips_file(unit), clips_table, cfg.storage)
             store.write_table(
-                layout.texts_file(unit), store.texts_table(texts, text_emb, dtype), cfg.storage
+                layout.texts_file(unit),
+                store.index_texts_table(texts, text_emb, dtype),
+                cfg.storage,
             )
             marker.update(
                 texts=len(texts),
@@ -246,15 +250,13 @@ def _check_settings(cfg: Config, layout: store.IndexLayout, settings: dict[str, 
             )
         return
     storage.write_bytes(layout.build_settings, json.dumps(settings, indent=2).encode(), cfg.storage)
-    dump_config(cfg, storage.join(layout.dir, "config.yaml"))
+    storage.dump_config(cfg, storage.join(layout.dir, "config.yaml"))
 
 
 def _bias(cfg: Config, layout: store.IndexLayout, text_files: list[str]) -> dict[str, Any] | None:
     """Copy the bias of the indexed captions into the version; its provenance for the manifest."""
     if not cfg.index.bias:
         return None
-    from gpa_ray.bias_job import read_bias
-
     bias_table, metadata = read_bias(cfg.index.bias, cfg.storage)
     text_ids: list[str] = []
     for name in text_files:
@@ -280,8 +282,8 @@ def plan_build(cfg: Config) -> BuildPlan:
     """Check the config, list the shards, name the version and record its settings."""
     if not cfg.index.checkpoint:
         raise IndexBuildError("index.checkpoint is required: the GPA checkpoint URI to embed with")
-    if cfg.index.dtype not in store.DTYPES:
-        raise IndexBuildError(f"index.dtype must be one of {sorted(store.DTYPES)}")
+    if cfg.index.dtype not in DTYPES:
+        raise IndexBuildError(f"index.dtype must be one of {sorted(DTYPES)}")
     source = source_uri(cfg)
     files = storage.list_files(source, ".parquet", cfg.storage)
     if not files:
@@ -298,7 +300,7 @@ def embed_units(cfg: Config, plan: BuildPlan, units: Sequence[int]) -> int:
     """Embed and commit `units` on a Ray Data actor pool; the number of clips embedded."""
     import ray
 
-    workers = max(1, min(cfg.index.num_workers, len(units)))
+    workers = max(1, min(cfg.index.embed_pool.actors, len(units)))
     dataset = ray.data.from_items(
         [{"unit": u} for u in units], override_num_blocks=len(units)
     ).map_batches(
@@ -310,7 +312,7 @@ def embed_units(cfg: Config, plan: BuildPlan, units: Sequence[int]) -> int:
             "version": plan.layout.version,
             "files": plan.files,
         },
-        num_cpus=cfg.index.cpus_per_worker,
+        num_cpus=cfg.index.embed_pool.cpus_per_actor,
     )
     clips = 0
     for stats in dataset.iter_rows():
@@ -373,6 +375,8 @@ def run_build_index(cfg: Config) -> dict[str, Any]:
     Needs a running Ray (see `gpa_ray.jobs_cli.init_ray`).
     """
     started = time.perf_counter()
+    cfg = resolve_stage_uris(cfg)
+    check_cpu_pool(cfg.index.embed_pool, "index.embed_pool")
     plan = plan_build(cfg)
     layout = plan.layout
     if storage.exists(layout.manifest, cfg.storage):

@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import io
 import json
-import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,42 +37,29 @@ import pyarrow.parquet as pq
 import torch
 
 from gpa_ray import storage
+from gpa_ray.bias_file import BiasFileError, align_to_texts
 from gpa_ray.config import StorageConfig
+from gpa_ray.data.schema import CLIP_SCHEMA, MANIFEST_SCHEMA, text_id
+from gpa_ray.embedding_table import VECTOR_COLUMNS, embedding_columns, embeddings_from_table
 from gpa_ray.models.gpa import Embeddings
 
 FORMAT_VERSION = 1
-DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 ROW_GROUP_SIZE = 64
 """Rows per parquet row group: reading one clip's audio reads at most this many rows."""
 
-STRINGS = pa.list_(pa.string())
-
-CLIP_META_FIELDS = [
-    pa.field("clip_id", pa.string(), nullable=False),
-    pa.field("corpus", pa.string(), nullable=False),
-    pa.field("split", pa.string(), nullable=False),
-    pa.field("source_uri", pa.string(), nullable=False),
-    pa.field("start_s", pa.float32(), nullable=False),
-    pa.field("duration_s", pa.float32(), nullable=False),
-    pa.field("captions", STRINGS, nullable=False),
-    pa.field("labels", STRINGS, nullable=False),
-]
+CLIP_META_FIELDS = [CLIP_SCHEMA.field(name) for name in MANIFEST_SCHEMA.names]
+"""A clip's metadata as its clip shard holds it (the manifest columns, decoded duration)."""
 TEXT_META_FIELDS = [
     pa.field("text_id", pa.string(), nullable=False),
     pa.field("clip_id", pa.string(), nullable=False),
     pa.field("caption_index", pa.int32(), nullable=False),
     pa.field("text", pa.string(), nullable=False),
 ]
-AUDIO_FIELDS = [pa.field("audio", pa.binary()), pa.field("audio_sample_rate", pa.int32())]
+AUDIO_FIELDS = [CLIP_SCHEMA.field("audio"), CLIP_SCHEMA.field("audio_sample_rate")]
 
 
 class IndexFormatError(LookupError):
     """An index URI holds no loadable version, or a version is inconsistent."""
-
-
-def text_id(clip_id: str, caption_index: int) -> str:
-    """The id of a clip's caption: stable, unique, and the key the text bias is joined on."""
-    return f"{clip_id}#{caption_index}"
 
 
 @dataclass(frozen=True)
@@ -171,42 +157,21 @@ class IndexManifest:
 # --------------------------------------------------------------------------- writing
 
 
-def _vectors(values: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
-    """[N, ...] float tensor -> fixed-size list column of its flattened rows."""
-    if dtype not in DTYPES:
-        raise ValueError(f"index dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    width = math.prod(values.shape[1:])
-    array = values.detach().to("cpu", torch.float32).reshape(values.shape[0], width).numpy()
-    flat = pa.array(array.astype(np.dtype(dtype)).reshape(-1), type=DTYPES[dtype])
-    return pa.FixedSizeListArray.from_arrays(flat, width)
-
-
-def _embedding_columns(emb: Embeddings, dtype: str) -> dict[str, pa.Array]:
-    cols = {"global": _vectors(emb.global_, dtype)}
-    if emb.prototypes is not None:
-        cols["prototypes"] = _vectors(emb.prototypes, dtype)
-    return cols
-
-
 def _table(
     meta_fields: list[pa.Field], rows: Sequence[dict[str, Any]], emb: Embeddings, dtype: str
 ) -> pa.Table:
     if len(rows) != len(emb):
         raise ValueError(f"{len(rows)} rows but {len(emb)} embeddings")
     arrays = {f.name: pa.array([r.get(f.name) for r in rows], type=f.type) for f in meta_fields}
-    arrays.update(_embedding_columns(emb, dtype))
+    arrays.update(embedding_columns(emb, dtype))
     fields = [
         *meta_fields,
-        *(
-            pa.field(n, a.type, nullable=False)
-            for n, a in arrays.items()
-            if n in ("global", "prototypes")
-        ),
+        *(pa.field(n, a.type, nullable=False) for n, a in arrays.items() if n in VECTOR_COLUMNS),
     ]
     return pa.Table.from_arrays([arrays[f.name] for f in fields], schema=pa.schema(fields))
 
 
-def clips_table(
+def index_clips_table(
     rows: Sequence[dict[str, Any]], emb: Embeddings, dtype: str, store_audio: bool
 ) -> pa.Table:
     """Index rows of clips: metadata (clip shard columns), vectors, and FLAC audio if kept."""
@@ -217,7 +182,7 @@ def clips_table(
     return table
 
 
-def texts_table(rows: Sequence[dict[str, Any]], emb: Embeddings, dtype: str) -> pa.Table:
+def index_texts_table(rows: Sequence[dict[str, Any]], emb: Embeddings, dtype: str) -> pa.Table:
     """Index rows of captions: `text_id`, `clip_id`, `caption_index`, `text`, vectors."""
     return _table(TEXT_META_FIELDS, rows, emb, dtype)
 
@@ -289,18 +254,6 @@ def _read_tables(
         return list(pool.map(read, uris))
 
 
-def _tensor(column: pa.ChunkedArray, shape: tuple[int, ...]) -> torch.Tensor:
-    flat = np.array(column.combine_chunks().flatten(), dtype=np.float32, copy=True)
-    return torch.from_numpy(flat.reshape(shape))
-
-
-def _embeddings(table: pa.Table, manifest: IndexManifest) -> Embeddings:
-    n, e, p = table.num_rows, manifest.embed_dim, manifest.n_prototypes
-    global_ = _tensor(table.column("global"), (n, e))
-    protos = _tensor(table.column("prototypes"), (n, p, e)) if p else None
-    return Embeddings(global_, protos)
-
-
 @dataclass
 class IndexSide:
     """One side of an index in memory: float32 embeddings, ids, metadata rows by position."""
@@ -320,13 +273,13 @@ def _side(tables: list[pa.Table], id_column: str, manifest: IndexManifest) -> In
         empty = Embeddings(torch.zeros(0, e), torch.zeros(0, p, e) if p else None)
         return IndexSide([], empty, [], {})
     table = pa.concat_tables(tables)
-    meta_columns = [c for c in table.column_names if c not in ("global", "prototypes")]
+    meta_columns = [c for c in table.column_names if c not in VECTOR_COLUMNS]
     metadata = table.select(meta_columns).to_pylist()
     ids = [row[id_column] for row in metadata]
     positions = {i: n for n, i in enumerate(ids)}
     if len(positions) != len(ids):
         raise IndexFormatError(f"index version {manifest.version} has duplicate {id_column}s")
-    return IndexSide(ids, _embeddings(table, manifest), metadata, positions)
+    return IndexSide(ids, embeddings_from_table(table), metadata, positions)
 
 
 class LoadedIndex:
@@ -424,27 +377,18 @@ def load_index(uri: str, storage_cfg: StorageConfig | None = None) -> LoadedInde
         )
     bias = None
     if manifest.bias is not None:
-        bias = align_bias(storage.read_parquet(layout.bias_file, storage_cfg), texts.ids)
+        bias = align_bias(storage.read_parquet(layout.bias_file, storage_cfg), texts.ids).float()
     file_rows = [t.num_rows for t in clip_tables]
     return LoadedIndex(layout, manifest, clips, texts, bias, file_rows, storage_cfg)
 
 
 def align_bias(bias_table: pa.Table, text_ids: Sequence[str]) -> torch.Tensor:
-    """The bias of every text in `text_ids` order; every text must have one."""
-    by_id = dict(
-        zip(
-            bias_table.column("text_id").to_pylist(),
-            bias_table.column("bias").to_pylist(),
-            strict=True,
-        )
-    )
-    missing = [t for t in text_ids if t not in by_id]
-    if missing:
-        raise IndexFormatError(
-            f"the text bias covers {len(text_ids) - len(missing)} of {len(text_ids)} index "
-            f"texts; missing e.g. {missing[:3]}"
-        )
-    return torch.tensor([by_id[t] for t in text_ids], dtype=torch.float32)
+    """The bias of every index text in `text_ids` order (`bias_file.align_to_texts`); a text
+    without one makes the version inconsistent."""
+    try:
+        return align_to_texts(bias_table, "bias", text_ids)
+    except BiasFileError as exc:
+        raise IndexFormatError(f"index text bias: {exc}") from exc
 
 
 def utc_now() -> str:
@@ -485,9 +429,9 @@ def write_version(
     """
     layout = IndexLayout(root, version)
     texts = caption_rows(clips)
-    clip_table = clips_table(clips, clip_emb, dtype, store_audio)
+    clip_table = index_clips_table(clips, clip_emb, dtype, store_audio)
     write_table(layout.clips_file(0), clip_table, storage_cfg)
-    write_table(layout.texts_file(0), texts_table(texts, text_emb, dtype), storage_cfg)
+    write_table(layout.texts_file(0), index_texts_table(texts, text_emb, dtype), storage_cfg)
     if bias is not None:
         write_bias(layout, [t["text_id"] for t in texts], bias, storage_cfg)
         bias_info = bias_info or {}

@@ -9,7 +9,7 @@ scores every audio x text pair with a prototype scorer (LASS by default,
 "none" the prototype branch is not built at all and R = S_g: the plain dual-encoder (DP)
 baseline.
 
-Scoring a whole pool is done in audio x text blocks (`iter_score_blocks`, `score_pool`)
+Scoring a whole pool is done in audio x text tiles (`iter_score_tiles`, `score_pool`)
 so that the largest intermediate is [a_block, t_block, K+1, K+1] whatever the pool size.
 """
 
@@ -65,7 +65,7 @@ class Embeddings:
         return Embeddings(global_, torch.cat([p.prototypes for p in parts]))
 
 
-class ScoreBlock(NamedTuple):
+class ScoreTile(NamedTuple):
     """Scores of audio items [audio_start, audio_start + rows) x texts [text_start, ...)."""
 
     audio_start: int
@@ -193,16 +193,16 @@ class GPAModel(nn.Module):
             return global_score
         return global_score + self.prototype_score(audio_emb, text_emb)
 
-    def iter_score_blocks(
+    def iter_score_tiles(
         self,
         audio_emb: Embeddings,
         text_emb: Embeddings,
         block_size: int = 1024,
         text_block_size: int | None = None,
         device: torch.device | str | None = None,
-    ) -> Iterator[ScoreBlock]:
-        """Yield R in audio-major blocks of at most block_size x text_block_size, never
-        holding the full [A, T] matrix; blocks are computed on `device` (default: where the
+    ) -> Iterator[ScoreTile]:
+        """Yield R in audio-major tiles of at most block_size x text_block_size, never
+        holding the full [A, T] matrix; tiles are computed on `device` (default: where the
         embeddings are) and yielded there."""
         if block_size <= 0 or (text_block_size is not None and text_block_size <= 0):
             raise ValueError("block sizes must be positive")
@@ -211,7 +211,7 @@ class GPAModel(nn.Module):
             audio_part = audio_emb[a0 : a0 + block_size].to(device)
             for t0 in range(0, len(text_emb), t_block):
                 text_part = text_emb[t0 : t0 + t_block].to(device)
-                yield ScoreBlock(a0, t0, self.score(audio_part, text_part))
+                yield ScoreTile(a0, t0, self.score(audio_part, text_part))
 
     def score_pool(
         self,
@@ -222,15 +222,13 @@ class GPAModel(nn.Module):
         device: torch.device | str | None = None,
     ) -> Tensor:
         """R for a whole pool, [A, T] on the embeddings' device, computed block by block so
-        the working memory beyond the output is bounded by the block sizes. Wrap in
+        the working memory beyond the output is bounded by the tile sizes. Wrap in
         `torch.no_grad()` for inference: with autograd every block's graph is kept."""
         out = audio_emb.global_.new_empty(len(audio_emb), len(text_emb))
-        for block in self.iter_score_blocks(
-            audio_emb, text_emb, block_size, text_block_size, device
-        ):
-            rows, cols = block.scores.shape
+        for tile in self.iter_score_tiles(audio_emb, text_emb, block_size, text_block_size, device):
+            rows, cols = tile.scores.shape
             out[
-                block.audio_start : block.audio_start + rows,
-                block.text_start : block.text_start + cols,
-            ] = block.scores.to(out.device)
+                tile.audio_start : tile.audio_start + rows,
+                tile.text_start : tile.text_start + cols,
+            ] = tile.scores.to(out.device)
         return out

@@ -22,7 +22,8 @@ from typing import Any
 import soundfile as sf
 import torch
 
-from gpa_ray.config import Config
+from gpa_ray.config import Config, resolve_stage_uris
+from gpa_ray.data.schema import text_id
 from gpa_ray.index.search import IndexSearcher
 from gpa_ray.index.store import LoadedIndex, load_index, read_manifest, resolve_version
 from gpa_ray.models.gpa import Embeddings, GPAModel
@@ -39,7 +40,8 @@ class IndexMismatchError(RuntimeError):
 
 
 def index_uri(cfg: Config) -> str:
-    return cfg.serve.index_uri or cfg.index.output
+    """The index root (or version) Serve follows: `serve.index_uri`, else `index.output`."""
+    return resolve_stage_uris(cfg).serve.index_uri
 
 
 def load_model(cfg: Config, checkpoint: str) -> tuple[GPAModel, Config]:
@@ -212,8 +214,6 @@ class SearchService:
 
 
 def _caption_ids(index: LoadedIndex, clip_id: str) -> list[str]:
-    from gpa_ray.index.store import text_id
-
     pos = index.clips.positions[clip_id]
     n = len(index.clips.metadata[pos]["captions"])
     return [t for t in (text_id(clip_id, i) for i in range(n)) if t in index.texts.positions]

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from gpa_ray import storage
-from gpa_ray.config import Config, dump_config
+from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.data import loaders
 from gpa_ray.train import checkpoints, history
 from gpa_ray.train.loop import TrainLoop
@@ -66,7 +66,7 @@ def run_uri(cfg: Config) -> str:
 
 def data_uri(cfg: Config) -> str:
     """The ingest output to train on: `train.data`, else `ingest.output`."""
-    return cfg.train.data or cfg.ingest.output
+    return resolve_stage_uris(cfg).train.data
 
 
 def checkpoint_metric(loop: TrainLoop, has_val: bool) -> tuple[str, str]:
@@ -175,7 +175,7 @@ def fit(loop: TrainLoop, datasets: dict[str, Any] | None = None) -> TrainResult:
     cfg = loop.cfg
     uri = run_uri(cfg)
     datasets = datasets if datasets is not None else clip_datasets(loop)
-    dump_config(cfg, storage.join(uri, "config.yaml"))
+    storage.dump_config(cfg, storage.join(uri, "config.yaml"))
     result = build_trainer(loop, datasets).fit()
     metric, mode = checkpoint_metric(loop, "val" in datasets)
     latest = checkpoints.latest_checkpoint(uri, cfg.storage)

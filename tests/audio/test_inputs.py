@@ -51,6 +51,29 @@ def test_mel_inputs_are_logmel_of_the_resampled_start_crop() -> None:
     torch.testing.assert_close(out["logmel"], expected)
 
 
+def test_length_policy_pads_short_clips_only_when_asked() -> None:
+    wave = _tone(0.5, 32000)
+    cropped = AudioInputs.from_config(_cfg(max_seconds=1.0)).from_waveform(wave, 32000)
+    padded_cfg = dataclasses.replace(
+        _cfg(max_seconds=1.0), audio=AudioConfig(max_seconds=1.0, length_policy="pad_or_crop")
+    )
+    padded = AudioInputs.from_config(padded_cfg).from_waveform(wave, 32000)
+    # 0.5 s -> 1 + 16000 // 320 = 51 frames; zero-padded to 1 s -> 101 frames: the
+    # log-mel of the clip followed by 0.5 s of silence.
+    assert int(cropped["lengths"]) == 51 and int(padded["lengths"]) == 101
+    expected = np.pad(wave, (0, 16000))
+    reference = LogMel(padded_cfg.features)(torch.from_numpy(expected)[None])[0]
+    torch.testing.assert_close(padded["logmel"], reference)
+    bad = dataclasses.replace(padded_cfg, audio=AudioConfig(length_policy="none"))
+    with pytest.raises(ValueError, match="audio.length_policy 'none'"):
+        AudioInputs.from_config(bad)
+    codes_cfg = dataclasses.replace(
+        _cfg("audioformer"), audio=AudioConfig(length_policy="pad_or_crop")
+    )
+    with pytest.raises(ValueError, match="must be 'crop' for the audioformer"):
+        AudioInputs.from_config(codes_cfg)
+
+
 def test_training_crop_is_random_per_seed_and_reproducible() -> None:
     cfg = _cfg(max_seconds=1.0, spec_augment=False)
     inputs = AudioInputs.from_config(cfg)

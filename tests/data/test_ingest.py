@@ -262,7 +262,7 @@ def test_bad_files_become_error_rows_and_rerun_skips(
         f"corpus.root={tmp_path / 'corpus'}",
         f"ingest.output={out}",
         "ingest.rows_per_commit=2",
-        "ingest.num_encoders=1",
+        "ingest.encode_pool.actors=1",
     ]
     main = job_main("ingest")
     assert main(args) == 0
@@ -311,7 +311,12 @@ def test_demo_corpora_subset(
 ) -> None:
     out = str(tmp_path / "out")
     args = [f"corpus.kind={kind}", f"corpus.root={shared_data / folder}", f"ingest.output={out}"]
-    args += [*extra, f"corpus.limit={limit}", "ingest.num_encoders=1", "ingest.store_audio=false"]
+    args += [
+        *extra,
+        f"corpus.limit={limit}",
+        "ingest.encode_pool.actors=1",
+        "ingest.store_audio=false",
+    ]
     assert job_main("ingest")(args) == 0
     _check_demo(out, args, limit)
 
@@ -338,7 +343,7 @@ def test_esc50_subset_to_s3(ray_session, shared_data: Path, s3_server) -> None:
         "corpus.limit=4",
         f"ingest.output={out}",
         *s3_server.overrides(),
-        "ingest.num_encoders=1",
+        "ingest.encode_pool.actors=1",
     ]
     assert job_main("ingest")(args) == 0
     _check_esc50(out, 4, s3_server.storage)

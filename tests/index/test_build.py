@@ -15,6 +15,7 @@ import torch
 from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import Config, load_config
+from gpa_ray.data.schema import text_id
 from gpa_ray.index import store
 from gpa_ray.index.build import (
     IndexBuildError,
@@ -34,8 +35,8 @@ def _args(clips: str, checkpoint: str, output: Path, *extra: str) -> list[str]:
         f"index.checkpoint={checkpoint}",
         f"index.output={output}",
         "index.dtype=float32",
-        "index.num_workers=1",
-        "index.batch_size=3",
+        "index.embed_pool.actors=1",
+        "index.embed_pool.batch_size=3",
         *extra,
     ]
 
@@ -151,10 +152,10 @@ def test_build_job_resumes_and_reruns_are_no_ops(
 def test_bias_is_joined_and_must_cover_every_caption(
     esc50_clips: str, gpa_checkpoint: str, tmp_path: Path
 ) -> None:
-    from gpa_ray.bias_job import BIAS_FILE, BIAS_SCHEMA, META_FILE
+    from gpa_ray.bias_file import BIAS_FILE, BIAS_SCHEMA, META_FILE
 
     rows = _rows(esc50_clips)
-    ids = [store.text_id(r["clip_id"], i) for r in rows for i in range(len(r["captions"]))]
+    ids = [text_id(r["clip_id"], i) for r in rows for i in range(len(r["captions"]))]
     bias_dir = tmp_path / "bias"
     table = pa.table(
         {
@@ -219,7 +220,7 @@ def test_a_bias_of_one_split_refuses_an_index_of_others_before_embedding(
     """The bias job covers the captions of `sinkhorn.texts_split`; indexing every split
     (here the shards' only split, train) with a test-split bias is refused by the plan,
     naming the setting that fixes it, and `index.splits` equal to the bias's split plans."""
-    from gpa_ray.bias_job import BIAS_FILE, BIAS_SCHEMA, META_FILE
+    from gpa_ray.bias_file import BIAS_FILE, BIAS_SCHEMA, META_FILE
 
     bias_dir = tmp_path / "bias"
     storage.write_parquet(str(bias_dir / BIAS_FILE), BIAS_SCHEMA.empty_table())

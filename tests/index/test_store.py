@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gpa_ray import storage
+from gpa_ray.embedding_table import DTYPES
 from gpa_ray.index import store
 from gpa_ray.testing import random_unit_embeddings, synthetic_index_clips
 
@@ -67,8 +68,8 @@ def test_vectors_round_trip(tmp_path: Path, dtype: str) -> None:
     assert index.clips.embeddings.global_.dtype == torch.float32
     assert (manifest.n_clips, manifest.n_texts, manifest.n_prototypes) == (7, 14, 4)
     shard = pq.read_table(tmp_path / "v1" / manifest.clip_files[0])
-    assert shard.schema.field("global").type == pa.list_(store.DTYPES[dtype], 16)
-    assert shard.schema.field("prototypes").type == pa.list_(store.DTYPES[dtype], 64)
+    assert shard.schema.field("global").type == pa.list_(DTYPES[dtype], 16)
+    assert shard.schema.field("prototypes").type == pa.list_(DTYPES[dtype], 64)
 
 
 def test_latest_and_version_uris(tmp_path: Path) -> None:
@@ -121,7 +122,7 @@ def test_clip_audio_is_read_from_its_row_group(tmp_path: Path) -> None:
 def test_bias_must_cover_every_text(tmp_path: Path) -> None:
     table = pa.table({"text_id": ["b", "a", "x"], "bias": [2.0, 1.0, 9.0]})
     torch.testing.assert_close(store.align_bias(table, ["a", "b"]), torch.tensor([1.0, 2.0]))
-    with pytest.raises(store.IndexFormatError, match="covers 1 of 2"):
+    with pytest.raises(store.IndexFormatError, match="covers 1 of the 2"):
         store.align_bias(table, ["a", "c"])
     texts = store.caption_rows(clip_rows(2))
     bias = pa.table({"text_id": [t["text_id"] for t in texts][::-1], "bias": [0.1, 0.2, 0.3, 0.4]})

@@ -94,7 +94,7 @@ def test_chunked_pool_equals_batch_on_a_larger_pool_with_ragged_blocks() -> None
             model.score_pool(audio, text, block_size=64), batch, atol=1e-5, rtol=0
         )
         seen = torch.zeros(23, 17, dtype=torch.int64)
-        for block in model.iter_score_blocks(audio, text, block_size=4, text_block_size=6):
+        for block in model.iter_score_tiles(audio, text, block_size=4, text_block_size=6):
             rows, cols = block.scores.shape
             assert rows <= 4 and cols <= 6
             window = (
@@ -105,7 +105,7 @@ def test_chunked_pool_equals_batch_on_a_larger_pool_with_ragged_blocks() -> None
             seen[window] += 1
     assert (seen == 1).all()
     with pytest.raises(ValueError, match="positive"):
-        next(model.iter_score_blocks(audio, text, block_size=0))
+        next(model.iter_score_tiles(audio, text, block_size=0))
 
 
 class _LargestTensor(TorchDispatchMode):

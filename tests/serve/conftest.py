@@ -21,7 +21,7 @@ import uvicorn
 
 from gpa_ray import storage, testing
 from gpa_ray.config import Config, load_config
-from gpa_ray.index import store
+from gpa_ray.data.schema import text_id
 from gpa_ray.serve.local import local_app
 from gpa_ray.testing import job_main
 
@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def write_bias(uri: str, text_ids: list[str], values: list[float], storage_cfg) -> None:
     """A bias folder in the bias job's format (`gpa_ray.bias_job`)."""
-    from gpa_ray.bias_job import BIAS_FILE, BIAS_SCHEMA, META_FILE
+    from gpa_ray.bias_file import BIAS_FILE, BIAS_SCHEMA, META_FILE
 
     n = len(text_ids)
     table = pa.table(
@@ -64,7 +64,7 @@ def served_index(
     ingest = tmp_path_factory.getbasetemp() / "esc50-ingest-8"  # shared with tests/index
     testing.tiny_esc50_ingest(str(ingest), n_clips=8)
     clips = storage.read_parquet(str(ingest / "clips")).to_pylist()
-    text_ids = [store.text_id(c["clip_id"], i) for c in clips for i in range(len(c["captions"]))]
+    text_ids = [text_id(c["clip_id"], i) for c in clips for i in range(len(c["captions"]))]
     bias = {t: round(0.05 * ((7 * n) % 11) - 0.25, 4) for n, t in enumerate(text_ids)}
     bias_uri = s3_server.uri("bias-test")
     write_bias(bias_uri, list(bias), list(bias.values()), s3_server.storage)
@@ -77,7 +77,7 @@ def served_index(
         f"index.checkpoint={checkpoint}",
         f"index.output={index_uri}",
         f"index.bias={bias_uri}",
-        "index.num_workers=1",
+        "index.embed_pool.actors=1",
         *s3_server.overrides(),
     ]
     assert job_main("build_index")(build_args) == 0
