@@ -1,7 +1,9 @@
-"""The import rule: the pure core never imports `ray` (DESIGN.md "Layers")."""
+"""The import rule (DESIGN.md "Layers"): the pure core never imports `ray`, and imports only
+other core modules, deferred imports included; and no import cycle anywhere in gpa_ray."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -10,29 +12,102 @@ import gpa_ray
 
 PACKAGE = Path(gpa_ray.__file__).parent
 
-# Modules of the pure core; every file under these folders is core too.
-CORE_MODULES = ["config", "storage", "pretrained", "losses", "metrics", "sinkhorn"]
-CORE_FOLDERS = ["audio", "models"]
-CORE_DATA_MODULES = ["data/schema", "data/synthetic", "data/corpora"]
+CORE = (
+    "gpa_ray.config",
+    "gpa_ray.storage",
+    "gpa_ray.checkpoints",
+    "gpa_ray.pretrained",
+    "gpa_ray.losses",
+    "gpa_ray.metrics",
+    "gpa_ray.sinkhorn",
+    "gpa_ray.bias_file",
+    "gpa_ray.embedding_table",
+    "gpa_ray.audio",
+    "gpa_ray.models",
+    "gpa_ray.data.schema",
+    "gpa_ray.data.captions",
+    "gpa_ray.data.corpora",
+    "gpa_ray.data.synthetic",
+    "gpa_ray.data.work_units",
+)
+"""The pure core, the one list of it: these modules and every module of these packages."""
+
+
+def package_modules() -> dict[str, Path]:
+    """Every module of gpa_ray by dotted name (a package by its `__init__.py`)."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return modules
+
+
+def is_core(name: str) -> bool:
+    return any(name == core or name.startswith(core + ".") for core in CORE)
 
 
 def core_module_names() -> list[str]:
-    names = [f"gpa_ray.{m}" for m in CORE_MODULES if (PACKAGE / f"{m}.py").exists()]
-    names += [
-        "gpa_ray." + m.replace("/", ".")
-        for m in CORE_DATA_MODULES
-        if (PACKAGE / f"{m}.py").exists()
-    ]
-    for folder in CORE_FOLDERS:
-        for path in sorted((PACKAGE / folder).glob("*.py")):
-            stem = path.stem
-            names.append(f"gpa_ray.{folder}" if stem == "__init__" else f"gpa_ray.{folder}.{stem}")
-    return names
+    return [name for name in package_modules() if is_core(name)]
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every module `path` imports, at module level or inside a function: `from a import b`
+    counts as `a.b` when that is a module of gpa_ray, else as `a`."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+            named = submodules & modules.keys()
+            found.update(named or {node.module})
+            if len(named) < len(submodules):
+                found.add(node.module)
+    return found
+
+
+def test_core_list_names_real_modules() -> None:
+    modules = package_modules()
+    for core in CORE:
+        assert core in modules, f"{core} in CORE is not a module of gpa_ray"
+    assert len(core_module_names()) > len(CORE)
+
+
+def test_core_imports_only_core_modules_and_never_ray() -> None:
+    modules = package_modules()
+    for name in core_module_names():
+        for target in imports_of(modules[name], modules):
+            assert target.split(".")[0] != "ray", f"{name} imports {target}"
+            if target.startswith("gpa_ray.") or target == "gpa_ray":
+                assert is_core(target), f"core module {name} imports {target} (not core)"
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    modules = package_modules()
+    graph = {
+        name: {t for t in imports_of(path, modules) if t in modules and t != name}
+        for name, path in modules.items()
+    }
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycle = path[path.index(target) :] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
 
 
 def test_core_imports_without_ray() -> None:
     names = core_module_names()
-    assert "gpa_ray.config" in names and len(names) >= 5
     script = (
         "import sys\n"
         "sys.modules['ray'] = None  # any `import ray` now raises ImportError\n"
@@ -42,13 +117,3 @@ def test_core_imports_without_ray() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-def test_core_source_has_no_ray_import() -> None:
-    for name in core_module_names():
-        path = PACKAGE.parent / (name.replace(".", "/") + ".py")
-        if not path.exists():
-            path = PACKAGE.parent / name.replace(".", "/") / "__init__.py"
-        for line in path.read_text().splitlines():
-            stripped = line.strip()
-            assert not stripped.startswith(("import ray", "from ray")), f"{path}: {stripped}"

@@ -2,25 +2,21 @@
 
 Design (streaming, resumable, correct; in the order a run does it):
 
-1. **Manifest -> work units.** The corpus reader's rows are streamed once into parquet
-   manifest files under `<output>/manifest/<corpus>/`. Rows are grouped into numbered
-   *work units* of at most `rows_per_commit` clips (fewer if `target_shard_mb` says so)
-   of one split, numbered in reader order, so the assignment is deterministic. The unit
-   table is committed last as `_manifest.json`; a rerun reuses the stored manifest (it
-   refuses one built from different corpus/codec settings), so the units of every run on
-   an output are the same units even if the corpus folder changed in the meantime.
-2. **Skip what is committed.** A unit is done iff `<output>/_commits/<corpus>/unit-N.json`
-   exists. Only the other units become the rows of a Ray Dataset (one unit per block),
-   handed to actors one at a time so no actor hoards queued units while another idles.
+1. **Manifest -> work units** (`gpa_ray.data.work_units`). The corpus reader's rows are
+   streamed once into a stored manifest, grouped into numbered work units of one split;
+   the unit plan is committed last and reused by every rerun on the output.
+2. **Skip what is committed.** A unit is done iff its commit marker exists. Only the
+   other units become the rows of a Ray Dataset (one unit per block), handed to actors
+   one at a time so no actor hoards queued units while another idles.
 3. **Encode on an actor pool.** `map_batches(UnitEncoder, compute=ActorPoolStrategy)`
    with fractional CPUs (0.5 by default: two actors at 1 CPU each would starve Ray Data's
    own tasks on a 2-core machine and deadlock without an error). Each actor loads the
    EnCodec model once, runs torch on one thread (or its GPU), and for each unit reads
    that unit's manifest rows, fetches the bytes through `gpa_ray.storage` on a few
    threads while it encodes, then decodes, resamples, tokenises and FLAC-encodes clip by
-   clip (EnCodec batches of `ingest.encode_pool.batch_size` on a GPU). A failure of one clip becomes
-   an error row (stage locate | read | decode | encode) and never stops the unit or the
-   job. Units, not clips, are the dataset rows because a unit must be written as one
+   clip (EnCodec batches of `ingest.encode_pool.batch_size` on a GPU). A failure of one
+   clip becomes an error row (stage locate | read | decode | encode) and never stops the
+   unit or the job. Units, not clips, are the dataset rows because a unit must be written as one
    file by one writer to commit atomically: regrouping clip rows into units after a
    distributed map would need a shuffle (a barrier) or would funnel every byte through
    the driver.
@@ -58,56 +54,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from gpa_ray import storage
 from gpa_ray.config import Config, config_from_dict
 from gpa_ray.data import schema
-from gpa_ray.data.corpora import corpus_name, iter_manifest
+from gpa_ray.data.corpora import corpus_name
+from gpa_ray.data.work_units import (
+    Layout,
+    committed_units,
+    load_or_build_manifest,
+    read_unit_rows,
+    remove_stale_temporaries,
+)
 
 logger = logging.getLogger(__name__)
-
-# Size model used to cap a unit at `target_shard_mb`: a nominal 10 s clip.
-_NOMINAL_CLIP_S = 10.0
-_FLAC_RATIO = 0.6
-_BYTES_PER_CODE = 2
-
-
-class IngestError(RuntimeError):
-    """The run cannot proceed as configured (not a per-clip failure: those are error rows)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where everything of one corpus lives under an ingest output."""
-
-    output: str
-    corpus: str
-
-    @property
-    def manifest_dir(self) -> str:
-        return storage.join(self.output, "manifest", self.corpus)
-
-    @property
-    def manifest_marker(self) -> str:
-        return storage.join(self.manifest_dir, "_manifest.json")
-
-    @property
-    def commits_dir(self) -> str:
-        return storage.join(self.output, "_commits", self.corpus)
-
-    def manifest_file(self, index: int) -> str:
-        return storage.join(self.manifest_dir, f"part-{index:05d}.parquet")
-
-    def clips_file(self, split: str, unit: int) -> str:
-        return storage.join(self.output, "clips", self.corpus, split, f"part-{unit:06d}.parquet")
-
-    def errors_file(self, unit: int) -> str:
-        return storage.join(self.output, "errors", self.corpus, f"part-{unit:06d}.parquet")
-
-    def commit_marker(self, unit: int) -> str:
-        return storage.join(self.commits_dir, f"unit-{unit:06d}.json")
 
 
 class ClipFailure(Exception):
@@ -117,143 +77,6 @@ class ClipFailure(Exception):
         self.stage = stage
         self.error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         super().__init__(f"{stage}: {self.error}")
-
-
-def rows_per_unit(cfg: Config) -> int:
-    """Clips per work unit: `rows_per_commit`, capped so a shard stays near `target_shard_mb`."""
-    seconds = min(_NOMINAL_CLIP_S, cfg.ingest.max_seconds or _NOMINAL_CLIP_S)
-    per_clip = seconds * 75 * 4 * _BYTES_PER_CODE
-    if cfg.ingest.store_audio:
-        per_clip += seconds * cfg.ingest.audio_sample_rate * 2 * _FLAC_RATIO
-    cap = max(1, int(cfg.ingest.target_shard_mb * 1024 * 1024 // per_clip))
-    return max(1, min(cfg.ingest.rows_per_commit, cap))
-
-
-def output_settings(cfg: Config) -> dict[str, Any]:
-    """What must not change between runs on one output (else its shards would disagree)."""
-    return {
-        "corpus": dataclasses.asdict(cfg.corpus),
-        "codec": {"weights": cfg.codec.weights, "bandwidth": cfg.codec.bandwidth},
-        "store_audio": cfg.ingest.store_audio,
-        "audio_sample_rate": cfg.ingest.audio_sample_rate,
-        "max_seconds": cfg.ingest.max_seconds,
-    }
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-def build_manifest(cfg: Config, layout: Layout) -> dict[str, Any]:
-    """Stream the corpus reader into unit-tagged manifest files; return the unit table.
-
-    Rows are buffered per split until a unit is full, so a unit never mixes splits and
-    each unit yields exactly one clips file. Memory: one unit per split plus one file.
-    """
-    per_unit = rows_per_unit(cfg)
-    per_file = max(1, cfg.ingest.units_per_manifest_file)
-    units: list[dict[str, Any]] = []
-    pending: list[dict[str, Any]] = []
-    buffers: dict[str, list[dict[str, Any]]] = {}
-    seen: set[int] = set()
-    duplicates = 0
-
-    def flush_file() -> None:
-        if not pending:
-            return
-        index = pending[0]["unit"] // per_file
-        table = pa.Table.from_pylist(pending, schema=schema.WORK_MANIFEST_SCHEMA)
-        storage.write_parquet(layout.manifest_file(index), table, cfg.storage)
-        pending.clear()
-
-    def add_unit(split: str, rows: list[dict[str, Any]]) -> None:
-        unit = len(units)
-        units.append({"unit": unit, "split": split, "rows": len(rows), "file": unit // per_file})
-        pending.extend({**row, "unit": unit} for row in rows)
-        if len(units) % per_file == 0:
-            flush_file()
-
-    for row in iter_manifest(cfg.corpus, cfg.storage):
-        key = hash(row["clip_id"])
-        if key in seen:
-            duplicates += 1
-            logger.warning(
-                "duplicate clip_id %s in the corpus index: kept the first", row["clip_id"]
-            )
-            continue
-        seen.add(key)
-        buffer = buffers.setdefault(row["split"], [])
-        buffer.append(row)
-        if len(buffer) == per_unit:
-            add_unit(row["split"], buffer)
-            buffers[row["split"]] = []
-    for split, buffer in buffers.items():
-        if buffer:
-            add_unit(split, buffer)
-    flush_file()
-    marker = {
-        "settings": output_settings(cfg),
-        "rows_per_unit": per_unit,
-        "n_rows": sum(u["rows"] for u in units),
-        "duplicates_dropped": duplicates,
-        "units": units,
-    }
-    storage.write_bytes(layout.manifest_marker, json.dumps(marker).encode(), cfg.storage)
-    logger.info(
-        "manifest: %d clips in %d units of <= %d under %s",
-        marker["n_rows"],
-        len(units),
-        per_unit,
-        layout.manifest_dir,
-    )
-    return marker
-
-
-def load_or_build_manifest(cfg: Config, layout: Layout) -> dict[str, Any]:
-    """The committed manifest of this output if there is one (checked), else a new one."""
-    if storage.exists(layout.manifest_marker, cfg.storage):
-        marker = json.loads(storage.read_bytes(layout.manifest_marker, cfg.storage))
-        stored, current = marker["settings"], output_settings(cfg)
-        if stored != current:
-            changed = sorted(
-                k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
-            )
-            raise IngestError(
-                f"{layout.output} already holds corpus {layout.corpus!r} ingested with other "
-                f"settings ({', '.join(changed)} differ); use a new ingest.output"
-            )
-        if marker["rows_per_unit"] != rows_per_unit(cfg):
-            logger.info(
-                "resuming with the stored unit size %d (config now gives %d)",
-                marker["rows_per_unit"],
-                rows_per_unit(cfg),
-            )
-        return marker
-    return build_manifest(cfg, layout)
-
-
-def read_unit_rows(cfg: Config, layout: Layout, unit: int, file_index: int) -> list[dict[str, Any]]:
-    """The manifest rows of one unit, in manifest order."""
-    fs, path = storage.resolve(layout.manifest_file(file_index), cfg.storage)
-    table = pq.read_table(path, filesystem=fs, filters=[("unit", "=", unit)])
-    return table.drop_columns(["unit"]).to_pylist()
-
-
-def committed_units(cfg: Config, layout: Layout) -> set[int]:
-    """Units whose commit marker exists."""
-    markers = storage.list_files(layout.commits_dir, ".json", cfg.storage)
-    return {int(uri.rsplit("unit-", 1)[1][: -len(".json")]) for uri in markers}
-
-
-def remove_stale_temporaries(cfg: Config, output: str) -> None:
-    """Delete temporary files a killed run left behind (local outputs; S3 uploads that
-    never completed are invisible already)."""
-    fs, path = storage.resolve(output, cfg.storage)
-    if not isinstance(fs, pafs.LocalFileSystem):
-        return
-    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-    for info in fs.get_file_info(selector):
-        if info.type == pafs.FileType.File and info.base_name.startswith(".tmp-"):
-            fs.delete_file(info.path)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -391,7 +214,7 @@ def _prefetch(
         yield queue.popleft()
 
 
-def clips_table(rows: list[dict[str, Any]]) -> pa.Table:
+def clip_shard_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Clip rows -> a table with `schema.CLIP_SCHEMA` (codes built without a per-code loop)."""
     arrays = []
     for field in schema.CLIP_SCHEMA:
@@ -484,7 +307,7 @@ class UnitEncoder:
             if len(batch) >= self.encode_batch:
                 flush(batch)
         flush(batch)
-        _write_or_delete(layout.clips_file(split, unit), ok, clips_table, cfg)
+        _write_or_delete(layout.clips_file(split, unit), ok, clip_shard_table, cfg)
         _write_or_delete(layout.errors_file(unit), failed, errors_table, cfg)
         by_stage = collections.Counter(f["stage"] for f in failed)
         stats = {
@@ -549,14 +372,12 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     layout = Layout(output, corpus_name(cfg.corpus))
     remove_stale_temporaries(cfg, output)
     storage.dump_config(cfg, storage.join(output, "config.yaml"))
-    marker = load_or_build_manifest(cfg, layout)
+    plan = load_or_build_manifest(cfg, layout)
     done = committed_units(cfg, layout)
-    todo = [u for u in marker["units"] if u["unit"] not in done]
-    skipped = [u["unit"] for u in marker["units"] if u["unit"] in done]
+    todo = [u for u in plan["units"] if u["unit"] not in done]
+    skipped = [u["unit"] for u in plan["units"] if u["unit"] in done]
     if skipped:
-        logger.info(
-            "resuming: %d of %d units already committed", len(skipped), len(marker["units"])
-        )
+        logger.info("resuming: %d of %d units already committed", len(skipped), len(plan["units"]))
     new_stats: list[dict[str, Any]] = []
     if todo:
         items = [{"unit": u["unit"], "split": u["split"], "file": u["file"]} for u in todo]
@@ -587,9 +408,9 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     summary = {
         "corpus": layout.corpus,
         "output": output,
-        "clips_in_manifest": marker["n_rows"],
-        "duplicates_dropped": marker["duplicates_dropped"],
-        "units": len(marker["units"]),
+        "clips_in_manifest": plan["n_rows"],
+        "duplicates_dropped": plan["duplicates_dropped"],
+        "units": len(plan["units"]),
         "clips_ok": total["ok"],
         "clips_failed": total["failed"],
         "failed_by_stage": {s: total[f"failed_{s}"] for s in schema.STAGES},

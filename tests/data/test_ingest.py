@@ -25,12 +25,10 @@ from gpa_ray import storage
 from gpa_ray.config import Config, StorageConfig, load_config
 from gpa_ray.data import schema
 from gpa_ray.data.corpora import iter_manifest
-from gpa_ray.data.ingest import (
-    ClipEncoder,
-    ClipFailure,
+from gpa_ray.data.ingest import ClipEncoder, ClipFailure, _prefetch
+from gpa_ray.data.work_units import (
     IngestError,
     Layout,
-    _prefetch,
     build_manifest,
     load_or_build_manifest,
     read_unit_rows,
@@ -104,9 +102,9 @@ def test_units_are_deterministic_and_never_mix_splits(tmp_path: Path) -> None:
     for run in ("a", "b"):
         cfg = load_config(overrides=[*overrides, f"ingest.output={tmp_path / run}"])
         layout = Layout(cfg.ingest.output, "folder")
-        marker = build_manifest(cfg, layout)
-        rows = [read_unit_rows(cfg, layout, u["unit"], u["file"]) for u in marker["units"]]
-        tables.append((marker["units"], rows))
+        plan = build_manifest(cfg, layout)
+        rows = [read_unit_rows(cfg, layout, u["unit"], u["file"]) for u in plan["units"]]
+        tables.append((plan["units"], rows))
     assert tables[0] == tables[1]
     units, rows = tables[0]
     # A unit is numbered when its split's buffer fills (train at c02, test at c05, train
