@@ -63,7 +63,10 @@ class Failure:
     message: str
 
 
-def _unwrap(value: Any) -> Any:
+def _value_or_raise(value: Any) -> Any:
+    """`value` itself, unless a deployment returned a `Failure`: then the exception it
+    stands for (`QueryError` or `IndexMismatchError`), raised here in the ingress so the
+    API answers it with its 4xx."""
     if isinstance(value, Failure):
         raise (QueryError if value.kind == "query" else IndexMismatchError)(value.message)
     return value
@@ -238,7 +241,7 @@ class ServeBackend:
     async def search_audio(
         self, data: bytes, source: str, k: int, use_bias: bool
     ) -> dict[str, Any]:
-        embedding = _unwrap(await self.audio.embed.remote(data, source))
+        embedding = _value_or_raise(await self.audio.embed.remote(data, source))
         return await self.searcher.search_audio.remote(embedding, k, use_bias)
 
     async def clip(self, clip_id: str) -> dict[str, Any] | None:
@@ -254,7 +257,7 @@ class ServeBackend:
         return await self.searcher.manifest.remote()
 
     async def reload(self) -> dict[str, Any]:
-        return _unwrap(await self.searcher.reload.remote())
+        return _value_or_raise(await self.searcher.reload.remote())
 
     async def stats(self) -> dict[str, Any]:
         return {

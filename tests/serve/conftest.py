@@ -3,6 +3,7 @@ known text bias, and the config that serves it (loopback only)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -18,11 +19,14 @@ import pytest
 import requests
 import soundfile as sf
 import uvicorn
+from fastapi import APIRouter, FastAPI
 
 from gpa_ray import storage, testing
-from gpa_ray.config import Config, load_config
+from gpa_ray.config import Config, ServeConfig, load_config
 from gpa_ray.data.schema import text_id
-from gpa_ray.serve.local import local_app
+from gpa_ray.serve.backend import attach_backend
+from gpa_ray.serve.errors import install_error_handlers
+from gpa_ray.serve.local import LocalBackend, local_app
 from gpa_ray.testing import job_main
 
 
@@ -419,13 +423,15 @@ def audio_search_by_bias(shared_data: Path) -> Callable[[str], dict[str, dict[st
 
 
 @pytest.fixture(scope="session")
-def check_bad_requests(bad_requests: list[BadRequest]) -> Callable[[str], None]:
-    """A check that sends every bad request to a server: each must get its 4xx with a
-    JSON error saying what is wrong."""
+def check_bad_requests(bad_requests: list[BadRequest]) -> Callable[..., None]:
+    """A check that sends every bad request (or those whose path starts with one of
+    `prefixes`) to a server: each must get its 4xx with a JSON error saying what is wrong."""
 
-    def check(base_url: str) -> None:
+    def check(base_url: str, *prefixes: str) -> None:
         failures = []
-        for case in bad_requests:
+        cases = [c for c in bad_requests if not prefixes or c.path.startswith(prefixes)]
+        assert cases, f"no bad request under {prefixes}"
+        for case in cases:
             response = requests.request(
                 case.method, base_url + case.path, timeout=60, **case.kwargs
             )
@@ -445,20 +451,50 @@ def check_bad_requests(bad_requests: list[BadRequest]) -> Callable[[str], None]:
     return check
 
 
-@pytest.fixture(scope="module")
-def local_server(serve_config) -> Iterator[tuple[str, Config]]:
-    """The retriever API, page included, served by uvicorn in this process on loopback
-    (the same FastAPI app Ray Serve runs; seconds to start instead of tens)."""
-    cfg = serve_config()
-    server = uvicorn.Server(
-        uvicorn.Config(local_app(cfg), host="127.0.0.1", port=cfg.serve.port, log_level="warning")
-    )
+@contextlib.contextmanager
+def serving(app: FastAPI, port: int) -> Iterator[str]:
+    """`app` served by uvicorn in a thread of this process on loopback `port`; its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{cfg.serve.port}", cfg
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def local_server(serve_config) -> Iterator[tuple[str, Config]]:
+    """The retriever API, page included, served by uvicorn in this process on loopback
+    (the same FastAPI app Ray Serve runs; seconds to start instead of tens)."""
+    cfg = serve_config()
+    with serving(local_app(cfg), cfg.serve.port) as url:
+        yield url, cfg
+
+
+@pytest.fixture(scope="session")
+def local_backend(serve_config) -> LocalBackend:
+    """The in-process backend over the test index (no Ray), for routes served alone."""
+    return LocalBackend(serve_config())
+
+
+@pytest.fixture(scope="module")
+def serve_router(local_backend: LocalBackend, serve_config) -> Iterator[Callable[..., str]]:
+    """Serves one router of `gpa_ray.serve.routes` on its own (with the API's error
+    handlers, over `local_backend`, with the limits of `serve_cfg` or of `serve_config()`)
+    and returns its URL; every server stops with the module."""
+    with contextlib.ExitStack() as servers:
+
+        def serve(router: APIRouter, serve_cfg: ServeConfig | None = None) -> str:
+            app = FastAPI()
+            install_error_handlers(app)
+            app.include_router(router)
+            attach_backend(app, local_backend, serve_cfg or serve_config().serve)
+            return servers.enter_context(serving(app, free_port()))
+
+        yield serve
