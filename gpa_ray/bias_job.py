@@ -156,7 +156,7 @@ class _CheckpointEmbedder:
     """Loads the GPA checkpoint once per Ray Data actor."""
 
     def __init__(self, checkpoint: str, storage_cfg: StorageConfig, cpus: float) -> None:
-        from gpa_ray.models.gpa_checkpoint import load_gpa
+        from gpa_ray.checkpoints import load_gpa
 
         torch.set_num_threads(_threads(cpus))
         self.model, self.model_cfg = load_gpa(checkpoint, storage_cfg, "cpu")
@@ -191,9 +191,9 @@ class TextEmbedder(_CheckpointEmbedder):
 def audio_columns(checkpoint: str, storage_cfg: StorageConfig | None = None) -> list[str]:
     """Clip columns the checkpoint's audio tower needs: `codes` (AudioFormer) or `audio`."""
     from gpa_ray.audio.inputs import AudioInputs
-    from gpa_ray.models.gpa_checkpoint import read_gpa_config
+    from gpa_ray.checkpoints import read_config
 
-    needs_codes = AudioInputs.from_config(read_gpa_config(checkpoint, storage_cfg)).needs_codes
+    needs_codes = AudioInputs.from_config(read_config(checkpoint, storage_cfg)).needs_codes
     return ["clip_id", "codes" if needs_codes else "audio"]
 
 
@@ -356,7 +356,7 @@ class QueryBlock:
     ) -> None:
         import ray
 
-        from gpa_ray.models.gpa_checkpoint import load_gpa
+        from gpa_ray.checkpoints import load_gpa
 
         torch.set_num_threads(_threads(cfg.cpus_per_actor))
         self.cfg = cfg
@@ -584,13 +584,13 @@ def _resolved_sources(cfg: Config) -> tuple[str, str]:
 
 def run_bias_job(cfg: Config) -> dict[str, Any]:
     """Compute and write the text bias the config describes; return the job's summary."""
-    from gpa_ray.models.gpa_checkpoint import resolve_gpa_checkpoint
+    from gpa_ray.checkpoints import resolve_checkpoint
 
     sk = cfg.sinkhorn
     if not sk.checkpoint:
         raise BiasJobError("set sinkhorn.checkpoint to a GPA checkpoint (or run) URI")
     started = time.perf_counter()
-    checkpoint = resolve_gpa_checkpoint(sk.checkpoint, cfg.storage)
+    checkpoint = resolve_checkpoint(sk.checkpoint, "best", cfg.storage)
     queries_uri, texts_uri = _resolved_sources(cfg)
     settings = EmbedSettings(sk.embed_actors, sk.embed_cpus, sk.embed_batch_size)
     dump_config(cfg, storage.join(sk.output, CONFIG_FILE))

@@ -244,7 +244,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
         gather_embeddings,
         read_captions,
     )
-    from gpa_ray.models.gpa_checkpoint import load_gpa, resolve_gpa_checkpoint
+    from gpa_ray.checkpoints import load_gpa, resolve_checkpoint
 
     ev = cfg.eval
     unknown = [m for m in ev.methods if m not in RESCORING_METHODS]
@@ -254,7 +254,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
     if not reference:
         raise EvaluationError("set eval.checkpoint (or sinkhorn.checkpoint) to a GPA checkpoint")
     started = time.perf_counter()
-    checkpoint = resolve_gpa_checkpoint(reference, cfg.storage)
+    checkpoint = resolve_checkpoint(reference, "best", cfg.storage)
     data = (
         ev.data or cfg.sinkhorn.texts or cfg.sinkhorn.queries or cfg.train.data or cfg.ingest.output
     )

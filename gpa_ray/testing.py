@@ -334,8 +334,8 @@ def tiny_gpa_checkpoint(
     (local or s3://) and return the model (in eval mode)."""
     import torch
 
+    from gpa_ray.checkpoints import save_gpa
     from gpa_ray.models.factory import build_gpa
-    from gpa_ray.models.gpa_checkpoint import save_gpa
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -35,10 +35,10 @@ from gpa_ray.bias_job import (
     read_captions,
     run_bias_job,
 )
+from gpa_ray.checkpoints import load_gpa
 from gpa_ray.config import Config, SinkhornConfig
 from gpa_ray.data.loaders import LoaderError
 from gpa_ray.models.gpa import Embeddings
-from gpa_ray.models.gpa_checkpoint import load_gpa
 from gpa_ray.sinkhorn import (
     combine_qb_norm_statistics,
     qb_norm,

@@ -15,6 +15,7 @@ import torch
 from gpa_ray import storage, testing
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.bias_job import read_bias, read_captions, run_bias_job
+from gpa_ray.checkpoints import load_gpa
 from gpa_ray.config import Config, EvalConfig, SinkhornConfig
 from gpa_ray.evaluation import (
     CONFIG_FILE,
@@ -31,7 +32,6 @@ from gpa_ray.evaluation import (
     run_evaluation,
 )
 from gpa_ray.metrics import audio_to_text_metrics, retrieval_metrics
-from gpa_ray.models.gpa_checkpoint import load_gpa
 from gpa_ray.sinkhorn import (
     dual_softmax,
     qb_norm,

@@ -11,7 +11,7 @@ import gpa_ray
 PACKAGE = Path(gpa_ray.__file__).parent
 
 # Modules of the pure core; every file under these folders is core too.
-CORE_MODULES = ["config", "storage", "pretrained", "losses", "metrics", "sinkhorn"]
+CORE_MODULES = ["config", "storage", "pretrained", "losses", "metrics", "sinkhorn", "checkpoints"]
 CORE_FOLDERS = ["audio", "models"]
 CORE_DATA_MODULES = ["data/schema", "data/synthetic", "data/corpora"]
 
