@@ -34,6 +34,7 @@ from gpa_ray.checkpoints import (
 from gpa_ray.config import Config, TrainConfig, load_config
 from gpa_ray.models.factory import build_gpa
 from gpa_ray.models.gpa import GPAModel
+from gpa_ray.train.trainer import TrainResult
 
 TEXTS = ["a dog barks", "rain on the roof"]
 
@@ -149,8 +150,66 @@ def test_gpa_loads_training_checkpoints_and_run_directories(cfg: Config, tmp_pat
     torch.testing.assert_close(_outputs(loaded, cfg), _outputs(early, cfg))
 
 
+def _gpa_run(run: Path, cfg: Config) -> dict[str, GPAModel]:
+    """A GPA run as the training job leaves it: three checkpoints (Ray Train's folder
+    names, which do not sort by step) and the job's summary.json naming the middle one
+    as best. Returns the model of each checkpoint folder."""
+    models = {}
+    for seed, (name, step) in enumerate(
+        [("checkpoint_000002", 10), ("checkpoint_000000", 20), ("checkpoint_000001", 30)]
+    ):
+        models[name] = _model(cfg, seed=10 + seed)
+        _train_checkpoint(run / name, models[name], cfg, step)
+    result = TrainResult(
+        run_uri=str(run),
+        checkpoint=str(run / "checkpoint_000001"),
+        best_checkpoint=str(run / "checkpoint_000000"),
+        metrics={"val_t2a_R@1": 0.5},
+        history=[],
+        resumes=[],
+    )
+    write_run_summary(str(run), result.summary())
+    return models
+
+
+def test_best_and_latest_of_a_run(cfg: Config, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    models = _gpa_run(run, cfg)
+    best, latest = str(run / "checkpoint_000000"), str(run / "checkpoint_000001")
+    # "best": summary.json's best_checkpoint; "latest": the most optimizer steps.
+    assert resolve_checkpoint(str(run), "best") == best
+    assert resolve_checkpoint(str(run) + "/", "latest") == latest
+    # A checkpoint URI is itself, whichever is asked for.
+    for which in ("best", "latest"):
+        assert resolve_checkpoint(str(run / "checkpoint_000002"), which) == str(
+            run / "checkpoint_000002"
+        )
+    # load_gpa takes a run's best by default (the GPA consumers), its latest on request.
+    loaded, _ = load_gpa(str(run))
+    torch.testing.assert_close(_outputs(loaded, cfg), _outputs(models["checkpoint_000000"], cfg))
+    loaded, _ = load_gpa(str(run), which="latest")
+    torch.testing.assert_close(_outputs(loaded, cfg), _outputs(models["checkpoint_000001"], cfg))
+    # The best folder gone (e.g. pruned): summary.json's latest `checkpoint` is next.
+    storage.delete(storage.join(best, "model.pt"))
+    assert resolve_checkpoint(str(run), "best") == latest
+    with pytest.raises(ValueError, match="'newest'"):
+        resolve_checkpoint(str(run), "newest")  # type: ignore[arg-type]
+
+
+def test_run_without_summary_resolves_both_to_latest(cfg: Config, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _gpa_run(run, cfg)
+    (run / "summary.json").unlink()
+    latest = str(run / "checkpoint_000001")
+    assert resolve_checkpoint(str(run), "best") == latest
+    assert resolve_checkpoint(str(run), "latest") == latest
+
+
 def test_missing_and_mismatched_checkpoints_name_the_uri(cfg: Config, tmp_path: Path) -> None:
     missing = tmp_path / "nothing-here"
+    for which in ("best", "latest"):
+        with pytest.raises(CheckpointError, match=f"no checkpoint at {missing}: expected model.pt"):
+            resolve_checkpoint(str(missing), which)
     with pytest.raises(CheckpointError, match=f"no checkpoint at {missing}"):
         load_gpa(str(missing))
     save_gpa(_model(cfg, seed=5), cfg, str(tmp_path / "dp"))
