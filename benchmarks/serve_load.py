@@ -162,10 +162,10 @@ async def run_client(url: str, concurrency: int, n: int, malformed: float, seed:
 
 
 def build_checkpoint_and_index(work: Path, n_clips: int) -> tuple[str, str]:
+    from gpa_ray.checkpoints import save_gpa
     from gpa_ray.config import load_config
     from gpa_ray.index import store
     from gpa_ray.models.factory import build_gpa
-    from gpa_ray.models.gpa_checkpoint import save_gpa
     from gpa_ray.testing import random_unit_embeddings, synthetic_index_clips
 
     cfg = load_config("debug")

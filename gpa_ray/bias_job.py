@@ -46,6 +46,7 @@ from torch import Tensor
 
 from gpa_ray import storage
 from gpa_ray.bias_file import CONFIG_FILE, bias_table, write_bias
+from gpa_ray.checkpoints import load_gpa, resolve_checkpoint
 from gpa_ray.config import Config, SinkhornConfig, StorageConfig, resolve_stage_uris
 from gpa_ray.embedding_table import embeddings_from_table
 from gpa_ray.models.gpa import Embeddings, GPAModel
@@ -123,8 +124,6 @@ class QueryShard:
         cfg: SinkhornConfig,
     ) -> None:
         import ray
-
-        from gpa_ray.models.gpa_checkpoint import load_gpa
 
         torch.set_num_threads(torch_threads(cfg.cpus_per_actor))
         self.cfg = cfg
@@ -337,15 +336,13 @@ def _metadata(
 
 def run_bias_job(cfg: Config) -> dict[str, Any]:
     """Compute and write the text bias the config describes; return the job's summary."""
-    from gpa_ray.models.gpa_checkpoint import resolve_gpa_checkpoint
-
     cfg = resolve_stage_uris(cfg)
     sk = cfg.sinkhorn
     if not sk.checkpoint:
         raise BiasJobError("set sinkhorn.checkpoint to a GPA checkpoint (or run) URI")
     check_cpu_pool(sk.embed_pool, "sinkhorn.embed_pool")
     started = time.perf_counter()
-    checkpoint = resolve_gpa_checkpoint(sk.checkpoint, cfg.storage)
+    checkpoint = resolve_checkpoint(sk.checkpoint, "best", cfg.storage)
     storage.dump_config(cfg, storage.join(sk.output, CONFIG_FILE))
 
     captions = read_captions(sk.texts, sk.texts_split, sk.corpus, cfg.storage)

@@ -294,7 +294,8 @@ class TrainConfig:
     # task's own metric, e.g. val_accuracy).
     checkpoint_metric: str = ""
     checkpoints_to_keep: int = 1
-    # Weights to start from: a checkpoint URI, or a run URI (its latest checkpoint).
+    # Weights to start from: a checkpoint URI, or a run URI (its latest checkpoint, by
+    # optimizer step; `gpa_ray.checkpoints.resolve_checkpoint`).
     init_from: str = ""
     # AudioFormer fine-tuning stage: ft1 (classifier) or ft2 (classifier + MPC).
     finetune_stage: str = "ft1"
@@ -325,7 +326,8 @@ class SinkhornConfig:
     qb_norm_beta: float = 20.0
     qb_norm_k: int = 1
     # The distributed bias job (`jobs/sinkhorn_bias.py`). `checkpoint`: a GPA checkpoint
-    # URI, or a run URI (its latest checkpoint). `queries`/`texts`: ingest outputs (local
+    # URI, or a run URI (its best checkpoint: `summary.json`'s `best_checkpoint`, else its
+    # latest; `gpa_ray.checkpoints.resolve_checkpoint`). `queries`/`texts`: ingest outputs (local
     # or s3://) holding the training audio and the test captions; empty `queries` means
     # `train.data`, then `ingest.output`; empty `texts` means the same as `queries`.
     checkpoint: str = ""
@@ -351,7 +353,8 @@ class IndexConfig:
 
     The build reads clip shards from `input` (an ingest output, whose `clips/` it reads, or
     a folder of clip shards; empty: `ingest.output`), embeds them
-    with the GPA checkpoint `checkpoint` and writes the version `version` (empty: a name
+    with the GPA checkpoint `checkpoint` (a run URI means its best checkpoint, as for
+    `sinkhorn.checkpoint`) and writes the version `version` (empty: a name
     derived from the build settings, so a rerun resumes the same version) under `output`.
     `bias`: a text-bias URI written by the Sinkhorn bias job (empty: no bias).
     Search: stage 1 is `ann` ("exact": torch matmul, "flat": faiss IndexFlatIP, "ivf":
@@ -409,7 +412,8 @@ class ServeConfig:
 class EvalConfig:
     """Full-pool retrieval evaluation (`jobs/evaluate.py`): T2A, and A2T under each method.
 
-    `checkpoint` empty means `sinkhorn.checkpoint`; `data` empty means `sinkhorn.texts`
+    `checkpoint`: a GPA checkpoint URI, or a run URI (its best checkpoint, as for
+    `sinkhorn.checkpoint`); empty means `sinkhorn.checkpoint`. `data` empty means `sinkhorn.texts`
     (the test pool the biases were computed for), then `sinkhorn.queries`, `train.data`,
     `ingest.output`; `bias` (the bias job's output) empty means `sinkhorn.output`.
     `methods`: A2T rescorings to report, from "none", "sinkhorn", "qb_norm" and

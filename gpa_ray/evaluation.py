@@ -249,7 +249,7 @@ def _write_report(cfg: Config, report: dict[str, Any], results: dict[str, Any], 
 
 def run_evaluation(cfg: Config) -> dict[str, Any]:
     """Evaluate the configured checkpoint on the full test pool and write the report."""
-    from gpa_ray.models.gpa_checkpoint import load_gpa, resolve_gpa_checkpoint
+    from gpa_ray.checkpoints import load_gpa, resolve_checkpoint
     from gpa_ray.ray_embedding import (
         check_cpu_pool,
         embed_captions,
@@ -267,7 +267,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
         raise EvaluationError("set eval.checkpoint (or sinkhorn.checkpoint) to a GPA checkpoint")
     check_cpu_pool(ev.embed_pool, "eval.embed_pool")
     started = time.perf_counter()
-    checkpoint = resolve_gpa_checkpoint(ev.checkpoint, cfg.storage)
+    checkpoint = resolve_checkpoint(ev.checkpoint, "best", cfg.storage)
     storage.dump_config(cfg, storage.join(ev.output, CONFIG_FILE))
 
     captions = read_captions(ev.data, ev.split, ev.corpus, cfg.storage)

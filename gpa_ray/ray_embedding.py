@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gpa_ray import storage
+from gpa_ray.checkpoints import load_gpa, read_config
 from gpa_ray.config import ActorPoolConfig, StorageConfig
 from gpa_ray.data.loaders import LoaderError, read_clips, split_files
 from gpa_ray.data.schema import text_id
@@ -52,8 +53,6 @@ class _CheckpointEmbedder:
     """Loads the GPA checkpoint once per Ray Data actor."""
 
     def __init__(self, checkpoint: str, storage_cfg: StorageConfig, cpus: float) -> None:
-        from gpa_ray.models.gpa_checkpoint import load_gpa
-
         torch.set_num_threads(torch_threads(cpus))
         self.model, self.model_cfg = load_gpa(checkpoint, storage_cfg, "cpu")
 
@@ -87,9 +86,8 @@ class TextEmbedder(_CheckpointEmbedder):
 def audio_columns(checkpoint: str, storage_cfg: StorageConfig | None = None) -> list[str]:
     """Clip columns the checkpoint's audio tower needs: `codes` (AudioFormer) or `audio`."""
     from gpa_ray.audio.inputs import AudioInputs
-    from gpa_ray.models.gpa_checkpoint import read_gpa_config
 
-    needs_codes = AudioInputs.from_config(read_gpa_config(checkpoint, storage_cfg)).needs_codes
+    needs_codes = AudioInputs.from_config(read_config(checkpoint, storage_cfg)).needs_codes
     return ["clip_id", "codes" if needs_codes else "audio"]
 
 

@@ -334,8 +334,8 @@ def tiny_gpa_checkpoint(
     (local or s3://) and return the model (in eval mode)."""
     import torch
 
+    from gpa_ray.checkpoints import save_gpa
     from gpa_ray.models.factory import build_gpa
-    from gpa_ray.models.gpa_checkpoint import save_gpa
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -490,7 +490,7 @@ def tiny_esc50_ingest(output: str, n_clips: int = 8, seconds: float = 1.0) -> di
             f"ingest.output={output}",
             f"ingest.max_seconds={seconds}",
             "ingest.rows_per_commit=4",
-            "ingest.num_encoders=1",
+            "ingest.encode_pool.actors=1",
         ]
     )
     return run_ingest(cfg)
@@ -516,7 +516,8 @@ def write_esc50_clip_shards(
     from gpa_ray import storage
     from gpa_ray.config import CodecConfig, Config, CorpusConfig, IngestConfig
     from gpa_ray.data.corpora import iter_manifest
-    from gpa_ray.data.ingest import ClipEncoder, Layout, clips_table
+    from gpa_ray.data.ingest import ClipEncoder, clip_shard_table
+    from gpa_ray.data.work_units import Layout
 
     if storage.list_files(storage.join(output, "clips"), ".parquet", storage_cfg):
         return
@@ -558,7 +559,7 @@ def write_esc50_clip_shards(
         for row in iter_manifest(corpus, cfg.storage):
             rows.setdefault(row["split"], []).append(encoder.process(row, encoder.fetch(row)))
     for split, split_rows in rows.items():
-        storage.write_parquet(layout.clips_file(split, 0), clips_table(split_rows), storage_cfg)
+        storage.write_parquet(layout.clips_file(split, 0), clip_shard_table(split_rows), storage_cfg)
 
 
 def esc50_holdout_captions(

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from gpa_ray import storage
+from gpa_ray import checkpoints, storage
 from gpa_ray.testing import LocalRayCluster, local_ray_cluster
-from gpa_ray.train import checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -136,9 +135,9 @@ def test_pretrain_audioformer_via_ray_job_submit(shared_data: Path, tmp_path: Pa
         checkpoints.CONFIG_FILE,
     ):
         assert storage.exists(storage.join(latest, name)), name
-    state = checkpoints.read_state(run)
+    state = checkpoints.read_state(latest)
     assert state["task"] == "mlm" and state["epoch"] == 1 and state["step"] > 0
     assert [r["epoch"] for r in state["history"]] == [1]
-    weights = checkpoints.load_model_state(run)
+    weights = checkpoints.load_model_state(latest)
     assert {k.split(".")[1] for k in weights} == {"c0"}
-    assert checkpoints.read_config(run).train.name == "submitted"
+    assert checkpoints.read_config(latest).train.name == "submitted"

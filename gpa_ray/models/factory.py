@@ -2,7 +2,7 @@
 
 Training, the bias job, evaluation, index building and Serve all call `build_gpa`, so a
 checkpoint's `config.yaml` rebuilds exactly the architecture its `model.pt` was trained
-with (`gpa_ray.models.gpa_checkpoint`).
+with (`gpa_ray.checkpoints`).
 
 Audio towers (`audio_encoder.kind`) and where their weights come from (`weights`, by
 reference: nothing is ever downloaded implicitly):
@@ -13,7 +13,8 @@ reference: nothing is ever downloaded implicitly):
   `pkg:aisfx` (or `pretrained`) loads the checkpoint shipped in the installed package,
   any other path/URI a plain state dict.
 - `audioformer`: the RoFormer backbone over EnCodec codes (`audioformer.*`); `weights`
-  an MLM/FT1/FT2 training checkpoint (or run) URI, whose codebook-1 backbone is used.
+  an MLM/FT1/FT2 training checkpoint URI, or a run URI (its latest checkpoint), whose
+  codebook-1 backbone is used.
   Its architecture must equal `audioformer.*`, which is what a GPA checkpoint records.
 - `resnet50`, `vit` (or `vit_b16`): ImageNet-style backbones on spectrogram images;
   `weights` a `transformers` checkpoint reference (hub cache id, folder, s3://, pkg:).
@@ -68,17 +69,10 @@ def _audioformer(cfg: Config, load_weights: bool) -> nn.Module:
     weights = cfg.audio_encoder.weights
     if not (load_weights and weights):
         return AudioFormerEncoder.from_config(cfg.audioformer)
-    # Training-checkpoint reading lives with the AudioFormer loops; imported here only
-    # when a checkpoint is actually loaded.
-    from gpa_ray.models.audioformer_checkpoint import (
-        check_architecture,
-        encoder_from_checkpoint,
-    )
-    from gpa_ray.train import checkpoints
+    # Imported here: `gpa_ray.checkpoints` imports this module (`load_gpa` calls `build_gpa`).
+    from gpa_ray.checkpoints import encoder_from_checkpoint, resolve_checkpoint
 
-    uri = checkpoints.resolve(weights, cfg.storage)
-    check_architecture(checkpoints.read_config(uri, cfg.storage).audioformer, cfg.audioformer, uri)
-    return encoder_from_checkpoint(uri, cfg)
+    return encoder_from_checkpoint(resolve_checkpoint(weights, "latest", cfg.storage), cfg)
 
 
 def _spectrogram_vision(cfg: Config, load_weights: bool) -> nn.Module:

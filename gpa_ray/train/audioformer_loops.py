@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpa_ray import checkpoints
 from gpa_ray.config import AudioFormerConfig, Config
 from gpa_ray.data.loaders import IGNORE_LABEL, CodesCollate, LabelSpace
 from gpa_ray.losses import CLASSIFICATION_LOSSES, classification_loss, mpc_loss
@@ -39,8 +40,6 @@ from gpa_ray.models.audioformer import (
     AudioFormerMLM,
     mask_tokens,
 )
-from gpa_ray.models.audioformer_checkpoint import check_architecture
-from gpa_ray.train import checkpoints
 from gpa_ray.train.distributed import gather_with_grad
 from gpa_ray.train.loop import Batch, TrainLoop, gather_rows, sum_across_workers
 
@@ -99,9 +98,10 @@ class MLMLoop(TrainLoop):
     def build_model(self) -> nn.Module:
         model = CodebookMLM(self.cfg.audioformer)
         if self.cfg.train.init_from:
-            model.load_state_dict(
-                checkpoints.load_model_state(self.cfg.train.init_from, self.cfg.storage)
+            start = checkpoints.resolve_checkpoint(
+                self.cfg.train.init_from, "latest", self.cfg.storage
             )
+            model.load_state_dict(checkpoints.load_model_state(start, self.cfg.storage))
         return model
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -153,12 +153,12 @@ def pretrained_encoders(cfg: Config, codebooks: Sequence[int]) -> list[AudioForm
     With no `init_from` the backbones are randomly initialised (logged as a warning):
     useful only to measure what pre-training adds.
     """
-    uri = cfg.train.init_from
-    if not uri:
+    if not cfg.train.init_from:
         logger.warning("train.init_from is empty: fine-tuning RANDOMLY initialised backbones")
         return [AudioFormerEncoder.from_config(cfg.audioformer) for _ in codebooks]
+    uri = checkpoints.resolve_checkpoint(cfg.train.init_from, "latest", cfg.storage)
     saved_cfg = checkpoints.read_config(uri, cfg.storage)
-    check_architecture(saved_cfg.audioformer, cfg.audioformer, uri)
+    checkpoints.check_architecture(saved_cfg.audioformer, cfg.audioformer, uri)
     state = checkpoints.load_model_state(uri, cfg.storage)
     out = []
     for q in codebooks:

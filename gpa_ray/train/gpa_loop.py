@@ -25,13 +25,11 @@ R@1/5/10, mAP@10 and MRR in both directions (reported as `val_t2a_R@1`, ...).
 
 `train_gpa(cfg)` runs a whole job: Ray Train over the configured clip splits, then
 `<run>/summary.json` naming the best checkpoint (by `train.checkpoint_metric`, else
-`val_t2a_R@1`) and the latest; `gpa_ray.models.gpa_checkpoint.load_gpa(<run>)` loads the
-best one.
+`val_t2a_R@1`) and the latest; `gpa_ray.checkpoints.load_gpa(<run>)` loads the best one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -42,7 +40,7 @@ import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 from torch import Tensor, nn
 
-from gpa_ray import losses, storage
+from gpa_ray import checkpoints, losses
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import Config, GPAConfig
 from gpa_ray.data.captions import augment_caption, choose_caption, draw_seed
@@ -50,8 +48,6 @@ from gpa_ray.data.loaders import clip_key_tensor, codes_from_arrow
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.factory import build_gpa, build_tokenizer, trainable_summary
 from gpa_ray.models.gpa import Embeddings, GPAModel
-from gpa_ray.models.gpa_checkpoint import RUN_SUMMARY_FILE
-from gpa_ray.train import checkpoints
 from gpa_ray.train.distributed import gather_with_grad, global_loss_scale, world_size
 from gpa_ray.train.loop import Batch, TrainLoop, gather_rows, sum_across_workers
 from gpa_ray.train.trainer import TrainResult, fit
@@ -237,8 +233,10 @@ class GPALoop(TrainLoop):
     def build_model(self) -> nn.Module:
         model = build_gpa(self.cfg)
         if self.cfg.train.init_from:
-            state = checkpoints.load_model_state(self.cfg.train.init_from, self.cfg.storage)
-            model.load_state_dict(state)
+            start = checkpoints.resolve_checkpoint(
+                self.cfg.train.init_from, "latest", self.cfg.storage
+            )
+            model.load_state_dict(checkpoints.load_model_state(start, self.cfg.storage))
         logger.info("GPA parameters: %s", trainable_summary(model))
         return model
 
@@ -314,10 +312,7 @@ class GPALoop(TrainLoop):
 def train_gpa(cfg: Config) -> TrainResult:
     """Train (or resume) the GPA run the config names; write `<run>/summary.json`."""
     result = fit(GPALoop(cfg))
-    summary = json.dumps(result.summary(), indent=2, default=str)
-    storage.write_bytes(
-        storage.join(result.run_uri, RUN_SUMMARY_FILE), summary.encode(), cfg.storage
-    )
+    checkpoints.write_run_summary(result.run_uri, result.summary(), cfg.storage)
     return result
 
 

@@ -27,10 +27,10 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from gpa_ray import storage
+from gpa_ray import checkpoints, storage
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.data import loaders
-from gpa_ray.train import checkpoints, history
+from gpa_ray.train import history
 from gpa_ray.train.loop import TrainLoop
 from gpa_ray.train.worker import train_worker
 
@@ -175,7 +175,7 @@ def fit(loop: TrainLoop, datasets: dict[str, Any] | None = None) -> TrainResult:
     cfg = loop.cfg
     uri = run_uri(cfg)
     datasets = datasets if datasets is not None else clip_datasets(loop)
-    storage.dump_config(cfg, storage.join(uri, "config.yaml"))
+    storage.dump_config(cfg, storage.join(uri, checkpoints.CONFIG_FILE))
     result = build_trainer(loop, datasets).fit()
     metric, mode = checkpoint_metric(loop, "val" in datasets)
     latest = checkpoints.latest_checkpoint(uri, cfg.storage)

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from gpa_ray import storage
-from gpa_ray.train import checkpoints, history
-from gpa_ray.train.checkpoints import TrainState
+from gpa_ray.checkpoints import TrainState, load_train_checkpoint, save_train_checkpoint
+from gpa_ray.train import history
 from gpa_ray.train.loop import TrainLoop, strided, sum_across_workers, to_device
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def train_worker(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            model_state, optimizer_state, state = checkpoints.load_local(directory)
+            model_state, optimizer_state, state = load_train_checkpoint(directory)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
@@ -214,7 +214,7 @@ def _report(
         return
     history.write(run_uri, state.history, f"{loop.task} {loop.cfg.train.name}", loop.cfg.storage)
     with tempfile.TemporaryDirectory(prefix="gpa_ray_ckpt_") as directory:
-        checkpoints.save(
+        save_train_checkpoint(
             directory,
             model_state=unwrap(model).state_dict(),
             optimizer_state={

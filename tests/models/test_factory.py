@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpa_ray import testing
+from gpa_ray import checkpoints, testing
 from gpa_ray.audio.inputs import KINDS as AUDIO_KINDS
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import AudioEncoderConfig, Config, TextConfig, load_config
@@ -21,7 +21,6 @@ from gpa_ray.models.audioformer import AudioFormerClassifier, AudioFormerEncoder
 from gpa_ray.models.factory import build_audio_encoder, build_gpa, build_text_encoder
 from gpa_ray.models.gpa import GPAModel
 from gpa_ray.models.spectrogram_vision import SpectrogramResNet, SpectrogramViT
-from gpa_ray.train import checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +133,7 @@ def _audioformer_checkpoint(directory: Path, cfg: Config) -> AudioFormerEncoder:
     """An FT1 training checkpoint as the fine-tuning job writes it."""
     encoder = AudioFormerEncoder.from_config(cfg.audioformer)
     classifier = AudioFormerClassifier(encoder, n_classes=3)
-    checkpoints.save(
+    checkpoints.save_train_checkpoint(
         str(directory),
         model_state=classifier.state_dict(),
         optimizer_state={},

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gpa_ray import storage
+from gpa_ray import checkpoints, storage
 from gpa_ray.testing import job_main
-from gpa_ray.train import checkpoints, history
+from gpa_ray.train import history
 from gpa_ray.train.worker import FAULT_MARKER
 
 pytestmark = pytest.mark.slow
@@ -90,9 +90,10 @@ def test_pretrain_writes_run_and_loss_goes_down(pretrained: str) -> None:
     assert all(0.0 <= r["val_mlm_accuracy"] <= 1.0 for r in records)
     for name in ("config.yaml", history.METRICS_FILE, history.PLOT_FILE):
         assert storage.exists(storage.join(pretrained, name))
-    state = checkpoints.read_state(pretrained)
+    latest = checkpoints.resolve_checkpoint(pretrained, "latest")
+    state = checkpoints.read_state(latest)
     assert state["task"] == "mlm" and state["step"] == records[-1]["step"]
-    weights = checkpoints.load_model_state(pretrained)
+    weights = checkpoints.load_model_state(latest)
     assert {k.split(".")[1] for k in weights} == {"c0", "c1", "c2", "c3"}
 
 
@@ -110,10 +111,10 @@ def test_finetune_ft1_from_pretraining(esc50_clips: str, pretrained: str, tmp_pa
     print(f"finetune_audioformer ft1: {timed(job_main('finetune_audioformer'), argv):.1f} s")
     records = assert_learns(str(tmp_path / "ft1"))
     assert "val_accuracy" in records[-1] and "val_mAP" in records[-1]
-    state = checkpoints.read_state(str(tmp_path / "ft1"))
+    state = checkpoints.read_state(checkpoints.resolve_checkpoint(str(tmp_path / "ft1"), "latest"))
     assert state["task"] == "ft1" and state["loop"]["label_space"]["multi_label"] is False
     # The backbone started from the pre-trained weights, not from a random init.
-    pre = checkpoints.load_model_state(pretrained)
+    pre = checkpoints.load_model_state(checkpoints.resolve_checkpoint(pretrained, "latest"))
     assert "models.c0.mlm.roformer.encoder.layer.0.attention.self.query.weight" in pre
 
 
@@ -134,8 +135,10 @@ def test_finetune_ft2_two_workers(esc50_clips: str, pretrained: str, tmp_path: P
     records = assert_learns(str(tmp_path / "ft2"))
     assert {"train_mlc", "train_mpc"} <= set(records[-1])
     # The frozen codebook-2..4 backbones are the pre-trained ones, unchanged by FT2.
-    pre = checkpoints.load_model_state(pretrained)
-    ft2 = checkpoints.load_model_state(str(tmp_path / "ft2"))
+    pre = checkpoints.load_model_state(checkpoints.resolve_checkpoint(pretrained, "latest"))
+    ft2 = checkpoints.load_model_state(
+        checkpoints.resolve_checkpoint(str(tmp_path / "ft2"), "latest")
+    )
     key = "encoder.layer.0.attention.self.query.weight"
     assert ft2[f"frozen.0.roformer.{key}"].equal(pre[f"models.c1.mlm.roformer.{key}"])
     assert not ft2[f"anchor.encoder.roformer.{key}"].equal(pre[f"models.c0.mlm.roformer.{key}"])
@@ -151,12 +154,12 @@ def test_checkpoints_on_s3_and_second_run_resumes(esc50_clips: str, s3_server: o
     ]
     run = s3_server.uri("runs", "resume")
     timed(job_main("pretrain_audioformer"), [*argv, "train.epochs=1"])
-    first = checkpoints.read_state(run, s3)
+    first = checkpoints.read_state(checkpoints.resolve_checkpoint(run, "latest", s3), s3)
     assert first["epoch"] == 1 and first["resumes"] == []
     steps = first["step"]
     assert storage.list_files(run, checkpoints.MODEL_FILE, s3), "no checkpoint on S3"
     timed(job_main("pretrain_audioformer"), [*argv, "train.epochs=2"])
-    second = checkpoints.read_state(run, s3)
+    second = checkpoints.read_state(checkpoints.resolve_checkpoint(run, "latest", s3), s3)
     # The second run started from the first run's checkpoint: the step counter continues.
     assert second["resumes"] == [steps]
     assert [r["step"] for r in second["history"]] == [steps, 2 * steps]
@@ -178,7 +181,7 @@ def test_worker_exit_is_restarted_from_last_checkpoint(esc50_clips: str, tmp_pat
     timed(job_main("pretrain_audioformer"), argv)
     run = str(tmp_path / "fault")
     assert storage.exists(storage.join(run, FAULT_MARKER))
-    state = checkpoints.read_state(run)
+    state = checkpoints.read_state(checkpoints.resolve_checkpoint(run, "latest"))
     per_epoch = state["history"][0]["step"]
     assert per_epoch == 4
     # Restarted from the epoch-1 checkpoint (step 4), then ran to completion once each.

@@ -1,13 +1,13 @@
-"""Training plumbing without a training run: configs, clipping, seeds, checkpoints, metrics.
+"""Training plumbing without a training run: configs, clipping, seeds, metrics.
 
 End-to-end runs (resume on S3, a worker that dies, each job) are in
-`test_audioformer_jobs.py`; these tests are the pieces, each checked against numbers
+`test_audioformer_jobs.py`, checkpoint files and their resolution in
+`tests/test_checkpoints.py`; these tests are the pieces, each checked against numbers
 worked out by hand.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -18,9 +18,8 @@ from torch import nn
 from gpa_ray import storage
 from gpa_ray.config import load_config
 from gpa_ray.data.loaders import LabelSpace
-from gpa_ray.train import checkpoints, history
+from gpa_ray.train import history
 from gpa_ray.train.audioformer_loops import FT1Loop, MLMLoop
-from gpa_ray.train.checkpoints import TrainState
 from gpa_ray.train.loop import gather_rows, strided, sum_across_workers
 from gpa_ray.train.trainer import build_trainer, checkpoint_metric, run_uri
 from gpa_ray.train.worker import FAULT_MARKER, clip_gradients, epoch_seed, maybe_fail
@@ -72,55 +71,6 @@ def test_history_files_and_plot(tmp_path: Path) -> None:
     png = (tmp_path / "run" / history.PLOT_FILE).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     assert history.read(str(tmp_path / "missing")) == []
-
-
-def _save(directory: str, step: int, cfg: object) -> None:
-    checkpoints.save(
-        directory,
-        model_state=nn.Linear(2, 1).state_dict(),
-        optimizer_state={"optimizer": {}, "scheduler": {}},
-        train_state=TrainState(epoch=step // 4, step=step, history=[{"epoch": 1}], resumes=[4]),
-        task="mlm",
-        loop_state={"labels": ["a"]},
-        cfg=cfg,
-    )
-
-
-def test_checkpoint_roundtrip_and_latest(tmp_path: Path) -> None:
-    cfg = load_config("debug", ["train.name=unit"])
-    run = tmp_path / "run"
-    for name, step in [
-        ("checkpoint_2024-01-01_00-00-02", 4),
-        ("checkpoint_2024-01-01_00-00-01", 8),
-    ]:
-        _save(str(run / name), step, cfg)
-    model_state, optimizer_state, state = checkpoints.load_local(
-        str(run / "checkpoint_2024-01-01_00-00-01")
-    )
-    assert set(model_state) == {"weight", "bias"}
-    assert state == TrainState(epoch=2, step=8, history=[{"epoch": 1}], resumes=[4])
-    # Latest = most optimizer steps, whatever the folder names sort to.
-    latest = checkpoints.latest_checkpoint(str(run))
-    assert latest is not None and latest.endswith("checkpoint_2024-01-01_00-00-01")
-    assert checkpoints.resolve(str(run)) == latest
-    assert checkpoints.read_state(str(run))["loop"] == {"labels": ["a"]}
-    assert checkpoints.read_config(str(run)) == cfg
-    assert checkpoints.sub_state({"a.b.w": 1, "a.c": 2, "d": 3}, "a") == {"b.w": 1, "c": 2}
-    with pytest.raises(checkpoints.CheckpointError):
-        checkpoints.resolve(str(tmp_path / "empty"))
-
-
-@pytest.mark.s3
-def test_checkpoint_found_on_s3(tmp_path: Path, s3_server: object) -> None:
-    cfg = load_config("debug")
-    _save(str(tmp_path / "ckpt"), 12, cfg)
-    run = s3_server.uri("unit-run")
-    for name in os.listdir(tmp_path / "ckpt"):
-        data = (tmp_path / "ckpt" / name).read_bytes()
-        storage.write_bytes(f"{run}/checkpoint_x/{name}", data, s3_server.storage)
-    assert checkpoints.latest_checkpoint(run, s3_server.storage) == f"{run}/checkpoint_x"
-    state = checkpoints.load_model_state(run, s3_server.storage)
-    assert state["weight"].shape == (1, 2)
 
 
 def test_fault_drill_fires_only_once_per_run(tmp_path: Path) -> None:
@@ -252,30 +202,3 @@ def test_ft2_step_equals_library_loss_on_one_process() -> None:
     unaware = ft2_loss(out.logits, batch["targets"], out.views, 0.95, 0.05, "ce")
     assert abs(float(loss.detach()) - float(unaware.detach())) > 1e-6
     assert logs["loss"] == pytest.approx(0.95 * logs["mlc"] + 0.05 * logs["mpc"], rel=1e-5)
-
-
-def test_encoder_from_each_kind_of_checkpoint(tmp_path: Path) -> None:
-    from gpa_ray.models.audioformer import AudioFormerClassifier, AudioFormerEncoder, AudioFormerFT2
-    from gpa_ray.models.audioformer_checkpoint import encoder_from_checkpoint
-    from gpa_ray.train.audioformer_loops import CodebookMLM
-
-    cfg = tiny_cfg("audioformer.codebooks=[2,3]")
-    torch.manual_seed(0)
-    mlm = CodebookMLM(cfg.audioformer)
-    # The codebook-1 backbone is the first configured codebook's: c2 here.
-    expected = mlm.models["c2"].backbone.state_dict()
-    anchor = AudioFormerClassifier(AudioFormerEncoder.from_mlm(mlm.models["c2"]), 3)
-    frozen = [AudioFormerEncoder.from_mlm(mlm.models["c3"])]
-    for task, model in [("mlm", mlm), ("ft1", anchor), ("ft2", AudioFormerFT2(anchor, frozen))]:
-        checkpoints.save(
-            str(tmp_path / task / "checkpoint_0"),
-            model_state=model.state_dict(),
-            optimizer_state={},
-            train_state=TrainState(step=1),
-            task=task,
-            loop_state={},
-            cfg=cfg,
-        )
-        got = encoder_from_checkpoint(str(tmp_path / task), cfg).roformer.state_dict()
-        assert got.keys() == expected.keys()
-        assert all(torch.equal(got[k], expected[k]) for k in expected), task
