@@ -156,7 +156,7 @@ def naive_dense(
     sizes: Sizes, checkpoint: str, n_iter: int, block_size: int, text_block_size: int
 ) -> dict[str, Any]:
     """(c): R' in one dense numpy array, then Sinkhorn on the whole of it in numpy."""
-    from gpa_ray.checkpoints import load_gpa
+    from gpa_ray.models.factory import load_gpa
 
     model, _ = load_gpa(checkpoint)
     text = texts(sizes)

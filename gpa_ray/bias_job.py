@@ -46,9 +46,10 @@ from torch import Tensor
 
 from gpa_ray import storage
 from gpa_ray.bias_file import CONFIG_FILE, bias_table, write_bias
-from gpa_ray.checkpoints import load_gpa, resolve_checkpoint
+from gpa_ray.checkpoints import resolve_checkpoint
 from gpa_ray.config import Config, SinkhornConfig, StorageConfig, resolve_stage_uris
 from gpa_ray.embedding_table import embeddings_from_table
+from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.ray_embedding import (
     check_cpu_pool,

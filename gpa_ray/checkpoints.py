@@ -17,7 +17,9 @@ A checkpoint is a directory that rebuilds its model by itself:
                   facts, e.g. a label vocabulary (training checkpoints; `TrainLoop.state()`)
 
 `save_gpa` writes only `model.pt` + `config.yaml`; every training checkpoint of a GPA run
-has that layout too, so `load_gpa` loads either.
+has that layout too, so `gpa_ray.models.factory.load_gpa` (which rebuilds the model from
+`config.yaml`, the factory's job, then loads `model.pt`) loads either. The AudioFormer
+family loads here (`encoder_from_checkpoint`).
 
 Which checkpoint a URI means is `resolve_checkpoint(uri, which)`: a checkpoint URI (one
 holding `model.pt`) is itself; a run URI resolves to
@@ -28,10 +30,11 @@ holding `model.pt`) is itself; a run URI resolves to
   a resumed run's workers its latest).
 - "best": `summary.json`'s `best_checkpoint`, else its `checkpoint`, else (no summary, or
   it names folders that are gone) the latest. GPA consumers use it: the bias job and
-  evaluation resolve with it, and it is `load_gpa`'s default (index build, Serve); the
+  evaluation resolve with it, and it is `factory.load_gpa`'s default (index build, Serve); the
   quickstart hands them its GPA run's best checkpoint (`TrainResult.best_checkpoint`).
 
-Pure core: imports config, storage and models only, never ray.
+Pure core: imports config, storage and the model classes only (not the factory, which
+imports this module), never ray.
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ from gpa_ray.config import (
     config_to_yaml,
 )
 from gpa_ray.models.audioformer import AudioFormerEncoder
-from gpa_ray.models.factory import build_gpa
 from gpa_ray.models.gpa import GPAModel
 
 MODEL_FILE = "model.pt"
@@ -234,37 +236,6 @@ def save_gpa(
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     storage.write_bytes(storage.join(uri, MODEL_FILE), buf.getvalue(), storage_cfg)
     storage.write_bytes(storage.join(uri, CONFIG_FILE), config_to_yaml(cfg).encode(), storage_cfg)
-
-
-def load_gpa(
-    uri: str,
-    storage_cfg: StorageConfig | None = None,
-    device: str | torch.device = "cpu",
-    which: Which = "best",
-) -> tuple[GPAModel, Config]:
-    """Rebuild a GPA model from a checkpoint URI, or a run URI (its `which` checkpoint:
-    the best by default); returns (model in eval mode on `device`, its resolved config).
-
-    The architecture comes from `config.yaml` (`build_gpa` without the towers' pretrained
-    weights: `model.pt` holds every parameter). The audio tower's training-time output
-    cache (`audio_encoder.cache_size`) is left off.
-    """
-    directory = resolve_checkpoint(uri, which, storage_cfg)
-    if not storage.exists(storage.join(directory, CONFIG_FILE), storage_cfg):
-        raise CheckpointError(f"GPA checkpoint {directory} has no {CONFIG_FILE}")
-    cfg = read_config(directory, storage_cfg)
-    # The frozen-tower output cache speeds up epochs over the same clips; inference
-    # (index builds, queries) sees each clip once, so it would only hold memory.
-    no_cache = dataclasses.replace(cfg.audio_encoder, cache_size=0)
-    model = build_gpa(dataclasses.replace(cfg, audio_encoder=no_cache), load_weights=False)
-    try:
-        model.load_state_dict(load_model_state(directory, storage_cfg), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{directory}/{MODEL_FILE} does not fit the GPA model its {CONFIG_FILE} describes: "
-            f"{exc}"
-        ) from exc
-    return model.to(device).eval(), cfg
 
 
 def check_architecture(saved: AudioFormerConfig, wanted: AudioFormerConfig, uri: str) -> None:

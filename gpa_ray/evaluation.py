@@ -34,6 +34,7 @@ from torch import Tensor
 
 from gpa_ray import storage
 from gpa_ray.bias_file import BiasFileError, align_to_texts, read_bias
+from gpa_ray.checkpoints import resolve_checkpoint
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.metrics import (
     audio_to_text_metrics,
@@ -41,6 +42,7 @@ from gpa_ray.metrics import (
     text_to_audio_metrics,
     text_to_audio_ranks,
 )
+from gpa_ray.models.factory import load_gpa
 from gpa_ray.sinkhorn import QBNormStats, dual_softmax, qb_norm_apply
 
 logger = logging.getLogger(__name__)
@@ -249,7 +251,6 @@ def _write_report(cfg: Config, report: dict[str, Any], results: dict[str, Any], 
 
 def run_evaluation(cfg: Config) -> dict[str, Any]:
     """Evaluate the configured checkpoint on the full test pool and write the report."""
-    from gpa_ray.checkpoints import load_gpa, resolve_checkpoint
     from gpa_ray.ray_embedding import (
         check_cpu_pool,
         embed_captions,

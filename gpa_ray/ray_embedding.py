@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import torch
 
 from gpa_ray import storage
-from gpa_ray.checkpoints import load_gpa, read_config
+from gpa_ray.checkpoints import read_config
 from gpa_ray.config import ActorPoolConfig, StorageConfig
 from gpa_ray.data.loaders import LoaderError, read_clips, split_files
 from gpa_ray.data.schema import text_id
 from gpa_ray.embedding_table import embedding_table, embeddings_from_table
+from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
 
 if TYPE_CHECKING:

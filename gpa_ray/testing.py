@@ -559,7 +559,9 @@ def write_esc50_clip_shards(
         for row in iter_manifest(corpus, cfg.storage):
             rows.setdefault(row["split"], []).append(encoder.process(row, encoder.fetch(row)))
     for split, split_rows in rows.items():
-        storage.write_parquet(layout.clips_file(split, 0), clip_shard_table(split_rows), storage_cfg)
+        storage.write_parquet(
+            layout.clips_file(split, 0), clip_shard_table(split_rows), storage_cfg
+        )
 
 
 def esc50_holdout_captions(

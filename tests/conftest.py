@@ -13,8 +13,8 @@ import torch
 
 from gpa_ray import storage, testing
 from gpa_ray.audio.inputs import AudioInputs
-from gpa_ray.checkpoints import load_gpa
 from gpa_ray.config import ActorPoolConfig
+from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.ray_embedding import embed_captions, embed_clips, read_captions
 

@@ -23,8 +23,8 @@ from gpa_ray.bias_job import (
     iter_row_blocks,
     run_bias_job,
 )
-from gpa_ray.checkpoints import load_gpa
 from gpa_ray.config import Config, SinkhornConfig
+from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.ray_embedding import fetch_embeddings, read_captions
 from gpa_ray.sinkhorn import (

@@ -20,7 +20,6 @@ from gpa_ray.checkpoints import (
     TrainState,
     encoder_from_checkpoint,
     latest_checkpoint,
-    load_gpa,
     load_model_state,
     load_train_checkpoint,
     read_config,
@@ -32,7 +31,7 @@ from gpa_ray.checkpoints import (
     write_run_summary,
 )
 from gpa_ray.config import Config, TrainConfig, load_config
-from gpa_ray.models.factory import build_gpa
+from gpa_ray.models.factory import build_gpa, load_gpa
 from gpa_ray.models.gpa import GPAModel
 from gpa_ray.train.trainer import TrainResult
 

@@ -16,7 +16,6 @@ from gpa_ray import storage, testing
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.bias_file import read_bias
 from gpa_ray.bias_job import run_bias_job
-from gpa_ray.checkpoints import load_gpa
 from gpa_ray.config import Config, EvalConfig, SinkhornConfig
 from gpa_ray.evaluation import (
     CONFIG_FILE,
@@ -33,6 +32,7 @@ from gpa_ray.evaluation import (
     run_evaluation,
 )
 from gpa_ray.metrics import audio_to_text_metrics, retrieval_metrics
+from gpa_ray.models.factory import load_gpa
 from gpa_ray.ray_embedding import read_captions
 from gpa_ray.sinkhorn import (
     dual_softmax,

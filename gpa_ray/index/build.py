@@ -140,7 +140,7 @@ class IndexEmbedder:
 
     def __init__(self, cfg: dict[str, Any], version: str, files: list[str]) -> None:
         from gpa_ray.audio.inputs import AudioInputs
-        from gpa_ray.checkpoints import load_gpa
+        from gpa_ray.models.factory import load_gpa
 
         torch.set_num_threads(1)
         self.cfg = config_from_dict(cfg)

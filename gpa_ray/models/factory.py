@@ -2,7 +2,7 @@
 
 Training, the bias job, evaluation, index building and Serve all call `build_gpa`, so a
 checkpoint's `config.yaml` rebuilds exactly the architecture its `model.pt` was trained
-with (`gpa_ray.checkpoints`).
+with (`load_gpa`, reading the files `gpa_ray.checkpoints` lays out).
 
 Audio towers (`audio_encoder.kind`) and where their weights come from (`weights`, by
 reference: nothing is ever downloaded implicitly):
@@ -31,13 +31,26 @@ never needs the towers' original weight files, only the text tokenizer and confi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
+from gpa_ray import storage
 from gpa_ray.audio.inputs import KINDS as AUDIO_KINDS
-from gpa_ray.config import Config
+from gpa_ray.checkpoints import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    Which,
+    encoder_from_checkpoint,
+    load_model_state,
+    read_config,
+    resolve_checkpoint,
+)
+from gpa_ray.config import Config, StorageConfig
 from gpa_ray.models.audio_tower import AudioTower, audio_blocks
 from gpa_ray.models.gpa import GPAModel
 from gpa_ray.models.text import TextEncoder
@@ -69,9 +82,6 @@ def _audioformer(cfg: Config, load_weights: bool) -> nn.Module:
     weights = cfg.audio_encoder.weights
     if not (load_weights and weights):
         return AudioFormerEncoder.from_config(cfg.audioformer)
-    # Imported here: `gpa_ray.checkpoints` imports this module (`load_gpa` calls `build_gpa`).
-    from gpa_ray.checkpoints import encoder_from_checkpoint, resolve_checkpoint
-
     return encoder_from_checkpoint(resolve_checkpoint(weights, "latest", cfg.storage), cfg)
 
 
@@ -156,3 +166,34 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
         "trainable": sum(p.numel() for p in params if p.requires_grad),
         "total": sum(p.numel() for p in params),
     }
+
+
+def load_gpa(
+    uri: str,
+    storage_cfg: StorageConfig | None = None,
+    device: str | torch.device = "cpu",
+    which: Which = "best",
+) -> tuple[GPAModel, Config]:
+    """Rebuild a GPA model from a checkpoint URI, or a run URI (its `which` checkpoint:
+    the best by default); returns (model in eval mode on `device`, its resolved config).
+
+    The architecture comes from `config.yaml` (`build_gpa` without the towers' pretrained
+    weights: `model.pt` holds every parameter). The audio tower's training-time output
+    cache (`audio_encoder.cache_size`) is left off.
+    """
+    directory = resolve_checkpoint(uri, which, storage_cfg)
+    if not storage.exists(storage.join(directory, CONFIG_FILE), storage_cfg):
+        raise CheckpointError(f"GPA checkpoint {directory} has no {CONFIG_FILE}")
+    cfg = read_config(directory, storage_cfg)
+    # The frozen-tower output cache speeds up epochs over the same clips; inference
+    # (index builds, queries) sees each clip once, so it would only hold memory.
+    no_cache = dataclasses.replace(cfg.audio_encoder, cache_size=0)
+    model = build_gpa(dataclasses.replace(cfg, audio_encoder=no_cache), load_weights=False)
+    try:
+        model.load_state_dict(load_model_state(directory, storage_cfg), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{directory}/{MODEL_FILE} does not fit the GPA model its {CONFIG_FILE} describes: "
+            f"{exc}"
+        ) from exc
+    return model.to(device).eval(), cfg

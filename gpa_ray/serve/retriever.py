@@ -46,7 +46,7 @@ def index_uri(cfg: Config) -> str:
 
 def load_model(cfg: Config, checkpoint: str) -> tuple[GPAModel, Config]:
     """The GPA checkpoint an index was built with, in eval mode on CPU."""
-    from gpa_ray.checkpoints import load_gpa
+    from gpa_ray.models.factory import load_gpa
 
     model, model_cfg = load_gpa(checkpoint, cfg.storage, "cpu")
     return model.eval(), model_cfg

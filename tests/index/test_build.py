@@ -14,7 +14,6 @@ import torch
 
 from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
-from gpa_ray.checkpoints import load_gpa
 from gpa_ray.config import Config, load_config
 from gpa_ray.data.schema import text_id
 from gpa_ray.index import store
@@ -25,6 +24,7 @@ from gpa_ray.index.build import (
     plan_build,
     run_build_index,
 )
+from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.testing import job_main
 

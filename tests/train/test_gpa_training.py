@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from gpa_ray import storage, testing
-from gpa_ray.checkpoints import load_gpa
 from gpa_ray.config import Config, TrainConfig
 from gpa_ray.data.captions import clip_key
 from gpa_ray.metrics import retrieval_metrics
+from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.testing import job_main
 from gpa_ray.train import history
