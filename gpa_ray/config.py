@@ -319,7 +319,7 @@ class SinkhornConfig:
     # Rows of R' per block; a block is scored in [block_size, text_block_size] tiles, each
     # one matrix product (the scorer then reduces it in cache-sized runs of pairs).
     block_size: int = 128
-    # `QueryBlock` actors; with `rows_per_actor` > 0 there are ceil(G / rows_per_actor)
+    # `QueryShard` actors; with `rows_per_actor` > 0 there are ceil(G / rows_per_actor)
     # instead, so per-actor memory stays fixed as G grows and the cluster scales out.
     num_actors: int = 2
     rows_per_actor: int = 0

@@ -16,6 +16,7 @@ from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import Config, load_config
 from gpa_ray.data.schema import text_id
+from gpa_ray.embedding_table import embeddings_from_table
 from gpa_ray.index import store
 from gpa_ray.index.build import (
     IndexBuildError,
@@ -102,22 +103,9 @@ def test_unit_embedder_matches_plain_loop_and_records_failures(
     assert clips.column("clip_id").to_pylist() == [r["clip_id"] for r in kept]
     assert clips.column("audio").to_pylist() == [r["audio"] for r in kept]
     assert texts.column("text").to_pylist() == [c for r in kept for c in r["captions"]]
-    manifest = store.IndexManifest(
-        version="x",
-        created_at="",
-        checkpoint="",
-        embed_dim=16,
-        n_prototypes=4,
-        dtype="float32",
-        n_clips=len(kept),
-        n_texts=texts.num_rows,
-        clips_with_audio=0,
-        clip_files=[],
-        text_files=[],
-    )
     audio_ref, text_ref = _plain_loop(gpa_checkpoint, kept)
-    _close(store._embeddings(clips, manifest), audio_ref)
-    _close(store._embeddings(texts, manifest), text_ref)
+    _close(embeddings_from_table(clips), audio_ref)
+    _close(embeddings_from_table(texts), text_ref)
 
 
 def test_build_job_resumes_and_reruns_are_no_ops(
