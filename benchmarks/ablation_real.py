@@ -54,7 +54,7 @@ from gpa_ray.models.factory import build_audio_encoder, build_text_encoder
 from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.models.outputs import EncoderOutput
 from gpa_ray.sinkhorn import sinkhorn_potentials
-from gpa_ray.testing import shared_data_dir
+from gpa_ray.testing.data import shared_data_dir
 from gpa_ray.train.gpa_loop import contrastive_step
 
 VARIANTS = ("none", "mean", "softmax", "lass")

@@ -27,7 +27,7 @@ build on Ray Data vs a plain loop.
    run (`IndexEmbedder.run_unit`): clips/s end to end (Ray: starting its actors and
    loading the model in each; the loop: its one model load), and at steady state (Ray:
    from the commit markers once both actors committed a unit,
-   `testing.steady_commit_rate`; the loop: after its model load).
+   `common.steady_commit_rate`; the loop: after its model load).
 
 The Serve/in-process ratios are p50 at concurrency 1 over each in-process p50, and, more
 robust on a shared machine, a paired run that alternates one in-process query and one
@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import steady_commit_rate
 
 SOUNDS = [
     ("dog", "barks"), ("cat", "meows"), ("bird", "chirps"), ("rain", "falls"),
@@ -166,7 +167,7 @@ def build_checkpoint_and_index(work: Path, n_clips: int) -> tuple[str, str]:
     from gpa_ray.index import store
     from gpa_ray.models.factory import build_gpa
     from gpa_ray.models.gpa_checkpoint import save_gpa
-    from gpa_ray.testing import random_unit_embeddings, synthetic_index_clips
+    from gpa_ray.testing.synthetic import random_unit_embeddings, synthetic_index_clips
 
     cfg = load_config("debug")
     torch.manual_seed(0)
@@ -304,7 +305,7 @@ def build_throughput(work: Path, checkpoint: str, n_clips: int, unit_clips: int)
     from gpa_ray.config import load_config
     from gpa_ray.data.ingest import run_ingest
     from gpa_ray.index.build import IndexEmbedder, plan_build, run_build_index
-    from gpa_ray.testing import shared_data_dir, steady_commit_rate
+    from gpa_ray.testing.data import shared_data_dir
 
     ingest = work / "ingest"
     run_ingest(
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from gpa_ray.config import load_config
-    from gpa_ray.testing import loopback_ray_env
+    from gpa_ray.testing.services import loopback_ray_env
 
     loopback_ray_env()
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.bias_job import (
     BIAS_FILE,
@@ -46,9 +46,12 @@ from gpa_ray.sinkhorn import (
     qb_norm_statistics,
     sinkhorn_potentials,
 )
-from gpa_ray.testing import job_main
+from gpa_ray.testing.data import ESC50_POOL_TEST, ESC50_POOL_TRAIN
+from gpa_ray.testing.jobs import job_main
+from gpa_ray.testing.models import tiny_gpa_model
+from gpa_ray.testing.services import S3Server
 
-N_TRAIN, N_TEST = testing.ESC50_POOL_TRAIN, testing.ESC50_POOL_TEST
+N_TRAIN, N_TEST = ESC50_POOL_TRAIN, ESC50_POOL_TEST
 TOL = 1e-5
 
 
@@ -113,7 +116,7 @@ def test_embeddings_from_chunked_and_sliced_tables() -> None:
 
 
 def test_row_blocks_tile_the_score_matrix() -> None:
-    model = testing.tiny_gpa_model().eval()
+    model = tiny_gpa_model().eval()
     queries, texts = _random_embeddings(11, seed=1), _random_embeddings(9, seed=2)
     with torch.inference_mode():
         blocks = list(iter_row_blocks(model, queries, texts, block_size=4, text_block_size=2))
@@ -152,7 +155,7 @@ def test_job_needs_a_checkpoint() -> None:
 
 
 def _in_process_embeddings(
-    lass_checkpoint: str, esc50_pool: str, s3: testing.S3Server
+    lass_checkpoint: str, esc50_pool: str, s3: S3Server
 ) -> tuple[list[str], Embeddings, Embeddings]:
     """Query and text embeddings without Ray: parquet rows -> AudioInputs -> the model."""
     model, cfg = load_gpa(lass_checkpoint, s3.storage)
@@ -167,9 +170,7 @@ def _in_process_embeddings(
 
 
 @pytest.fixture(scope="module")
-def embedded(
-    ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
-) -> Any:
+def embedded(ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: S3Server) -> Any:
     """Query embeddings (a materialised Ray Dataset) and text embeddings, via Ray Data."""
     settings = EmbedSettings(actors=1, cpus=0.5, batch_size=5)
     captions = read_captions(esc50_pool, "test", storage_cfg=s3_server.storage)
@@ -182,7 +183,7 @@ def embedded(
     return queries, texts, captions
 
 
-def test_captions_are_read_clip_major(esc50_pool: str, s3_server: testing.S3Server) -> None:
+def test_captions_are_read_clip_major(esc50_pool: str, s3_server: S3Server) -> None:
     captions = read_captions(esc50_pool, "test", storage_cfg=s3_server.storage).to_pylist()
     # Two ESC-50 templates per test clip, in clip order, ids `<clip_id>#<caption index>`.
     assert len(captions) == 2 * N_TEST
@@ -198,7 +199,7 @@ def test_captions_are_read_clip_major(esc50_pool: str, s3_server: testing.S3Serv
 
 
 def test_ray_data_embeddings_equal_in_process(
-    embedded: Any, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
+    embedded: Any, esc50_pool: str, lass_checkpoint: str, s3_server: S3Server
 ) -> None:
     queries_ds, texts, _ = embedded
     ids, queries = gather_embeddings(queries_ds, "clip_id")
@@ -224,7 +225,7 @@ def test_ray_data_embeddings_equal_in_process(
 def test_distributed_equals_single_process(
     embedded: Any,
     lass_checkpoint: str,
-    s3_server: testing.S3Server,
+    s3_server: S3Server,
     num_actors: int,
     block_size: int,
     memory_budget_mb: float,
@@ -275,7 +276,7 @@ def test_job_end_to_end_on_s3(
     ray_session: None,
     esc50_pool: str,
     lass_checkpoint: str,
-    s3_server: testing.S3Server,
+    s3_server: S3Server,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     output = s3_server.uri("bias-eval", "bias-job")

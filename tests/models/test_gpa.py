@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.models.outputs import EncoderOutput
-from gpa_ray.testing import (
+from gpa_ray.testing.models import (
     tiny_audio_batch,
     tiny_audio_encoder,
     tiny_gpa_config,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import Config, TrainConfig
 from gpa_ray.models.factory import build_gpa
@@ -22,6 +22,8 @@ from gpa_ray.models.gpa_checkpoint import (
     resolve_gpa_checkpoint,
     save_gpa,
 )
+from gpa_ray.testing.models import save_tiny_text_model, tiny_gpa_run_config
+from gpa_ray.testing.services import S3Server
 from gpa_ray.train import checkpoints
 
 TEXTS = ["a dog barks", "rain on the roof"]
@@ -29,8 +31,8 @@ TEXTS = ["a dog barks", "rain on the roof"]
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    text = testing.save_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
-    return dataclasses.replace(testing.tiny_gpa_run_config(text), train=TrainConfig(name="ckpt"))
+    text = save_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
+    return dataclasses.replace(tiny_gpa_run_config(text), train=TrainConfig(name="ckpt"))
 
 
 def _model(cfg: Config, seed: int) -> GPAModel:
@@ -58,7 +60,7 @@ def test_round_trip_rebuilds_the_same_model(cfg: Config, tmp_path: Path) -> None
 
 
 @pytest.mark.s3
-def test_round_trip_on_s3(cfg: Config, s3_server: testing.S3Server) -> None:
+def test_round_trip_on_s3(cfg: Config, s3_server: S3Server) -> None:
     model = _model(cfg, seed=2)
     uri = s3_server.uri("gpa", "ckpt")
     s3_cfg = dataclasses.replace(cfg, storage=s3_server.storage)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gpa_ray import storage
-from gpa_ray.testing import job_main
+from gpa_ray.testing.jobs import job_main
 from gpa_ray.train import checkpoints, history
 from gpa_ray.train.worker import FAULT_MARKER
 

@@ -1,4 +1,4 @@
-"""The measuring helpers the benchmarks share (`gpa_ray.testing`)."""
+"""The measuring helpers the benchmark scripts share (`benchmarks/common.py`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from gpa_ray.testing import steady_commit_rate
+from benchmarks.common import steady_commit_rate
 
 
 def _marker(folder: Path, unit: int, clips: int, mtime: float) -> None:
