@@ -44,7 +44,6 @@ import dataclasses
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -83,12 +82,6 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return 1e3 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     return {"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- client
@@ -385,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from gpa_ray.config import load_config
-    from gpa_ray.testing.services import loopback_ray_env
+    from gpa_ray.testing.services import free_loopback_ports, loopback_ray_env
 
     loopback_ray_env()
     torch.set_num_threads(1)
@@ -401,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             "debug",
             [
                 f"serve.index_uri={index_root}",
-                f"serve.port={free_port()}",
+                f"serve.port={free_loopback_ports(1)[0]}",
                 "serve.reload_interval_s=0",
                 "serve.cpus_per_replica=0.25",
                 "ray.num_cpus=2",

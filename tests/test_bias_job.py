@@ -50,16 +50,10 @@ from gpa_ray.testing.data import ESC50_POOL_TEST, ESC50_POOL_TRAIN
 from gpa_ray.testing.jobs import job_main
 from gpa_ray.testing.models import tiny_gpa_model
 from gpa_ray.testing.services import S3Server
+from gpa_ray.testing.synthetic import random_unit_embeddings
 
 N_TRAIN, N_TEST = ESC50_POOL_TRAIN, ESC50_POOL_TEST
 TOL = 1e-5
-
-
-def _random_embeddings(n: int, k1: int = 4, e: int = 16, seed: int = 0) -> Embeddings:
-    gen = torch.Generator().manual_seed(seed)
-    g = torch.nn.functional.normalize(torch.randn(n, e, generator=gen), dim=-1)
-    p = torch.nn.functional.normalize(torch.randn(n, k1, e, generator=gen), dim=-1)
-    return Embeddings(g, p)
 
 
 # ---------------------------------------------------------------- without Ray
@@ -89,7 +83,7 @@ def test_qb_norm_statistics_by_hand() -> None:
 
 
 def test_embedding_table_round_trip() -> None:
-    emb = _random_embeddings(5)
+    emb = random_unit_embeddings(5)
     ids, back = embeddings_from_table(embedding_table(list("abcde"), "clip_id", emb), "clip_id")
     assert ids == list("abcde")
     assert torch.equal(back.global_, emb.global_)
@@ -102,7 +96,7 @@ def test_embedding_table_round_trip() -> None:
 
 def test_embeddings_from_chunked_and_sliced_tables() -> None:
     """What a bias actor gets: several object-store blocks, possibly slices of blocks."""
-    emb = _random_embeddings(7)
+    emb = random_unit_embeddings(7)
     first = embedding_table(list("abcd"), "clip_id", emb[:4])
     second = embedding_table(list("efg"), "clip_id", emb[4:])
     table = pa.concat_tables([first.slice(1), second.slice(0, 2)])
@@ -117,7 +111,7 @@ def test_embeddings_from_chunked_and_sliced_tables() -> None:
 
 def test_row_blocks_tile_the_score_matrix() -> None:
     model = tiny_gpa_model().eval()
-    queries, texts = _random_embeddings(11, seed=1), _random_embeddings(9, seed=2)
+    queries, texts = random_unit_embeddings(11, seed=1), random_unit_embeddings(9, seed=2)
     with torch.inference_mode():
         blocks = list(iter_row_blocks(model, queries, texts, block_size=4, text_block_size=2))
         full = model.score(queries, texts)
