@@ -30,7 +30,6 @@ against). Results (per seed, mean and sample std) go to `<out>/ablation_real.jso
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -54,7 +53,7 @@ from gpa_ray.models.factory import build_audio_encoder, build_text_encoder
 from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.models.outputs import EncoderOutput
 from gpa_ray.sinkhorn import sinkhorn_potentials
-from gpa_ray.testing import shared_data_dir
+from gpa_ray.testing.data import esc50_records, shared_data_dir
 from gpa_ray.train.gpa_loop import contrastive_step
 
 VARIANTS = ("none", "mean", "softmax", "lass")
@@ -102,10 +101,8 @@ def tower_config() -> Config:
 
 def esc50_rows(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, test) rows of ESC-50: the first clip of each class (in file order) is test."""
-    with open(root / "meta" / "esc50.csv", newline="") as f:
-        records = list(csv.DictReader(f))
     train, test, seen = [], [], set()
-    for rec in records:
+    for rec in esc50_records(root):
         words = rec["category"].replace("_", " ")
         row = {
             "clip_id": f"esc50/{os.path.splitext(rec['filename'])[0]}",

@@ -56,13 +56,9 @@ from gpa_ray.config import Config, GPAConfig, SinkhornConfig
 from gpa_ray.embedding_table import embedding_table
 from gpa_ray.jobs_cli import init_ray
 from gpa_ray.models.gpa import Embeddings
-from gpa_ray.testing import (
-    loopback_ray_env,
-    random_unit_embeddings,
-    save_tiny_text_model,
-    tiny_gpa_checkpoint,
-    tiny_gpa_run_config,
-)
+from gpa_ray.testing.models import save_tiny_text_model, tiny_gpa_checkpoint, tiny_gpa_run_config
+from gpa_ray.testing.services import loopback_ray_env
+from gpa_ray.testing.synthetic import random_unit_embeddings
 
 CHUNK_ROWS = 1024
 """Queries are generated in chunks of this many rows, chunk c from seed (seed, c)."""

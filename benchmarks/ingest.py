@@ -51,17 +51,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import steady_commit_rate
 
 from gpa_ray.config import Config, load_config
 from gpa_ray.data.corpora import iter_manifest
 from gpa_ray.data.ingest import ClipEncoder, run_ingest
 from gpa_ray.jobs_cli import init_ray
-from gpa_ray.testing import (
-    descendant_pids,
-    loopback_ray_env,
-    shared_data_dir,
-    steady_commit_rate,
-)
+from gpa_ray.testing.cluster import descendant_pids
+from gpa_ray.testing.data import shared_data_dir
+from gpa_ray.testing.services import loopback_ray_env
 
 MB = 1024 * 1024
 TICKS = os.sysconf("SC_CLK_TCK")

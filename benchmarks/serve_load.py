@@ -27,7 +27,7 @@ build on Ray Data vs a plain loop.
    run (`IndexEmbedder.run_unit`): clips/s end to end (Ray: starting its actors and
    loading the model in each; the loop: its one model load), and at steady state (Ray:
    from the commit markers once both actors committed a unit,
-   `testing.steady_commit_rate`; the loop: after its model load).
+   `common.steady_commit_rate`; the loop: after its model load).
 
 The Serve/in-process ratios are p50 at concurrency 1 over each in-process p50, and, more
 robust on a shared machine, a paired run that alternates one in-process query and one
@@ -44,7 +44,6 @@ import dataclasses
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import steady_commit_rate
 
 SOUNDS = [
     ("dog", "barks"), ("cat", "meows"), ("bird", "chirps"), ("rain", "falls"),
@@ -82,12 +82,6 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return 1e3 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     return {"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- client
@@ -304,7 +298,7 @@ def build_throughput(work: Path, checkpoint: str, n_clips: int, unit_clips: int)
     from gpa_ray.config import load_config
     from gpa_ray.data.ingest import run_ingest
     from gpa_ray.index.build import IndexEmbedder, plan_build, run_build_index
-    from gpa_ray.testing import shared_data_dir, steady_commit_rate
+    from gpa_ray.testing.data import shared_data_dir
 
     ingest = work / "ingest"
     run_ingest(
@@ -384,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from gpa_ray.config import load_config
-    from gpa_ray.testing import loopback_ray_env
+    from gpa_ray.testing.services import free_loopback_ports, loopback_ray_env
 
     loopback_ray_env()
     torch.set_num_threads(1)
@@ -400,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             "debug",
             [
                 f"serve.index_uri={index_root}",
-                f"serve.port={free_port()}",
+                f"serve.port={free_loopback_ports(1)[0]}",
                 "serve.reload_interval_s=0",
                 "serve.cpus_per_replica=0.25",
                 "ray.num_cpus=2",

@@ -46,7 +46,7 @@ import torch
 from gpa_ray.config import Config, load_config
 from gpa_ray.data import schema
 from gpa_ray.jobs_cli import init_ray
-from gpa_ray.testing import loopback_ray_env
+from gpa_ray.testing.services import loopback_ray_env
 from gpa_ray.train.audioformer_loops import MLMLoop
 from gpa_ray.train.trainer import fit
 from gpa_ray.train.worker import clip_gradients, epoch_seed, seed_everything

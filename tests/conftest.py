@@ -11,12 +11,20 @@ import pyarrow as pa
 import pytest
 import torch
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import ActorPoolConfig
 from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.ray_embedding import embed_captions, embed_clips, read_captions
+from gpa_ray.testing.data import (
+    ESC50_POOL_TEST,
+    ESC50_POOL_TRAIN,
+    SHARED_DATA_ENV,
+    shared_data_dir,
+    write_esc50_clip_shards,
+)
+from gpa_ray.testing.services import S3Server, local_s3_server, start_local_ray
 
 if TYPE_CHECKING:
     from ray.data import MaterializedDataset
@@ -25,9 +33,9 @@ if TYPE_CHECKING:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real audio folder; on CI a missing folder fails instead of skipping."""
-    path = testing.shared_data_dir()
+    path = shared_data_dir()
     if not (path / "esc50").is_dir():
-        message = f"real test data not found at {path} (set {testing.SHARED_DATA_ENV})"
+        message = f"real test data not found at {path} (set {SHARED_DATA_ENV})"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -39,48 +47,55 @@ def ray_session() -> Iterator[None]:
     """One embedded local Ray (2 CPUs, loopback, no dashboard) for the whole session."""
     import ray
 
-    testing.start_local_ray(num_cpus=2)
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[testing.S3Server]:
+def s3_server() -> Iterator[S3Server]:
     """A real S3 HTTP endpoint (moto server) on 127.0.0.1 with a test bucket."""
-    with testing.local_s3_server() as server:
+    with local_s3_server() as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def esc50_pool(shared_data: Path, s3_server: testing.S3Server) -> str:
+def esc50_pool(shared_data: Path, s3_server: S3Server) -> str:
     """Ingest-layout shards of 12 train + 4 test real ESC-50 clips on the S3 server."""
     uri = s3_server.uri("bias-eval", "esc50-ingest")
-    testing.write_esc50_clip_shards(
+    write_esc50_clip_shards(
         uri,
         shared_data / "esc50",
-        testing.ESC50_POOL_TRAIN,
-        testing.ESC50_POOL_TEST,
+        ESC50_POOL_TRAIN,
+        ESC50_POOL_TEST,
         storage_cfg=s3_server.storage,
     )
     return uri
 
 
 @pytest.fixture(scope="session")
-def lass_checkpoint(tmp_path_factory: pytest.TempPathFactory, s3_server: testing.S3Server) -> str:
+def lass_checkpoint(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> str:
     """A tiny GPA (LASS scorer) saved with `save_gpa` on the S3 server."""
+    # Deferred: torch + transformers take seconds, and torch-free sessions never get here.
+    from gpa_ray.testing.models import (
+        save_tiny_text_model,
+        tiny_gpa_checkpoint,
+        tiny_gpa_run_config,
+    )
+
     uri = s3_server.uri("bias-eval", "checkpoint-lass")
     if not storage.exists(storage.join(uri, "model.pt"), s3_server.storage):
         text_dir = tmp_path_factory.getbasetemp() / "tiny-text-model"
         if not (text_dir / "config.json").exists():
-            testing.save_tiny_text_model(text_dir)
-        cfg = testing.tiny_gpa_run_config(str(text_dir), storage=s3_server.storage)
-        testing.tiny_gpa_checkpoint(uri, cfg, s3_server.storage)
+            save_tiny_text_model(text_dir)
+        cfg = tiny_gpa_run_config(str(text_dir), storage=s3_server.storage)
+        tiny_gpa_checkpoint(uri, cfg, s3_server.storage)
     return uri
 
 
 @pytest.fixture(scope="session")
 def in_process_pool(
-    esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
+    esc50_pool: str, lass_checkpoint: str, s3_server: S3Server
 ) -> tuple[list[str], Embeddings, Embeddings]:
     """(train clip ids, their embeddings, the test captions' embeddings) of `esc50_pool`
     without Ray: parquet rows -> AudioInputs -> the model, the reference for Ray paths."""
@@ -97,7 +112,7 @@ def in_process_pool(
 
 @pytest.fixture(scope="session")
 def embedded_pool(
-    ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
+    ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: S3Server
 ) -> tuple[MaterializedDataset, Embeddings, pa.Table]:
     """(train clip embeddings as a materialised Ray Dataset, test caption embeddings, the
     captions) of `esc50_pool`, embedded on Ray Data actor pools."""

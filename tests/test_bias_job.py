@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.bias_file import BIAS_FILE, CONFIG_FILE, META_FILE, read_bias
 from gpa_ray.bias_job import (
     BiasJobError,
@@ -34,12 +34,16 @@ from gpa_ray.sinkhorn import (
     qb_norm_statistics,
     sinkhorn_potentials,
 )
-from gpa_ray.testing import job_main
+from gpa_ray.testing.data import ESC50_POOL_TEST, ESC50_POOL_TRAIN
+from gpa_ray.testing.jobs import job_main
+from gpa_ray.testing.models import tiny_gpa_model
+from gpa_ray.testing.services import S3Server
+from gpa_ray.testing.synthetic import random_unit_embeddings
 
 if TYPE_CHECKING:
     from ray.data import MaterializedDataset
 
-N_TRAIN, N_TEST = testing.ESC50_POOL_TRAIN, testing.ESC50_POOL_TEST
+N_TRAIN, N_TEST = ESC50_POOL_TRAIN, ESC50_POOL_TEST
 TOL = 1e-5
 
 
@@ -70,10 +74,10 @@ def test_qb_norm_statistics_by_hand() -> None:
 
 
 def test_row_blocks_tile_the_score_matrix() -> None:
-    model = testing.tiny_gpa_model().eval()
+    model = tiny_gpa_model().eval()
     queries, texts = (
-        testing.random_unit_embeddings(11, seed=1),
-        testing.random_unit_embeddings(9, seed=2),
+        random_unit_embeddings(11, seed=1),
+        random_unit_embeddings(9, seed=2),
     )
     with torch.inference_mode():
         blocks = list(iter_row_blocks(model, queries, texts, block_size=4, text_block_size=2))
@@ -115,7 +119,7 @@ def test_job_needs_a_checkpoint() -> None:
 def test_distributed_equals_single_process(
     embedded_pool: tuple[MaterializedDataset, Embeddings, pa.Table],
     lass_checkpoint: str,
-    s3_server: testing.S3Server,
+    s3_server: S3Server,
     num_actors: int,
     block_size: int,
     memory_budget_mb: float,
@@ -166,7 +170,7 @@ def test_job_end_to_end_on_s3(
     ray_session: None,
     esc50_pool: str,
     lass_checkpoint: str,
-    s3_server: testing.S3Server,
+    s3_server: S3Server,
     in_process_pool: tuple[list[str], Embeddings, Embeddings],
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.checkpoints import (
     CheckpointError,
@@ -33,6 +33,12 @@ from gpa_ray.checkpoints import (
 from gpa_ray.config import Config, TrainConfig, load_config
 from gpa_ray.models.factory import build_gpa, load_gpa
 from gpa_ray.models.gpa import GPAModel
+from gpa_ray.testing.models import (
+    save_tiny_text_model,
+    tiny_audioformer_config,
+    tiny_gpa_run_config,
+)
+from gpa_ray.testing.services import S3Server
 from gpa_ray.train.trainer import TrainResult
 
 TEXTS = ["a dog barks", "rain on the roof"]
@@ -40,8 +46,8 @@ TEXTS = ["a dog barks", "rain on the roof"]
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    text = testing.save_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
-    return dataclasses.replace(testing.tiny_gpa_run_config(text), train=TrainConfig(name="ckpt"))
+    text = save_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
+    return dataclasses.replace(tiny_gpa_run_config(text), train=TrainConfig(name="ckpt"))
 
 
 def _model(cfg: Config, seed: int) -> GPAModel:
@@ -99,7 +105,7 @@ def test_train_checkpoint_round_trip_and_latest(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_train_checkpoint_found_on_s3(tmp_path: Path, s3_server: testing.S3Server) -> None:
+def test_train_checkpoint_found_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
     _train_checkpoint(tmp_path / "ckpt", nn.Linear(2, 1), load_config("debug"), 12)
     run = s3_server.uri("unit-run")
     for name in os.listdir(tmp_path / "ckpt"):
@@ -122,7 +128,7 @@ def test_gpa_round_trip_rebuilds_the_same_model(cfg: Config, tmp_path: Path) -> 
 
 
 @pytest.mark.s3
-def test_gpa_round_trip_on_s3(cfg: Config, s3_server: testing.S3Server) -> None:
+def test_gpa_round_trip_on_s3(cfg: Config, s3_server: S3Server) -> None:
     model = _model(cfg, seed=2)
     uri = s3_server.uri("gpa", "ckpt")
     s3_cfg = dataclasses.replace(cfg, storage=s3_server.storage)
@@ -226,7 +232,7 @@ def test_encoder_from_each_kind_of_checkpoint(tmp_path: Path) -> None:
     from gpa_ray.train.audioformer_loops import CodebookMLM
 
     base = load_config("debug")
-    cfg = dataclasses.replace(base, audioformer=testing.tiny_audioformer_config(codebooks=[2, 3]))
+    cfg = dataclasses.replace(base, audioformer=tiny_audioformer_config(codebooks=[2, 3]))
     torch.manual_seed(0)
     mlm = CodebookMLM(cfg.audioformer)
     # The codebook-1 backbone is the first configured codebook's: c2 here.

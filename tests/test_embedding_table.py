@@ -13,7 +13,7 @@ from gpa_ray.embedding_table import (
     embeddings_from_table,
 )
 from gpa_ray.models.gpa import Embeddings
-from gpa_ray.testing import random_unit_embeddings
+from gpa_ray.testing.synthetic import random_unit_embeddings
 
 
 def test_embedding_table_round_trip() -> None:

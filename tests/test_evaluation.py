@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.bias_file import read_bias
 from gpa_ray.bias_job import run_bias_job
@@ -40,9 +40,11 @@ from gpa_ray.sinkhorn import (
     qb_norm_statistics,
     sinkhorn_potentials,
 )
-from gpa_ray.testing import job_main
+from gpa_ray.testing.data import ESC50_POOL_TEST, ESC50_POOL_TRAIN
+from gpa_ray.testing.jobs import job_main
+from gpa_ray.testing.services import S3Server
 
-N_TRAIN, N_TEST = testing.ESC50_POOL_TRAIN, testing.ESC50_POOL_TEST
+N_TRAIN, N_TEST = ESC50_POOL_TRAIN, ESC50_POOL_TEST
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # 3 clips x 6 captions, clip-major (captions 2c, 2c+1 belong to clip c).
@@ -190,7 +192,7 @@ def test_unknown_method_is_refused() -> None:
 
 
 def test_missing_bias_is_reported(
-    esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server, tmp_path: Path
+    esc50_pool: str, lass_checkpoint: str, s3_server: S3Server, tmp_path: Path
 ) -> None:
     cfg = Config(
         storage=s3_server.storage,
@@ -208,7 +210,7 @@ def test_missing_bias_is_reported(
 @pytest.mark.slow
 @pytest.mark.s3
 def test_bias_job_then_evaluate_end_to_end_on_s3(
-    ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: testing.S3Server
+    ray_session: None, esc50_pool: str, lass_checkpoint: str, s3_server: S3Server
 ) -> None:
     s3 = s3_server.storage
     bias_uri = s3_server.uri("bias-eval", "bias-job")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpa_ray.jobs_cli import init_ray, parse_job_args, ray_address
-from gpa_ray.testing import job_main
+from gpa_ray.testing.jobs import job_main
 
 REPO = Path(__file__).resolve().parents[1]
 

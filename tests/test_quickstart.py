@@ -9,7 +9,7 @@ import pytest
 
 from gpa_ray.config import load_config
 from gpa_ray.quickstart import stage_configs
-from gpa_ray.testing import job_main
+from gpa_ray.testing.jobs import job_main
 
 
 def test_stage_configs_share_one_output_folder() -> None:

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from gpa_ray import testing
 from gpa_ray.config import ActorPoolConfig
 from gpa_ray.data.loaders import LoaderError
 from gpa_ray.models.gpa import Embeddings
@@ -19,6 +18,8 @@ from gpa_ray.ray_embedding import (
     fetch_embeddings_in_order,
     read_captions,
 )
+from gpa_ray.testing.data import ESC50_POOL_TEST, ESC50_POOL_TRAIN
+from gpa_ray.testing.services import S3Server
 
 if TYPE_CHECKING:
     from ray.data import MaterializedDataset
@@ -33,10 +34,10 @@ def test_a_gpu_pool_is_refused_by_name() -> None:
         check_cpu_pool(ActorPoolConfig(gpus_per_actor=1.0), "eval.embed_pool")
 
 
-def test_captions_are_read_clip_major(esc50_pool: str, s3_server: testing.S3Server) -> None:
+def test_captions_are_read_clip_major(esc50_pool: str, s3_server: S3Server) -> None:
     captions = read_captions(esc50_pool, "test", storage_cfg=s3_server.storage).to_pylist()
     # Two ESC-50 templates per test clip, in clip order, ids `<clip_id>#<caption index>`.
-    assert len(captions) == 2 * testing.ESC50_POOL_TEST
+    assert len(captions) == 2 * ESC50_POOL_TEST
     first, second = captions[0], captions[1]
     assert first["clip_id"] == second["clip_id"]
     assert (first["text_id"], second["text_id"]) == (
@@ -56,7 +57,7 @@ def test_ray_data_embeddings_equal_in_process(
     ids, queries = fetch_embeddings(queries_ds, "clip_id")
     ref_ids, ref_queries, ref_texts = in_process_pool
     order = torch.tensor([ids.index(i) for i in ref_ids])
-    assert sorted(ids) == sorted(ref_ids) and len(ids) == testing.ESC50_POOL_TRAIN
+    assert sorted(ids) == sorted(ref_ids) and len(ids) == ESC50_POOL_TRAIN
     assert torch.allclose(queries.global_[order], ref_queries.global_, atol=TOL)
     assert torch.allclose(queries.prototypes[order], ref_queries.prototypes, atol=TOL)
     assert torch.allclose(texts.global_, ref_texts.global_, atol=TOL)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gpa_ray import checkpoints, storage
-from gpa_ray.testing import LocalRayCluster, local_ray_cluster
+from gpa_ray.testing.cluster import LocalRayCluster, local_ray_cluster
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ encode about a minute of audio in total.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import socket
@@ -36,6 +35,7 @@ from gpa_ray.audio.codec import (
 )
 from gpa_ray.audio.io import decode_audio, resample
 from gpa_ray.config import CodecConfig
+from gpa_ray.testing.data import esc50_records
 
 pytestmark = pytest.mark.filterwarnings("ignore:EnCodec weights 'random:")
 
@@ -262,7 +262,7 @@ def test_random_weights_spread_over_all_classes(
     tokenizer: EncodecTokenizer, shared_data: Path
 ) -> None:
     # One clip per class (50 clips, 250 s of audio: about 30 s of encoding).
-    rows = list(csv.DictReader((shared_data / "esc50" / "meta" / "esc50.csv").open()))
+    rows = esc50_records(shared_data / "esc50")
     first = {}
     for row in rows:
         first.setdefault(row["category"], row["filename"])

@@ -14,6 +14,7 @@ from gpa_ray.config import CorpusConfig, SyntheticConfig
 from gpa_ray.data import schema
 from gpa_ray.data.corpora import CorpusError, iter_manifest
 from gpa_ray.data.synthetic import generate_corpus
+from gpa_ray.testing.data import esc50_records
 
 
 def _rows(**kwargs) -> list[dict]:
@@ -27,8 +28,7 @@ def _rows(**kwargs) -> list[dict]:
 def test_esc50_reader_on_shared_csv(shared_data: Path) -> None:
     root = shared_data / "esc50"
     rows = _rows(kind="esc50", root=str(root))
-    with open(root / "meta" / "esc50.csv", newline="") as f:
-        meta = {r["filename"]: r for r in csv.DictReader(f)}
+    meta = {r["filename"]: r for r in esc50_records(root)}
     assert len(rows) == len(meta) == 414
     # Default folds: 1-3 train, 4 val, 5 test. The shared copy holds all 400 fold-4 clips.
     assert Counter(r["split"] for r in rows)["val"] == 400

@@ -34,7 +34,8 @@ from gpa_ray.data.work_units import (
     read_unit_rows,
     rows_per_unit,
 )
-from gpa_ray.testing import descendant_pids, job_main
+from gpa_ray.testing.cluster import descendant_pids
+from gpa_ray.testing.jobs import job_main
 
 REPO = Path(__file__).resolve().parents[2]
 

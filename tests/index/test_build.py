@@ -27,7 +27,7 @@ from gpa_ray.index.build import (
 )
 from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
-from gpa_ray.testing import job_main
+from gpa_ray.testing.jobs import job_main
 
 
 def _args(clips: str, checkpoint: str, output: Path, *extra: str) -> list[str]:

@@ -12,12 +12,8 @@ import torch
 from gpa_ray.index import store
 from gpa_ray.index.search import IndexSearcher, InnerProductIndex
 from gpa_ray.models.gpa import Embeddings
-from gpa_ray.testing import (
-    random_unit_embeddings,
-    synthetic_index_clips,
-    tiny_gpa_config,
-    tiny_gpa_model,
-)
+from gpa_ray.testing.models import tiny_gpa_config, tiny_gpa_model
+from gpa_ray.testing.synthetic import random_unit_embeddings, synthetic_index_clips
 
 E, K1 = 16, 4  # the tiny GPA: embed_dim 16, K + 1 = 4 prototypes
 

@@ -14,7 +14,7 @@ import torch
 from gpa_ray import storage
 from gpa_ray.embedding_table import DTYPES
 from gpa_ray.index import store
-from gpa_ray.testing import random_unit_embeddings, synthetic_index_clips
+from gpa_ray.testing.synthetic import random_unit_embeddings, synthetic_index_clips
 
 
 def random_embeddings(n: int, seed: int) -> object:

@@ -15,7 +15,7 @@ from gpa_ray.models.audio_cnn import (
     frame_mask,
     load_panns_weights,
 )
-from gpa_ray.testing import tiny_audio_cnn
+from gpa_ray.testing.models import tiny_audio_cnn
 
 KINDS = ["cnn14", "resnet38"]
 

@@ -7,9 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from gpa_ray import testing
 from gpa_ray.models.aisfx_cnn import AisfxCNN
 from gpa_ray.models.audio_tower import AudioTower, audio_blocks, input_keys
+from gpa_ray.testing.models import (
+    tiny_audio_batch,
+    tiny_audio_cnn,
+    tiny_audio_encoder,
+    tiny_audioformer_encoder,
+    tiny_spectrogram_resnet,
+    tiny_spectrogram_vit,
+)
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -19,12 +26,12 @@ def _trainable(module: nn.Module) -> bool:
 @pytest.mark.parametrize(
     ("builder", "n_blocks"),
     [
-        (testing.tiny_audio_encoder, 7),  # bn0 + 6 conv blocks
-        (lambda: testing.tiny_audio_cnn("resnet38"), 7),  # bn0, block1, 4 stages, block_after
+        (tiny_audio_encoder, 7),  # bn0 + 6 conv blocks
+        (lambda: tiny_audio_cnn("resnet38"), 7),  # bn0, block1, 4 stages, block_after
         (lambda: AisfxCNN(width=4), 4),
-        (testing.tiny_audioformer_encoder, 3),  # embeddings + 2 layers
-        (testing.tiny_spectrogram_resnet, 6),  # image bn0, embedder, 4 stages
-        (testing.tiny_spectrogram_vit, 4),  # image bn0, embeddings, layer 1, layer 2 + norm
+        (tiny_audioformer_encoder, 3),  # embeddings + 2 layers
+        (tiny_spectrogram_resnet, 6),  # image bn0, embedder, 4 stages
+        (tiny_spectrogram_vit, 4),  # image bn0, embeddings, layer 1, layer 2 + norm
     ],
 )
 def test_last_block_trains_and_the_rest_is_frozen(builder: object, n_blocks: int) -> None:
@@ -40,9 +47,9 @@ def test_last_block_trains_and_the_rest_is_frozen(builder: object, n_blocks: int
 
 def test_cache_serves_repeated_clips_with_their_first_outputs() -> None:
     torch.manual_seed(0)
-    encoder = testing.tiny_audio_encoder().eval()
+    encoder = tiny_audio_encoder().eval()
     tower = AudioTower(encoder, audio_blocks(encoder), trainable_layers=0, cache_size=8)
-    batch = testing.tiny_audio_batch(batch=4, frames=96, seed=1)  # lengths 96, 64, 32, 96
+    batch = tiny_audio_batch(batch=4, frames=96, seed=1)  # lengths 96, 64, 32, 96
     with torch.no_grad():
         plain = encoder(**batch)
     first = tower(**batch)
@@ -65,21 +72,21 @@ def test_cache_serves_repeated_clips_with_their_first_outputs() -> None:
 
 
 def test_cache_is_bounded_and_keys_ignore_padding() -> None:
-    batch = testing.tiny_audio_batch(batch=3, frames=96, seed=2)
+    batch = tiny_audio_batch(batch=3, frames=96, seed=2)
     padded = {
         "logmel": torch.cat([batch["logmel"], torch.full((3, 32, 32), -100.0)], dim=1),
         "lengths": batch["lengths"],
     }
     assert input_keys(batch) == input_keys(padded)
     assert len(set(input_keys(batch))) == 3
-    encoder = testing.tiny_audio_encoder().eval()
+    encoder = tiny_audio_encoder().eval()
     tower = AudioTower(encoder, audio_blocks(encoder), trainable_layers=0, cache_size=2)
     tower(**batch)
     assert tower.cached_clips == 2
 
 
 def test_a_training_tower_never_caches() -> None:
-    encoder = testing.tiny_audio_encoder()
+    encoder = tiny_audio_encoder()
     tower = AudioTower(encoder, audio_blocks(encoder), trainable_layers=1, cache_size=8)
-    out = tower(**testing.tiny_audio_batch(batch=2))
+    out = tower(**tiny_audio_batch(batch=2))
     assert out.global_.requires_grad and tower.cached_clips == 0

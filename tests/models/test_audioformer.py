@@ -19,7 +19,7 @@ from gpa_ray.models.audioformer import (
     mask_tokens,
     roformer_config,
 )
-from gpa_ray.testing import tiny_audioformer_config, tiny_audioformer_encoder, tiny_code_ids
+from gpa_ray.testing.models import tiny_audioformer_config, tiny_audioformer_encoder, tiny_code_ids
 
 
 def _specials(ids: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpa_ray import checkpoints, testing
+from gpa_ray import checkpoints
 from gpa_ray.audio.inputs import KINDS as AUDIO_KINDS
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import AudioEncoderConfig, Config, TextConfig, load_config
@@ -21,15 +21,23 @@ from gpa_ray.models.audioformer import AudioFormerClassifier, AudioFormerEncoder
 from gpa_ray.models.factory import build_audio_encoder, build_gpa, build_text_encoder
 from gpa_ray.models.gpa import GPAModel
 from gpa_ray.models.spectrogram_vision import SpectrogramResNet, SpectrogramViT
+from gpa_ray.testing.models import (
+    save_tiny_text_model,
+    tiny_audioformer_config,
+    tiny_code_ids,
+    tiny_gpa_run_config,
+    tiny_spectrogram_resnet,
+    tiny_spectrogram_vit,
+)
 
 
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return testing.save_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def _cfg(text_dir: str, **audio: object) -> Config:
-    cfg = testing.tiny_gpa_run_config(text_dir)
+    cfg = tiny_gpa_run_config(text_dir)
     return dataclasses.replace(cfg, audio_encoder=dataclasses.replace(cfg.audio_encoder, **audio))
 
 
@@ -109,9 +117,7 @@ def test_resnet38_and_panns_weights_by_path(text_dir: str, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("kind", ["resnet50", "vit"])
 def test_spectrogram_vision_weights_by_reference(text_dir: str, tmp_path: Path, kind: str) -> None:
-    builder = (
-        testing.tiny_spectrogram_resnet if kind == "resnet50" else testing.tiny_spectrogram_vit
-    )
+    builder = tiny_spectrogram_resnet if kind == "resnet50" else tiny_spectrogram_vit
     reference = builder()
     reference.backbone.save_pretrained(str(tmp_path))
     cfg = _cfg(text_dir, kind=kind, weights=str(tmp_path))
@@ -147,7 +153,7 @@ def _audioformer_checkpoint(directory: Path, cfg: Config) -> AudioFormerEncoder:
 
 def test_audioformer_tower_from_a_finetuning_checkpoint(text_dir: str, tmp_path: Path) -> None:
     base = _cfg(text_dir, kind="audioformer")
-    cfg = dataclasses.replace(base, audioformer=testing.tiny_audioformer_config())
+    cfg = dataclasses.replace(base, audioformer=tiny_audioformer_config())
     reference = _audioformer_checkpoint(tmp_path / "ft1", cfg)
     with_weights = dataclasses.replace(
         cfg, audio_encoder=dataclasses.replace(cfg.audio_encoder, weights=str(tmp_path / "ft1"))
@@ -155,7 +161,7 @@ def test_audioformer_tower_from_a_finetuning_checkpoint(text_dir: str, tmp_path:
     model = build_gpa(with_weights)
     for name, value in reference.state_dict().items():
         assert torch.equal(model.audio_encoder.encoder.state_dict()[name], value)
-    ids = testing.tiny_code_ids(batch=2, n_codes=20)
+    ids = tiny_code_ids(batch=2, n_codes=20)
     with torch.no_grad():
         emb = model.eval().embed_audio({"input_ids": ids, "attention_mask": (ids != 1).long()})
     assert emb.global_.shape == (2, 16)

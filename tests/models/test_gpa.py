@@ -10,23 +10,16 @@ from torch.utils._pytree import tree_flatten
 
 from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.models.outputs import EncoderOutput
-from gpa_ray.testing import (
+from gpa_ray.testing.models import (
     tiny_audio_batch,
     tiny_audio_encoder,
     tiny_gpa_config,
     tiny_gpa_model,
     tiny_text_encoder,
 )
+from gpa_ray.testing.synthetic import random_unit_embeddings
 
 TEXTS = ["a dog barks", "rain on the roof", "a siren passes", "a man speaks", "birds chirps"]
-
-
-def _random_embeddings(n: int, k: int, dim: int, seed: int) -> Embeddings:
-    gen = torch.Generator().manual_seed(seed)
-    return Embeddings(
-        F.normalize(torch.randn(n, dim, generator=gen), dim=-1),
-        F.normalize(torch.randn(n, k + 1, dim, generator=gen), dim=-1),
-    )
 
 
 @torch.no_grad()
@@ -85,7 +78,7 @@ def test_chunked_pool_equals_batch_on_a_larger_pool_with_ragged_blocks() -> None
     with torch.no_grad():
         for layer in (model.scorer.l_a, model.scorer.l_t):
             torch.nn.init.normal_(layer.weight)
-        audio, text = _random_embeddings(23, 3, 16, 0), _random_embeddings(17, 3, 16, 1)
+        audio, text = random_unit_embeddings(23, 16, 4, 0), random_unit_embeddings(17, 16, 4, 1)
         batch = model.score(audio, text)
         torch.testing.assert_close(
             model.score_pool(audio, text, block_size=5), batch, atol=1e-5, rtol=0
@@ -125,7 +118,7 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def _largest_intermediate(model: GPAModel, n: int, block: int, whole: bool) -> int:
-    audio, text = _random_embeddings(n, 3, 16, 2), _random_embeddings(n, 3, 16, 3)
+    audio, text = random_unit_embeddings(n, 16, 4, 2), random_unit_embeddings(n, 16, 4, 3)
     with torch.no_grad():
         if whole:
             with _LargestTensor() as probe:
@@ -200,7 +193,7 @@ def test_feature_widths_and_precomputed_features() -> None:
 
 
 def test_embeddings_container() -> None:
-    emb = _random_embeddings(5, 3, 16, 4)
+    emb = random_unit_embeddings(5, 16, 4, 4)
     parts = [emb[:2], emb[2:]]
     assert [len(p) for p in parts] == [2, 3]
     joined = Embeddings.cat(parts)

@@ -14,7 +14,7 @@ from gpa_ray.models.spectrogram_vision import (
     resnet50_config,
     vit_b16_config,
 )
-from gpa_ray.testing import tiny_spectrogram_resnet, tiny_spectrogram_vit
+from gpa_ray.testing.models import tiny_spectrogram_resnet, tiny_spectrogram_vit
 
 EPS_SCALE = 1.0 / (1.0 + 1e-5) ** 0.5
 """A fresh BatchNorm in eval mode maps x to x / sqrt(1 + eps)."""

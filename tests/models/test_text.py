@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gpa_ray.config import TextConfig
 from gpa_ray.models.text import TextEncoder, TextOutput
 from gpa_ray.pretrained import WeightsUnavailableError
-from gpa_ray.testing import tiny_text_encoder
+from gpa_ray.testing.models import tiny_text_encoder
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,16 @@ import soundfile as sf
 import uvicorn
 from fastapi import APIRouter, FastAPI
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.config import Config, ServeConfig, load_config
 from gpa_ray.data.schema import text_id
 from gpa_ray.serve.backend import attach_backend
 from gpa_ray.serve.errors import install_error_handlers
 from gpa_ray.serve.local import LocalBackend, local_app
-from gpa_ray.testing import job_main
+from gpa_ray.testing.data import tiny_esc50_ingest
+from gpa_ray.testing.jobs import job_main
+from gpa_ray.testing.models import save_tiny_text_model, tiny_gpa_checkpoint, tiny_gpa_run_config
+from gpa_ray.testing.services import S3Server
 
 
 def free_port() -> int:
@@ -58,23 +61,21 @@ def write_bias(uri: str, text_ids: list[str], values: list[float], storage_cfg) 
 
 
 @pytest.fixture(scope="session")
-def served_index(
-    ray_session, shared_data: Path, s3_server: testing.S3Server, tmp_path_factory
-) -> dict:
+def served_index(ray_session, shared_data: Path, s3_server: S3Server, tmp_path_factory) -> dict:
     """Ingest 8 ESC-50 clips, save a tiny GPA, write a bias for every caption, and build
     the index with `jobs/build_index.py` to s3://. Returns what tests need."""
 
     root = tmp_path_factory.mktemp("served")
     ingest = tmp_path_factory.getbasetemp() / "esc50-ingest-8"  # shared with tests/index
-    testing.tiny_esc50_ingest(str(ingest), n_clips=8)
+    tiny_esc50_ingest(str(ingest), n_clips=8)
     clips = storage.read_parquet(str(ingest / "clips")).to_pylist()
     text_ids = [text_id(c["clip_id"], i) for c in clips for i in range(len(c["captions"]))]
     bias = {t: round(0.05 * ((7 * n) % 11) - 0.25, 4) for n, t in enumerate(text_ids)}
     bias_uri = s3_server.uri("bias-test")
     write_bias(bias_uri, list(bias), list(bias.values()), s3_server.storage)
-    run_cfg = testing.tiny_gpa_run_config(testing.save_tiny_text_model(root / "text"))
+    run_cfg = tiny_gpa_run_config(save_tiny_text_model(root / "text"))
     checkpoint = str(root / "checkpoint")
-    testing.tiny_gpa_checkpoint(checkpoint, run_cfg)
+    tiny_gpa_checkpoint(checkpoint, run_cfg)
     index_uri = s3_server.uri("index")
     build_args = [
         f"index.input={ingest / 'clips'}",

@@ -13,9 +13,10 @@ import requests
 import yaml
 from pydantic import ValidationError
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.index import store
 from gpa_ray.serve.local import app_from_env
+from gpa_ray.testing.synthetic import random_unit_embeddings, synthetic_index_clips
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -109,14 +110,14 @@ def test_health_and_version_reload(local_server, served_index) -> None:
     assert requests.get(url + "/v1/index").json()["checkpoint"] == served_index["checkpoint"]
     root, storage_cfg = served_index["index_uri"], served_index["storage"]
     pointer = storage.read_bytes(store.latest_uri(root), storage_cfg)
-    clips = testing.synthetic_index_clips(5)
+    clips = synthetic_index_clips(5)
     try:
         store.write_version(
             root,
             "v-next",
             clips,
-            testing.random_unit_embeddings(5, 16, 4, seed=1),
-            testing.random_unit_embeddings(10, 16, 4, seed=2),
+            random_unit_embeddings(5, 16, 4, seed=1),
+            random_unit_embeddings(10, 16, 4, seed=2),
             checkpoint=served_index["checkpoint"],
             storage_cfg=storage_cfg,
         )
@@ -127,8 +128,8 @@ def test_health_and_version_reload(local_server, served_index) -> None:
             root,
             "v-other-model",
             clips,
-            testing.random_unit_embeddings(5, 16, 4, seed=1),
-            testing.random_unit_embeddings(10, 16, 4, seed=2),
+            random_unit_embeddings(5, 16, 4, seed=1),
+            random_unit_embeddings(10, 16, 4, seed=2),
             checkpoint="s3://elsewhere/checkpoint",
             storage_cfg=storage_cfg,
         )

@@ -15,7 +15,7 @@ from gpa_ray.config import load_config
 from gpa_ray.data.ingest import run_ingest
 from gpa_ray.models.factory import build_gpa
 from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
-from gpa_ray.testing import job_main
+from gpa_ray.testing.jobs import job_main
 
 
 @pytest.mark.slow

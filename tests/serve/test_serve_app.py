@@ -12,11 +12,12 @@ import pytest
 import requests
 import torch
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.config import Config
 from gpa_ray.index import store
 from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
-from gpa_ray.testing import job_main
+from gpa_ray.testing.jobs import job_main
+from gpa_ray.testing.synthetic import random_unit_embeddings, synthetic_index_clips
 
 
 def _replicas() -> set[str]:
@@ -164,9 +165,9 @@ def test_searcher_follows_latest_and_survives_a_broken_pointer(serve_app, served
         store.write_version(
             root,
             "v-polled",
-            testing.synthetic_index_clips(4),
-            testing.random_unit_embeddings(4, 16, 4, seed=3),
-            testing.random_unit_embeddings(8, 16, 4, seed=4),
+            synthetic_index_clips(4),
+            random_unit_embeddings(4, 16, 4, seed=3),
+            random_unit_embeddings(8, 16, 4, seed=4),
             checkpoint=served_index["checkpoint"],
             storage_cfg=storage_cfg,
         )

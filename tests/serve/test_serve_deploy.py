@@ -23,7 +23,7 @@ import yaml
 
 from gpa_ray.config import load_config
 from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
-from gpa_ray.testing import LocalRayCluster, local_ray_cluster
+from gpa_ray.testing.cluster import LocalRayCluster, local_ray_cluster
 
 from .conftest import free_port
 

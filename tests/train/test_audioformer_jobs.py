@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gpa_ray import checkpoints, storage
-from gpa_ray.testing import job_main
+from gpa_ray.testing.jobs import job_main
 from gpa_ray.train import history
 from gpa_ray.train.worker import FAULT_MARKER
 

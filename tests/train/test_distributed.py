@@ -4,7 +4,6 @@ gradients of a contrastive loss over the global batch, including uneven rank siz
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from gpa_ray.testing.services import free_loopback_ports
 from gpa_ray.train.distributed import gather_with_grad, global_loss_scale
 
 DIM = 5
@@ -28,12 +28,6 @@ def _rows_loss(
     logits = F.normalize(audio, dim=-1) @ F.normalize(text_all, dim=-1).T / 0.07
     targets = torch.arange(offset, offset + audio.shape[0])
     return F.cross_entropy(logits, targets, reduction="sum") / total
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _projection() -> torch.nn.Linear:
@@ -75,7 +69,7 @@ def test_two_ranks_match_single_process(sizes: list[int]) -> None:
 
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(sizes, _free_port(), out), nprocs=len(sizes), join=True)
+    mp.spawn(_worker, args=(sizes, free_loopback_ports(1)[0], out), nprocs=len(sizes), join=True)
 
     assert sum(out[r][1] for r in range(len(sizes))) == pytest.approx(reference.item(), abs=1e-5)
     start = 0

@@ -17,13 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpa_ray import storage, testing
+from gpa_ray import storage
 from gpa_ray.config import Config, TrainConfig
 from gpa_ray.data.captions import clip_key
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
-from gpa_ray.testing import job_main
+from gpa_ray.testing.data import esc50_clip_table, esc50_holdout_captions
+from gpa_ray.testing.jobs import job_main
+from gpa_ray.testing.models import save_tiny_text_model, tiny_gpa_config, tiny_gpa_run_config
+from gpa_ray.testing.parity import gpa_one_step_worker
 from gpa_ray.train import history
 from gpa_ray.train.gpa_loop import (
     GPALoop,
@@ -39,17 +42,17 @@ LOSSES = ["triplet", "nt_xent", "info_nce", "cwcl"]
 
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return testing.save_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")
 def table(shared_data: Path) -> object:
     """8 real ESC-50 clips (1 s each, FLAC at 32 kHz), one templated caption each."""
-    return testing.esc50_clip_table(shared_data / "esc50", 8, max_seconds=1.0)
+    return esc50_clip_table(shared_data / "esc50", 8, max_seconds=1.0)
 
 
 def _cfg(text_dir: str, **gpa: object) -> Config:
-    base = testing.tiny_gpa_run_config(text_dir)
+    base = tiny_gpa_run_config(text_dir)
     return dataclasses.replace(
         base,
         audio=dataclasses.replace(base.audio, max_seconds=1.0),
@@ -68,7 +71,7 @@ def test_local_losses_add_up_to_the_global_batch_loss(loss: str) -> None:
     sim = torch.randn(8, 8, generator=gen)
     keys = torch.tensor([10, 11, 12, 13, 14, 15, 11, 17])
     features = torch.randn(8, 5, generator=gen)
-    gpa = testing.tiny_gpa_config(loss=loss)
+    gpa = tiny_gpa_config(loss=loss)
     full = retrieval_loss(loss, gpa, sim, sim.T, torch.arange(8), keys, features)
     total = torch.zeros(())
     for rows in (slice(0, 3), slice(3, 8)):
@@ -168,7 +171,7 @@ def _one_step(loops: list[GPALoop], table: object, workers: int, tmp: Path) -> l
 
     out = tmp / f"steps_{workers}.pt"
     TorchTrainer(
-        testing.gpa_one_step_worker,
+        gpa_one_step_worker,
         train_loop_config={"loops": loops, "table": table, "out": str(out), "float64": True},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, resources_per_worker={"CPU": 0.5}
@@ -277,12 +280,12 @@ def test_train_gpa_job_on_real_esc50_clips(
 )
 def test_esc50_real_data_run(ray_session: None, shared_data: Path, tmp_path: Path) -> None:
     """The esc50_gpa preset on all ESC-50 clips here: whole source recordings held out per
-    category (`testing.esc50_holdout_captions`), frozen pretrained aiSFX + frozen MiniLM;
+    category (`esc50_holdout_captions`), frozen pretrained aiSFX + frozen MiniLM;
     training takes at most 10 minutes and reaches a T2A R@1 far above chance (1 / number of
     held-out clips). `GPA_RAY_ESC50_INGEST` reuses an existing ingest output."""
     esc50 = shared_data / "esc50"
     data = os.environ.get("GPA_RAY_ESC50_INGEST") or str(tmp_path / "ingest")
-    captions = testing.esc50_holdout_captions(esc50, tmp_path / "captions.csv")
+    captions = esc50_holdout_captions(esc50, tmp_path / "captions.csv")
     corpus = ["--config", "esc50_gpa", f"corpus.root={esc50}", f"corpus.caption_files=[{captions}]"]
     if not storage.exists(storage.join(data, "summary.json")):
         assert job_main("ingest")([*corpus, f"ingest.output={data}"]) == 0

@@ -1,0 +1,106 @@
+"""Real services on loopback for tests and benchmarks: the shared embedded Ray, a local S3
+server, free ports.
+
+`tests/conftest.py` imports this module for every session, so `ray` (~1-3 s) and moto's
+server (~3 s) are imported only by the helpers that start them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from gpa_ray.config import StorageConfig
+from gpa_ray.jobs_cli import set_ray_process_env
+
+TEST_BUCKET = "gpa-ray-test"
+
+
+def loopback_ray_env() -> None:
+    """Environment that keeps a local Ray on 127.0.0.1 and without token auth (tests only),
+    plus the project's own Ray process environment (what the jobs run with)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    set_ray_process_env()
+
+
+def start_local_ray(num_cpus: int = 2) -> None:
+    """Start (or join) the one embedded local Ray that a test session shares."""
+    import ray  # deferred: heavy, see the module docstring
+
+    loopback_ray_env()
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            object_store_memory=512 * 1024 * 1024,
+        )
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3 HTTP endpoint on loopback and the storage config that reaches it."""
+
+    endpoint_url: str
+    bucket: str
+    storage: StorageConfig
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *[p.strip("/") for p in parts]])
+
+    def overrides(self) -> list[str]:
+        """Dotted config overrides that point a job's `storage` section at this server."""
+        s = self.storage
+        return [
+            f"storage.endpoint_url={s.endpoint_url}",
+            f"storage.region={s.region}",
+            f"storage.access_key_id={s.access_key_id}",
+            f"storage.secret_access_key={s.secret_access_key}",
+        ]
+
+
+@contextmanager
+def local_s3_server(bucket: str = TEST_BUCKET) -> Iterator[S3Server]:
+    """Run moto's real S3 server on 127.0.0.1 (free port) with one bucket created."""
+    import boto3  # deferred (with moto): heavy, see the module docstring
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(
+            Bucket=bucket
+        )
+        storage = StorageConfig(
+            endpoint_url=endpoint,
+            region="us-east-1",
+            access_key_id="testing",
+            secret_access_key="testing",
+        )
+        yield S3Server(endpoint_url=endpoint, bucket=bucket, storage=storage)
+    finally:
+        server.stop()
+
+
+def free_loopback_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports that were free on 127.0.0.1 a moment ago (all held at once
+    while asking, so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
