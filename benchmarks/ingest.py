@@ -53,7 +53,8 @@ from typing import Any
 import torch
 from common import steady_commit_rate
 
-from gpa_ray.config import Config, load_config
+from gpa_ray.config import Config
+from gpa_ray.config_loading import load_config
 from gpa_ray.data.corpora import iter_manifest
 from gpa_ray.data.ingest import ClipEncoder, run_ingest
 from gpa_ray.jobs_cli import init_ray

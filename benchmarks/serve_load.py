@@ -157,7 +157,7 @@ async def run_client(url: str, concurrency: int, n: int, malformed: float, seed:
 
 def build_checkpoint_and_index(work: Path, n_clips: int) -> tuple[str, str]:
     from gpa_ray.checkpoints import save_gpa
-    from gpa_ray.config import load_config
+    from gpa_ray.config_loading import load_config
     from gpa_ray.index import store
     from gpa_ray.models.factory import build_gpa
     from gpa_ray.testing import random_unit_embeddings, synthetic_index_clips
@@ -295,7 +295,7 @@ def paired(cfg: Any, checkpoint: str, url: str, n: int) -> dict[str, Any]:
 
 
 def build_throughput(work: Path, checkpoint: str, n_clips: int, unit_clips: int) -> dict[str, Any]:
-    from gpa_ray.config import load_config
+    from gpa_ray.config_loading import load_config
     from gpa_ray.data.ingest import run_ingest
     from gpa_ray.index.build import IndexEmbedder, plan_build, run_build_index
     from gpa_ray.testing.data import shared_data_dir
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
-    from gpa_ray.config import load_config
+    from gpa_ray.config_loading import load_config
     from gpa_ray.testing.services import free_loopback_ports, loopback_ray_env
 
     loopback_ray_env()

@@ -43,7 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gpa_ray.config import Config, load_config
+from gpa_ray.config import Config
+from gpa_ray.config_loading import load_config
 from gpa_ray.data import schema
 from gpa_ray.jobs_cli import init_ray
 from gpa_ray.testing.services import loopback_ray_env

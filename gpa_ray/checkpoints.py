@@ -49,13 +49,8 @@ import torch
 import yaml
 
 from gpa_ray import storage
-from gpa_ray.config import (
-    AudioFormerConfig,
-    Config,
-    StorageConfig,
-    config_from_dict,
-    config_to_yaml,
-)
+from gpa_ray.config import AudioFormerConfig, Config, StorageConfig
+from gpa_ray.config_loading import config_from_dict, config_to_yaml
 from gpa_ray.models.audioformer import AudioFormerEncoder
 from gpa_ray.models.gpa import GPAModel
 

@@ -2,7 +2,7 @@
 
 A job is `python jobs/<name>.py [--config FILE|PRESET] [--set a.b=c ...] [a.b=c ...]`:
 the preset (a YAML path or the name of a preset shipped in `gpa_ray/configs/`) is merged
-with dotted overrides by `gpa_ray.config.load_config`, which type-checks every key. The
+with dotted overrides by `gpa_ray.config_loading.load_config`, which type-checks every key. The
 same command runs on a laptop (embedded local Ray) and on a cluster (`RAY_ADDRESS`, or
 `ray job submit`, which sets it), so the address is never hard-coded in a job.
 """
@@ -14,7 +14,8 @@ import logging
 import os
 import textwrap
 
-from gpa_ray.config import Config, config_keys, load_config, preset_names
+from gpa_ray.config import Config
+from gpa_ray.config_loading import config_keys, load_config, preset_names
 
 
 def parse_job_args(argv: list[str] | None, description: str) -> Config:

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gpa_ray.config import Config, StorageConfig, config_to_yaml
+from gpa_ray.config import Config, StorageConfig
+from gpa_ray.config_loading import config_to_yaml
 
 _DEFAULT = StorageConfig()
 

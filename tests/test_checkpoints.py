@@ -30,7 +30,8 @@ from gpa_ray.checkpoints import (
     sub_state,
     write_run_summary,
 )
-from gpa_ray.config import Config, TrainConfig, load_config
+from gpa_ray.config import Config, TrainConfig
+from gpa_ray.config_loading import load_config
 from gpa_ray.models.factory import build_gpa, load_gpa
 from gpa_ray.models.gpa import GPAModel
 from gpa_ray.testing.models import (

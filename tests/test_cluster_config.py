@@ -10,7 +10,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from gpa_ray.config import load_config, preset_names
+from gpa_ray.config_loading import load_config, preset_names
 from gpa_ray.jobs_cli import RAY_PROCESS_ENV
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"

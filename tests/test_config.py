@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import yaml
 
-from gpa_ray.config import (
-    Config,
+from gpa_ray.config import Config
+from gpa_ray.config_loading import (
     ConfigError,
     config_from_dict,
     config_to_yaml,

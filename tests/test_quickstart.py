@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gpa_ray.config import load_config
+from gpa_ray.config_loading import load_config
 from gpa_ray.quickstart import stage_configs
 from gpa_ray.testing.jobs import job_main
 

@@ -56,7 +56,8 @@ import numpy as np
 import pyarrow as pa
 
 from gpa_ray import storage
-from gpa_ray.config import Config, config_from_dict
+from gpa_ray.config import Config
+from gpa_ray.config_loading import config_from_dict
 from gpa_ray.data import schema
 from gpa_ray.data.corpora import corpus_name
 from gpa_ray.data.work_units import (

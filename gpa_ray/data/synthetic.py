@@ -45,7 +45,8 @@ import numpy as np
 import soundfile as sf
 
 from gpa_ray import storage
-from gpa_ray.config import ConfigError, StorageConfig, SyntheticConfig
+from gpa_ray.config import StorageConfig, SyntheticConfig
+from gpa_ray.config_loading import ConfigError
 
 SOUNDS = ("tone", "warble", "chirp_up", "chirp_down", "buzz", "noise", "beeps", "clicks")
 REPEATING = frozenset({"warble", "beeps", "clicks"})

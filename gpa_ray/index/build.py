@@ -39,7 +39,8 @@ import torch
 
 from gpa_ray import storage
 from gpa_ray.bias_file import read_bias
-from gpa_ray.config import Config, config_from_dict, resolve_stage_uris
+from gpa_ray.config import Config, resolve_stage_uris
+from gpa_ray.config_loading import config_from_dict
 from gpa_ray.data.loaders import shard_split
 from gpa_ray.embedding_table import DTYPES
 from gpa_ray.index import store

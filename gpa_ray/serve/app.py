@@ -39,7 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from gpa_ray.config import Config, config_from_dict, load_config
+from gpa_ray.config import Config
+from gpa_ray.config_loading import config_from_dict, load_config
 from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.serve.api import create_api
 from gpa_ray.serve.retriever import (

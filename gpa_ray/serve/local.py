@@ -16,7 +16,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from gpa_ray.config import Config, load_config
+from gpa_ray.config import Config
+from gpa_ray.config_loading import load_config
 from gpa_ray.serve.api import create_api
 from gpa_ray.serve.retriever import (
     AudioQueryEncoder,

@@ -18,14 +18,8 @@ from typing import Any
 import pyarrow as pa
 
 from gpa_ray import storage
-from gpa_ray.config import (
-    CodecConfig,
-    Config,
-    CorpusConfig,
-    IngestConfig,
-    StorageConfig,
-    load_config,
-)
+from gpa_ray.config import CodecConfig, Config, CorpusConfig, IngestConfig, StorageConfig
+from gpa_ray.config_loading import load_config
 from gpa_ray.data.corpora import iter_manifest
 from gpa_ray.data.ingest import ClipEncoder, clip_shard_table, run_ingest
 from gpa_ray.data.work_units import Layout

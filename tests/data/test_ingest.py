@@ -22,7 +22,8 @@ import pytest
 import soundfile as sf
 
 from gpa_ray import storage
-from gpa_ray.config import Config, StorageConfig, load_config
+from gpa_ray.config import Config, StorageConfig
+from gpa_ray.config_loading import load_config
 from gpa_ray.data import schema
 from gpa_ray.data.corpora import iter_manifest
 from gpa_ray.data.ingest import ClipEncoder, ClipFailure, _prefetch

@@ -12,7 +12,8 @@ import pytest
 import soundfile as sf
 
 from gpa_ray import storage
-from gpa_ray.config import ConfigError, SyntheticConfig
+from gpa_ray.config import SyntheticConfig
+from gpa_ray.config_loading import ConfigError
 from gpa_ray.data import synthetic
 
 SMALL = SyntheticConfig(n_clips=16, seed=3, min_seconds=1.0, max_seconds=2.0)

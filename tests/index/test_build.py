@@ -14,7 +14,8 @@ import torch
 
 from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
-from gpa_ray.config import Config, load_config
+from gpa_ray.config import Config
+from gpa_ray.config_loading import load_config
 from gpa_ray.data.schema import text_id
 from gpa_ray.embedding_table import embeddings_from_table
 from gpa_ray.index import store
@@ -169,7 +170,7 @@ def test_bias_is_joined_and_must_cover_every_caption(
     torch.testing.assert_close(index.text_bias, 0.01 * torch.arange(len(ids), dtype=torch.float32))
     # A bias computed over other captions cannot be used with this index.
     storage.write_parquet(str(bias_dir / BIAS_FILE), table.slice(1))
-    with pytest.raises(IndexBuildError, match=f"covers {len(ids) - 1} of {len(ids)}"):
+    with pytest.raises(IndexBuildError, match=f"covers {len(ids) - 1} of the {len(ids)}"):
         commit_version(cfg, plan, {})
 
 

@@ -14,10 +14,11 @@ import torch
 from gpa_ray import storage
 from gpa_ray.embedding_table import DTYPES
 from gpa_ray.index import store
+from gpa_ray.models.gpa import Embeddings
 from gpa_ray.testing.synthetic import random_unit_embeddings, synthetic_index_clips
 
 
-def random_embeddings(n: int, seed: int) -> object:
+def random_embeddings(n: int, seed: int) -> Embeddings:
     return random_unit_embeddings(n, 16, 4, seed)
 
 

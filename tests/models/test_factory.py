@@ -13,7 +13,8 @@ import torch
 from gpa_ray import checkpoints
 from gpa_ray.audio.inputs import KINDS as AUDIO_KINDS
 from gpa_ray.audio.inputs import AudioInputs
-from gpa_ray.config import AudioEncoderConfig, Config, TextConfig, load_config
+from gpa_ray.config import AudioEncoderConfig, Config, TextConfig
+from gpa_ray.config_loading import load_config
 from gpa_ray.models.aisfx_cnn import AisfxCNN, load_aisfx_state_dict
 from gpa_ray.models.audio_cnn import Cnn14, ResNet38
 from gpa_ray.models.audio_tower import AudioTower

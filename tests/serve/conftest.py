@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,8 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 
 from gpa_ray import storage
-from gpa_ray.config import Config, ServeConfig, load_config
+from gpa_ray.config import Config, ServeConfig
+from gpa_ray.config_loading import load_config
 from gpa_ray.data.schema import text_id
 from gpa_ray.serve.backend import attach_backend
 from gpa_ray.serve.errors import install_error_handlers
@@ -30,13 +30,7 @@ from gpa_ray.serve.local import LocalBackend, local_app
 from gpa_ray.testing.data import tiny_esc50_ingest
 from gpa_ray.testing.jobs import job_main
 from gpa_ray.testing.models import save_tiny_text_model, tiny_gpa_checkpoint, tiny_gpa_run_config
-from gpa_ray.testing.services import S3Server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from gpa_ray.testing.services import S3Server, free_loopback_ports
 
 
 def write_bias(uri: str, text_ids: list[str], values: list[float], storage_cfg) -> None:
@@ -106,7 +100,7 @@ def serve_config(served_index: dict) -> Callable[..., Config]:
             overrides=[
                 f"serve.index_uri={served_index['index_uri']}",
                 "serve.host=127.0.0.1",
-                f"serve.port={free_port()}",
+                f"serve.port={free_loopback_ports(1)[0]}",
                 "serve.max_upload_mb=1",
                 "serve.max_audio_seconds=30",
                 "serve.max_k=50",
@@ -496,6 +490,6 @@ def serve_router(local_backend: LocalBackend, serve_config) -> Iterator[Callable
             install_error_handlers(app)
             app.include_router(router)
             attach_backend(app, local_backend, serve_cfg or serve_config().serve)
-            return servers.enter_context(serving(app, free_port()))
+            return servers.enter_context(serving(app, free_loopback_ports(1)[0]))
 
         yield serve

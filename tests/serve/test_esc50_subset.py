@@ -11,7 +11,7 @@ import requests
 import torch
 
 from gpa_ray.checkpoints import save_gpa
-from gpa_ray.config import load_config
+from gpa_ray.config_loading import load_config
 from gpa_ray.data.ingest import run_ingest
 from gpa_ray.models.factory import build_gpa
 from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model

@@ -21,11 +21,10 @@ from typing import Any
 import pytest
 import yaml
 
-from gpa_ray.config import load_config
+from gpa_ray.config_loading import load_config
 from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
 from gpa_ray.testing.cluster import LocalRayCluster, local_ray_cluster
-
-from .conftest import free_port
+from gpa_ray.testing.services import free_loopback_ports
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +83,7 @@ def post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_serve_deploy_of_the_shipped_config(served_index: dict, tmp_path: Path) -> None:
-    port = free_port()
+    (port,) = free_loopback_ports(1)
     config = deploy_config(served_index, port)
     config_file = tmp_path / "serve_config.yaml"
     config_file.write_text(yaml.safe_dump(config))

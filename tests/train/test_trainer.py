@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gpa_ray import storage
-from gpa_ray.config import load_config
+from gpa_ray.config_loading import load_config
 from gpa_ray.data.loaders import LabelSpace
 from gpa_ray.train import history
 from gpa_ray.train.audioformer_loops import FT1Loop, MLMLoop
