@@ -28,7 +28,6 @@ from gpa_ray.sinkhorn import QBNormStats
 
 BIAS_FILE = "bias.parquet"
 META_FILE = "bias.json"
-CONFIG_FILE = "config.yaml"
 BIAS_SCHEMA = pa.schema(
     [
         pa.field("text_id", pa.string(), nullable=False),

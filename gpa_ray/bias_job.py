@@ -44,18 +44,16 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from gpa_ray import storage
-from gpa_ray.bias_file import CONFIG_FILE, bias_table, write_bias
-from gpa_ray.checkpoints import resolve_checkpoint
+from gpa_ray.bias_file import bias_table, write_bias
 from gpa_ray.config import Config, SinkhornConfig, StorageConfig, resolve_stage_uris
 from gpa_ray.embedding_table import embeddings_from_table
 from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.ray_embedding import (
-    check_cpu_pool,
     embed_captions,
     embed_clips,
     read_captions,
+    start_embedding_job,
     torch_threads,
 )
 from gpa_ray.sinkhorn import (
@@ -341,10 +339,10 @@ def run_bias_job(cfg: Config) -> dict[str, Any]:
     sk = cfg.sinkhorn
     if not sk.checkpoint:
         raise BiasJobError("set sinkhorn.checkpoint to a GPA checkpoint (or run) URI")
-    check_cpu_pool(sk.embed_pool, "sinkhorn.embed_pool")
     started = time.perf_counter()
-    checkpoint = resolve_checkpoint(sk.checkpoint, "best", cfg.storage)
-    storage.dump_config(cfg, storage.join(sk.output, CONFIG_FILE))
+    checkpoint = start_embedding_job(
+        cfg, sk.checkpoint, sk.embed_pool, "sinkhorn.embed_pool", sk.output
+    )
 
     captions = read_captions(sk.texts, sk.texts_split, sk.corpus, cfg.storage)
     texts = embed_captions(checkpoint, captions, pool=sk.embed_pool, storage_cfg=cfg.storage)

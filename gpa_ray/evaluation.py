@@ -34,7 +34,6 @@ from torch import Tensor
 
 from gpa_ray import storage
 from gpa_ray.bias_file import BiasFileError, align_to_texts, read_bias
-from gpa_ray.checkpoints import resolve_checkpoint
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.metrics import (
     audio_to_text_metrics,
@@ -50,7 +49,6 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "metrics.md"
 PLOT_FILE = "recall.png"
-CONFIG_FILE = "config.yaml"
 METRIC_NAMES = ("R@1", "R@5", "R@10", "mAP@10", "MRR")
 METHOD_LABELS = {
     "none": "no rescoring",
@@ -252,11 +250,11 @@ def _write_report(cfg: Config, report: dict[str, Any], results: dict[str, Any], 
 def run_evaluation(cfg: Config) -> dict[str, Any]:
     """Evaluate the configured checkpoint on the full test pool and write the report."""
     from gpa_ray.ray_embedding import (
-        check_cpu_pool,
         embed_captions,
         embed_clips,
         fetch_embeddings,
         read_captions,
+        start_embedding_job,
     )
 
     cfg = resolve_stage_uris(cfg)
@@ -266,10 +264,10 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
         raise EvaluationError(f"unknown eval.methods {unknown}; choose from {RESCORING_METHODS}")
     if not ev.checkpoint:
         raise EvaluationError("set eval.checkpoint (or sinkhorn.checkpoint) to a GPA checkpoint")
-    check_cpu_pool(ev.embed_pool, "eval.embed_pool")
     started = time.perf_counter()
-    checkpoint = resolve_checkpoint(ev.checkpoint, "best", cfg.storage)
-    storage.dump_config(cfg, storage.join(ev.output, CONFIG_FILE))
+    checkpoint = start_embedding_job(
+        cfg, ev.checkpoint, ev.embed_pool, "eval.embed_pool", ev.output
+    )
 
     captions = read_captions(ev.data, ev.split, ev.corpus, cfg.storage)
     text_ids = captions.column("text_id").to_pylist()

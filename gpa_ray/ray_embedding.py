@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import torch
 
 from gpa_ray import storage
-from gpa_ray.checkpoints import read_config
-from gpa_ray.config import ActorPoolConfig, StorageConfig
+from gpa_ray.checkpoints import read_config, resolve_checkpoint
+from gpa_ray.config import ActorPoolConfig, Config, StorageConfig
 from gpa_ray.data.loaders import LoaderError, read_clips, split_files
 from gpa_ray.data.schema import text_id
 from gpa_ray.embedding_table import embedding_table, embeddings_from_table
@@ -38,6 +38,18 @@ def torch_threads(cpus: float) -> int:
     """Torch threads for an actor holding `cpus` CPUs (1 below one CPU: more threads on a
     shared core only contend)."""
     return max(1, int(cpus))
+
+
+def start_embedding_job(
+    cfg: Config, checkpoint: str, pool: ActorPoolConfig, pool_key: str, output: str
+) -> str:
+    """What evaluation and the bias job do first: refuse a GPU pool, resolve `checkpoint`
+    (a run URI: its best checkpoint) and write the resolved config under `output`.
+    Returns the concrete checkpoint URI every actor loads."""
+    check_cpu_pool(pool, pool_key)
+    resolved = resolve_checkpoint(checkpoint, "best", cfg.storage)
+    storage.dump_config(cfg, storage.join(output, storage.CONFIG_FILE))
+    return resolved
 
 
 def check_cpu_pool(pool: ActorPoolConfig, key: str) -> None:

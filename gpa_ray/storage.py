@@ -167,6 +167,10 @@ def read_parquet(uri: str, storage_cfg: StorageConfig | None = None) -> pa.Table
         raise StorageError(f"cannot read parquet {uri}: {exc}") from exc
 
 
+CONFIG_FILE = "config.yaml"
+"""What every job calls the resolved config it writes beside its outputs."""
+
+
 def dump_config(cfg: Config, uri: str) -> None:
     """Write the resolved configuration as YAML to a local path or s3:// URI."""
     write_bytes(uri, config_to_yaml(cfg).encode(), storage_cfg=cfg.storage)

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from gpa_ray import storage
-from gpa_ray.bias_file import BIAS_FILE, CONFIG_FILE, META_FILE, read_bias
+from gpa_ray.bias_file import BIAS_FILE, META_FILE, read_bias
 from gpa_ray.bias_job import (
     BiasJobError,
     actor_count,
@@ -212,7 +212,7 @@ def test_job_end_to_end_on_s3(
         a["cached_rows"] == 0 and a["largest_block_elements"] <= 4 * 2 * N_TEST
         for a in meta["actors"]
     )
-    resolved = yaml.safe_load(storage.read_bytes(storage.join(output, CONFIG_FILE), s3))
+    resolved = yaml.safe_load(storage.read_bytes(storage.join(output, storage.CONFIG_FILE), s3))
     assert resolved["sinkhorn"]["output"] == output
     assert json.loads(storage.read_bytes(storage.join(output, META_FILE), s3)) == meta
     assert storage.exists(storage.join(output, BIAS_FILE), s3)

@@ -18,7 +18,6 @@ from gpa_ray.bias_file import read_bias
 from gpa_ray.bias_job import run_bias_job
 from gpa_ray.config import Config, EvalConfig, SinkhornConfig
 from gpa_ray.evaluation import (
-    CONFIG_FILE,
     METRICS_FILE,
     PLOT_FILE,
     TABLE_FILE,
@@ -290,4 +289,4 @@ def test_bias_job_then_evaluate_end_to_end_on_s3(
     table_md = storage.read_bytes(storage.join(output, TABLE_FILE), s3).decode()
     assert "Sinkhorn text bias" in table_md and "DSL (leaking" in table_md
     assert storage.read_bytes(storage.join(output, PLOT_FILE), s3).startswith(PNG_SIGNATURE)
-    assert storage.exists(storage.join(output, CONFIG_FILE), s3)
+    assert storage.exists(storage.join(output, storage.CONFIG_FILE), s3)
