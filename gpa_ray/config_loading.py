@@ -133,8 +133,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key {key!r} has an unsupported type {tp!r}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested mapping, converting and checking every key."""
+def _build(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a nested mapping, converting and checking every key.
+
+    Keys the mapping leaves out keep their values in `base` (default: `cls()`), so a
+    partly given section keeps its own field's defaults (e.g. `ingest.encode_pool`'s two
+    actors when a preset sets only `cpus_per_actor`)."""
+    base = cls() if base is None else base
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -145,10 +150,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if sub is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config section {dotted!r} must be a mapping, got {value!r}")
-            kwargs[key] = _build(sub, value, f"{dotted}.")
+            kwargs[key] = _build(sub, value, f"{dotted}.", getattr(base, key))
         else:
             kwargs[key] = _convert(value, hints[key], dotted)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: str) -> None:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import yaml
 
-from gpa_ray.config import Config
+from gpa_ray.config import ActorPoolConfig, Config, resolve_stage_uris
 from gpa_ray.config_loading import (
     ConfigError,
     config_from_dict,
@@ -106,3 +106,48 @@ def test_asdict_round_trip_and_dump(tmp_path) -> None:
     dump_config(cfg, str(target))
     assert load_config(str(target)) == cfg
     assert yaml.safe_load(config_to_yaml(cfg))["train"]["seed"] == 5
+
+
+def test_actor_pools_share_one_nested_shape() -> None:
+    cfg = load_config("debug", ["ingest.encode_pool.actors=3", "eval.embed_pool.batch_size=4"])
+    assert cfg.ingest.encode_pool == ActorPoolConfig(actors=3, cpus_per_actor=0.5, batch_size=4)
+    assert cfg.eval.embed_pool == ActorPoolConfig(batch_size=4)
+    assert cfg.index.embed_pool.actors == 2 and cfg.sinkhorn.embed_pool == ActorPoolConfig()
+    with pytest.raises(ConfigError, match="'index.embed_pool.workers'"):
+        load_config(overrides=["index.embed_pool.workers=2"])
+
+
+def test_stage_uris_fall_back_to_the_previous_stage_once() -> None:
+    cfg = load_config(
+        overrides=[
+            "ingest.output=s3://b/ingest",
+            "sinkhorn.checkpoint=s3://b/runs/gpa",
+            "sinkhorn.output=s3://b/bias",
+            "index.output=s3://b/index",
+        ]
+    )
+    resolved = resolve_stage_uris(cfg)
+    assert resolved.train.data == "s3://b/ingest" and resolved.index.input == "s3://b/ingest"
+    assert (resolved.sinkhorn.queries, resolved.sinkhorn.texts) == ("s3://b/ingest",) * 2
+    assert (resolved.eval.checkpoint, resolved.eval.data, resolved.eval.bias) == (
+        "s3://b/runs/gpa",
+        "s3://b/ingest",
+        "s3://b/bias",
+    )
+    assert resolved.serve.index_uri == "s3://b/index"
+    assert resolve_stage_uris(resolved) == resolved
+    explicit = resolve_stage_uris(
+        load_config(overrides=["train.data=t", "sinkhorn.texts=x", "eval.data=e"])
+    )
+    assert (explicit.sinkhorn.queries, explicit.sinkhorn.texts, explicit.eval.data) == (
+        "t",
+        "x",
+        "e",
+    )
+
+
+def test_a_partly_given_section_keeps_its_fields_defaults() -> None:
+    # IngestConfig's pool defaults to 2 actors and 8 clips per GPU call, not the class's 1 / 16.
+    cfg = load_config(overrides=["ingest.encode_pool.cpus_per_actor=1"])
+    assert cfg.ingest.encode_pool == ActorPoolConfig(actors=2, cpus_per_actor=1.0, batch_size=8)
+    assert config_from_dict(dataclasses.asdict(cfg)) == cfg
