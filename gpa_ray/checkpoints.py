@@ -181,6 +181,12 @@ def resolve_checkpoint(uri: str, which: Which, storage_cfg: StorageConfig | None
     return found
 
 
+def weights_digest(checkpoint: str, storage_cfg: StorageConfig | None = None) -> str:
+    """SHA-256 of a checkpoint's `model.pt`: its identity, whatever URI reaches it and
+    whatever later training does to the run it came from."""
+    return storage.sha256_digest(storage.join(checkpoint, MODEL_FILE), storage_cfg)
+
+
 def write_run_summary(
     run_uri: str, summary: dict[str, Any], storage_cfg: StorageConfig | None = None
 ) -> None:

@@ -9,6 +9,7 @@ temporary name and renamed; an S3 object only becomes visible when its upload co
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import os
 import uuid
@@ -75,6 +76,28 @@ def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.Fi
         raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+
+
+def absolute_uri(uri: str) -> str:
+    """An s3:// URI as is, a local path made absolute: what a manifest may record so it
+    means the same file from any working directory."""
+    if is_s3(uri):
+        return uri.rstrip("/")
+    return resolve(uri)[1]
+
+
+def sha256_digest(uri: str, storage_cfg: StorageConfig | None = None) -> str:
+    """Hex SHA-256 of a file's bytes, read in 16 MiB pieces (a checkpoint's weights may be
+    hundreds of MB; they are never held whole)."""
+    fs, path = resolve(uri, storage_cfg)
+    digest = hashlib.sha256()
+    try:
+        with fs.open_input_file(path) as f:
+            while chunk := f.read(16 * 2**20):
+                digest.update(chunk)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from exc
+    return digest.hexdigest()
 
 
 def exists(uri: str, storage_cfg: StorageConfig | None = None) -> bool:

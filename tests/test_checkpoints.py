@@ -5,6 +5,7 @@ AudioFormer backbones from each kind of training checkpoint, clear errors."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from gpa_ray.checkpoints import (
     save_gpa,
     save_train_checkpoint,
     sub_state,
+    weights_digest,
     write_run_summary,
 )
 from gpa_ray.config import Config, TrainConfig
@@ -209,6 +211,19 @@ def test_run_without_summary_resolves_both_to_latest(cfg: Config, tmp_path: Path
     latest = str(run / "checkpoint_000001")
     assert resolve_checkpoint(str(run), "best") == latest
     assert resolve_checkpoint(str(run), "latest") == latest
+
+
+def test_weights_digest_is_the_sha256_of_model_pt(cfg: Config, tmp_path: Path) -> None:
+    save_gpa(_model(cfg, seed=0), cfg, str(tmp_path / "a"))
+    save_gpa(_model(cfg, seed=1), cfg, str(tmp_path / "b"))
+    copy = tmp_path / "elsewhere" / "a"
+    copy.mkdir(parents=True)
+    (copy / "model.pt").write_bytes((tmp_path / "a" / "model.pt").read_bytes())
+    expected = hashlib.sha256((tmp_path / "a" / "model.pt").read_bytes()).hexdigest()
+    assert weights_digest(str(tmp_path / "a")) == expected == weights_digest(str(copy))
+    assert weights_digest(str(tmp_path / "b")) != expected
+    with pytest.raises(storage.StorageError, match="model.pt"):
+        weights_digest(str(tmp_path / "missing"))
 
 
 def test_missing_and_mismatched_checkpoints_name_the_uri(cfg: Config, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 1. **Units.** Every clip shard under `index.input` (local or `s3://`; an ingest output,
    whose `clips/` are read, or a folder of shards; default `ingest.output`) is one work
    unit, numbered in sorted order. The list of shards and the settings that shape the
-   output (checkpoint, dtype, splits, audio, bias) are stored as `build.json` in the
+   output (the concrete checkpoint `index.checkpoint` resolves to, with the SHA-256 of its
+   weights; dtype, splits, audio, bias) are stored as `build.json` in the
    version folder; the version name defaults to a hash of them, so rerunning the same
    command resumes the same version, and a rerun with other settings under an explicit
    `index.version` is refused rather than mixing outputs.
@@ -39,6 +40,7 @@ import torch
 
 from gpa_ray import storage
 from gpa_ray.bias_file import read_bias
+from gpa_ray.checkpoints import CheckpointError, resolve_checkpoint, weights_digest
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.config_loading import config_from_dict
 from gpa_ray.data.loaders import shard_split
@@ -99,12 +101,16 @@ def check_bias_split(cfg: Config, source: str, files: Sequence[str]) -> None:
         )
 
 
-def build_settings(cfg: Config, source: str, files: Sequence[str]) -> dict[str, Any]:
-    """What must not change between runs that write one version."""
+def build_settings(
+    cfg: Config, source: str, files: Sequence[str], checkpoint: dict[str, str]
+) -> dict[str, Any]:
+    """What must not change between runs that write one version. `checkpoint` is the
+    concrete checkpoint's identity (absolute URI and weights digest), so a run folder
+    that trained further names a new version instead of resuming the old one."""
     return {
         "source": source,
         "files": [f[len(source) :].lstrip("/") for f in files],
-        "checkpoint": cfg.index.checkpoint,
+        "checkpoint": checkpoint,
         "dtype": cfg.index.dtype,
         "splits": sorted(cfg.index.splits),
         "store_audio": cfg.index.store_audio,
@@ -272,11 +278,14 @@ def _bias(cfg: Config, layout: store.IndexLayout, text_files: list[str]) -> dict
 
 @dataclasses.dataclass(frozen=True)
 class BuildPlan:
-    """One build: its source shards (unit i = files[i]) and the version it writes."""
+    """One build: its source shards (unit i = files[i]), the version it writes, and the
+    concrete checkpoint (absolute URI, SHA-256 of its weights) every actor embeds with."""
 
     source: str
     files: list[str]
     layout: store.IndexLayout
+    checkpoint: str
+    checkpoint_digest: str
 
 
 def plan_build(cfg: Config) -> BuildPlan:
@@ -291,10 +300,22 @@ def plan_build(cfg: Config) -> BuildPlan:
         raise IndexBuildError(f"no clip shards (*.parquet) under {source}")
     check_clip_shard(files[0], cfg.storage)
     check_bias_split(cfg, source, files)
-    settings = build_settings(cfg, source, files)
+    try:
+        found = resolve_checkpoint(cfg.index.checkpoint, "best", cfg.storage)
+        checkpoint = storage.absolute_uri(found)
+        digest = weights_digest(checkpoint, cfg.storage)
+    except (CheckpointError, storage.StorageError) as exc:
+        raise IndexBuildError(f"index.checkpoint={cfg.index.checkpoint}: {exc}") from exc
+    identity = {"uri": checkpoint, "digest": digest}
+    settings = build_settings(cfg, source, files, identity)
     layout = store.IndexLayout(cfg.index.output, version_name(cfg, settings))
     _check_settings(cfg, layout, settings)
-    return BuildPlan(source, files, layout)
+    logger.info("index version %s embeds with %s (sha256 %s)", layout.version, checkpoint, digest)
+    return BuildPlan(source, files, layout, checkpoint, digest)
+
+
+def _with_checkpoint(cfg: Config, checkpoint: str) -> Config:
+    return dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, checkpoint=checkpoint))
 
 
 def embed_units(cfg: Config, plan: BuildPlan, units: Sequence[int]) -> int:
@@ -309,7 +330,7 @@ def embed_units(cfg: Config, plan: BuildPlan, units: Sequence[int]) -> int:
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={
-            "cfg": dataclasses.asdict(cfg),
+            "cfg": dataclasses.asdict(_with_checkpoint(cfg, plan.checkpoint)),
             "version": plan.layout.version,
             "files": plan.files,
         },
@@ -347,7 +368,8 @@ def commit_version(cfg: Config, plan: BuildPlan, build: dict[str, Any]) -> store
     manifest = store.IndexManifest(
         version=layout.version,
         created_at=store.utc_now(),
-        checkpoint=cfg.index.checkpoint,
+        checkpoint=plan.checkpoint,
+        checkpoint_digest=plan.checkpoint_digest,
         embed_dim=embed_dim,
         n_prototypes=n_prototypes,
         dtype=cfg.index.dtype,

@@ -134,6 +134,9 @@ class IndexManifest:
     splits: list[str] = field(default_factory=list)
     bias: dict[str, Any] | None = None
     build: dict[str, Any] = field(default_factory=dict)
+    # SHA-256 of the checkpoint's model.pt (`checkpoints.weights_digest`): what Serve
+    # compares before answering with this version (empty: written without one).
+    checkpoint_digest: str = ""
     format: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
@@ -415,6 +418,7 @@ def write_version(
     text_emb: Embeddings,
     *,
     checkpoint: str,
+    checkpoint_digest: str = "",
     dtype: str = "float16",
     store_audio: bool = True,
     bias: pa.Table | None = None,
@@ -441,6 +445,7 @@ def write_version(
         version=version,
         created_at=utc_now(),
         checkpoint=checkpoint,
+        checkpoint_digest=checkpoint_digest,
         embed_dim=int(clip_emb.global_.shape[1]),
         n_prototypes=0 if clip_emb.prototypes is None else int(clip_emb.prototypes.shape[1]),
         dtype=dtype,

@@ -22,10 +22,17 @@ from typing import Any
 import soundfile as sf
 import torch
 
+from gpa_ray.checkpoints import weights_digest
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.data.schema import text_id
 from gpa_ray.index.search import IndexSearcher
-from gpa_ray.index.store import LoadedIndex, load_index, read_manifest, resolve_version
+from gpa_ray.index.store import (
+    IndexManifest,
+    LoadedIndex,
+    load_index,
+    read_manifest,
+    resolve_version,
+)
 from gpa_ray.models.gpa import Embeddings, GPAModel
 
 logger = logging.getLogger(__name__)
@@ -119,8 +126,10 @@ class SearchService:
     """Serves one index version at a time and moves to a newer one when asked to.
 
     A new version replaces the current one only after it loaded completely; a version
-    built with another checkpoint than the one being served is refused (its embeddings
-    would not match the query encoders).
+    built with other weights than the ones being served is refused (its embeddings would
+    not match the query encoders), and the current version stays up. Weights are compared
+    by the SHA-256 of their `model.pt` (`checkpoints.weights_digest`), not by URI: a run
+    folder that trained further, or a checkpoint overwritten in place, has another digest.
     """
 
     def __init__(self, cfg: Config, model: GPAModel, checkpoint: str) -> None:
@@ -128,18 +137,28 @@ class SearchService:
         self.uri = index_uri(cfg)
         self.model = model.eval()
         self.checkpoint = checkpoint
+        self.digest = weights_digest(checkpoint, cfg.storage)
         self._lock = threading.Lock()
         self.searcher = self._load(self.uri)
+
+    def _check_weights(self, manifest: IndexManifest) -> None:
+        if manifest.checkpoint_digest:
+            same = manifest.checkpoint_digest == self.digest
+            built = f"weights sha256 {manifest.checkpoint_digest[:12]} ({manifest.checkpoint})"
+        else:  # a version written without a digest: only its checkpoint URI is known
+            same = manifest.checkpoint == self.checkpoint
+            built = manifest.checkpoint
+        if not same:
+            raise IndexMismatchError(
+                f"index version {manifest.version} was built with {built}, but this service "
+                f"encodes queries with {self.checkpoint} (weights sha256 {self.digest[:12]}): "
+                "redeploy to serve it"
+            )
 
     def _load(self, uri: str) -> IndexSearcher:
         layout = resolve_version(uri, self.cfg.storage)
         manifest = read_manifest(layout, self.cfg.storage)  # checked before loading shards
-        if manifest.checkpoint != self.checkpoint:
-            raise IndexMismatchError(
-                f"index version {manifest.version} was built with checkpoint "
-                f"{manifest.checkpoint}, but this service encodes queries with "
-                f"{self.checkpoint}: redeploy to serve it"
-            )
+        self._check_weights(manifest)
         index = load_index(layout.dir, self.cfg.storage)
         logger.info(
             "serving index %s (%d clips, %d texts)",

@@ -14,6 +14,7 @@ import torch
 
 from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
+from gpa_ray.checkpoints import read_config, weights_digest, write_run_summary
 from gpa_ray.config import Config
 from gpa_ray.config_loading import load_config
 from gpa_ray.data.schema import text_id
@@ -28,7 +29,9 @@ from gpa_ray.index.build import (
 )
 from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
+from gpa_ray.serve.retriever import IndexMismatchError, SearchService, load_model
 from gpa_ray.testing.jobs import job_main
+from gpa_ray.testing.models import tiny_gpa_checkpoint
 
 
 def _args(clips: str, checkpoint: str, output: Path, *extra: str) -> list[str]:
@@ -224,3 +227,41 @@ def test_a_bias_of_one_split_refuses_an_index_of_others_before_embedding(
         plan_build(_cfg(f"index.input={esc50_clips}", "index.splits=[train,val]", *where))
     plan = plan_build(_cfg(f"index.input={esc50_clips}", "index.splits=[test]", *where))
     assert plan.files
+
+
+def _next_checkpoint(run: Path, cfg: Config, seed: int, step: int) -> str:
+    """One more checkpoint of a GPA run as training leaves it: weights and config, its
+    step in `state.json`, and the run's `summary.json` naming it best and latest."""
+    checkpoint = str(run / f"checkpoint_{step:06d}")
+    tiny_gpa_checkpoint(checkpoint, cfg, seed=seed)
+    storage.write_bytes(storage.join(checkpoint, "state.json"), json.dumps({"step": step}).encode())
+    write_run_summary(str(run), {"checkpoint": checkpoint, "best_checkpoint": checkpoint})
+    return checkpoint
+
+
+def test_a_run_that_trained_further_gets_a_new_version_that_serve_refuses(
+    esc50_clips: str, gpa_checkpoint: str, tmp_path: Path
+) -> None:
+    run, index = tmp_path / "run", tmp_path / "index"
+    model_cfg = read_config(gpa_checkpoint)
+    args = [*_args(esc50_clips, str(run), index), f"serve.index_uri={index}"]
+    first = _next_checkpoint(run, model_cfg, seed=0, step=4)
+    one = run_build_index(_cfg(*args))
+    manifest = store.read_manifest(store.resolve_version(str(index)))
+    assert one["checkpoint"] == manifest.checkpoint == first  # the run resolved, absolute
+    assert manifest.checkpoint_digest == weights_digest(first)
+    assert run_build_index(_cfg(*args))["units_this_run"] == 0  # same weights: same version
+
+    serving = SearchService(_cfg(*args), load_model(_cfg(*args), first)[0], first)
+    second = _next_checkpoint(run, model_cfg, seed=1, step=8)  # the run trained further
+    two = run_build_index(_cfg(*args))
+    assert two["version"] != one["version"] and two["checkpoint"] == second
+    with pytest.raises(IndexMismatchError, match="weights sha256"):
+        serving.reload()
+    assert serving.index.version == one["version"]  # the old version stays up
+    following = SearchService(_cfg(*args), load_model(_cfg(*args), second)[0], second)
+    assert following.index.version == two["version"]
+
+    tiny_gpa_checkpoint(second, model_cfg, seed=2)  # overwritten in place: same URI
+    with pytest.raises(IndexMismatchError, match=f"{second} \\(weights sha256"):
+        SearchService(_cfg(*args), load_model(_cfg(*args), second)[0], second)
