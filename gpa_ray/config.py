@@ -160,6 +160,9 @@ class IngestConfig:
     read_threads: int = 4
     # Work units per stored manifest file (bounds manifest file count at 2M clips).
     units_per_manifest_file: int = 16
+    # The job exits non-zero when every clip failed, or more than this share of them
+    # (1.0: only when every clip failed), naming the commonest errors.
+    max_failed_share: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ CORE = (
     "gpa_ray.data.corpora",
     "gpa_ray.data.synthetic",
     "gpa_ray.data.work_units",
+    "gpa_ray.data.failure_report",
 )
 """The pure core, the one list of it: these modules and every module of these packages."""
 

@@ -60,6 +60,7 @@ from gpa_ray.config import Config
 from gpa_ray.config_loading import config_from_dict
 from gpa_ray.data import schema
 from gpa_ray.data.corpora import corpus_name
+from gpa_ray.data.failure_report import commonest_errors, failure_message, report_text
 from gpa_ray.data.work_units import (
     Layout,
     committed_units,
@@ -405,7 +406,10 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
             )
     wall = time.perf_counter() - started
     this_run = _totals(new_stats)
-    total = _totals([*_read_stats(cfg, layout, skipped), *new_stats])
+    all_stats = [*_read_stats(cfg, layout, skipped), *new_stats]
+    total = _totals(all_stats)
+    failure = failure_message(total["ok"], total["failed"], cfg.ingest.max_failed_share)
+    failing_units = [layout.errors_file(s["unit"]) for s in all_stats if s["failed"]]
     summary = {
         "corpus": layout.corpus,
         "output": output,
@@ -425,8 +429,12 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
         },
         "wall_time_s": wall,
         "audio_seconds_per_second": this_run["audio_seconds"] / wall if wall > 0 else 0.0,
+        "failure": failure,
+        "commonest_errors": commonest_errors(failing_units, cfg.storage) if failing_units else [],
     }
     storage.write_bytes(
         storage.join(output, "summary.json"), json.dumps(summary, indent=2).encode(), cfg.storage
     )
+    if failure:
+        logger.error(report_text(failure, summary["commonest_errors"]))
     return summary

@@ -297,6 +297,37 @@ def test_bad_files_become_error_rows_and_rerun_skips(
     assert again["this_run"]["units_skipped"] == summary["units"] == 4
     assert again["clips_ok"] == 3 and again["failed_by_stage"] == summary["failed_by_stage"]
     assert sorted(_clips(out).column("clip_id").to_pylist()) == good
+    assert again["failure"] is None  # 4 of 7 failed: under the default share (1.0)
+    assert {(e["stage"], e["count"]) for e in again["commonest_errors"]} == {
+        ("decode", 3),
+        ("locate", 1),
+    }
+    # The same output judged with a stricter share: the job exits non-zero, naming why.
+    assert main([*args, "ingest.max_failed_share=0.5"]) == 1
+    assert "4 of 7 clips failed (57%)" in _summary(out)["failure"]
+
+
+def test_an_ingest_where_every_clip_fails_exits_non_zero(
+    ray_session, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _bad_folder_corpus(tmp_path / "corpus", shared_data)
+    out = str(tmp_path / "out")
+    args = [
+        "corpus.kind=folder",
+        f"corpus.root={tmp_path / 'corpus'}",
+        "corpus.audio_dir=no-such-folder",  # the classic: every file fails at locate
+        f"ingest.output={out}",
+        "ingest.encode_pool.actors=1",
+        "ingest.store_audio=false",
+    ]
+    assert job_main("ingest")(args) == 1
+    err = capsys.readouterr().err
+    assert "ingest failed: every one of the 7 clips failed" in err
+    assert "7 x locate: FileNotFoundError" in err and "no-such-folder" in err
+    summary = _summary(out)
+    assert summary["clips_ok"] == 0 and summary["failed_by_stage"]["locate"] == 7
+    (top,) = summary["commonest_errors"]
+    assert (top["stage"], top["type"], top["count"]) == ("locate", "FileNotFoundError", 7)
 
 
 @pytest.mark.parametrize(
