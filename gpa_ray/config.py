@@ -21,6 +21,9 @@ class StorageConfig:
     secret_access_key: str = ""
     session_token: str = ""
     anonymous: bool = False
+    # Attempts per S3 request under the AWS SDK's standard retry strategy (exponential
+    # backoff with jitter on throttling, 5xx and connection errors).
+    max_attempts: int = 10
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,9 @@ class IngestConfig:
     read_threads: int = 4
     # Work units per stored manifest file (bounds manifest file count at 2M clips).
     units_per_manifest_file: int = 16
+    # Times Ray Data redoes a unit that failed on storage (after the S3 client's own
+    # `storage.max_attempts`); a unit failing more often fails the job (a rerun resumes).
+    unit_retries: int = 3
     # The job exits non-zero when every clip failed, or more than this share of them
     # (1.0: only when every clip failed), naming the commonest errors.
     max_failed_share: float = 1.0

@@ -65,6 +65,7 @@ def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
         kwargs["secret_key"] = cfg.secret_access_key
         if cfg.session_token:
             kwargs["session_token"] = cfg.session_token
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts)
     return pafs.S3FileSystem(**kwargs)
 
 

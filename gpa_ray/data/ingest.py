@@ -103,7 +103,10 @@ class ClipEncoder:
         )
 
     def fetch(self, row: dict[str, Any]) -> bytes:
-        """The clip's bytes; a missing file fails at `locate`, any other error at `read`."""
+        """The clip's bytes. A missing file fails at `locate`; an unreadable local file at
+        `read`. An S3 read that still fails after the client's retries (throttling, resets:
+        transient) is never an error row: it fails the whole unit, which Ray Data retries
+        (`ingest.unit_retries`) and a rerun redoes."""
         uri = row["source_uri"]
         if not uri:
             raise ClipFailure("locate", "FileNotFoundError: the corpus index names no audio file")
@@ -116,6 +119,10 @@ class ClipEncoder:
                 missing = False
             if missing:
                 raise ClipFailure("locate", f"FileNotFoundError: no such file {uri}") from exc
+            if storage.is_s3(uri):
+                raise storage.StorageError(
+                    f"cannot read {uri} after {self.cfg.storage.max_attempts} attempts: {exc}"
+                ) from exc
             raise ClipFailure("read", exc) from exc
 
     def decode(self, row: dict[str, Any], data: bytes) -> tuple[np.ndarray, int]:
@@ -391,7 +398,10 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
             fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "corpus": layout.corpus},
             num_cpus=cfg.ingest.encode_pool.cpus_per_actor,
             num_gpus=cfg.ingest.encode_pool.gpus_per_actor or None,
+            max_task_retries=cfg.ingest.unit_retries,
         )
+        # A unit whose storage access outlasted the client's retries is redone whole.
+        dataset.context.actor_task_retry_on_errors = [storage.StorageError]
         for stats in dataset.iter_rows():
             new_stats.append(stats)
             logger.info(
