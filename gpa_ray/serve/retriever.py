@@ -144,10 +144,13 @@ class SearchService:
     def _check_weights(self, manifest: IndexManifest) -> None:
         if manifest.checkpoint_digest:
             same = manifest.checkpoint_digest == self.digest
-            built = f"weights sha256 {manifest.checkpoint_digest[:12]} ({manifest.checkpoint})"
+            built = (
+                f"checkpoint {manifest.checkpoint} (weights sha256 "
+                f"{manifest.checkpoint_digest[:12]})"
+            )
         else:  # a version written without a digest: only its checkpoint URI is known
             same = manifest.checkpoint == self.checkpoint
-            built = manifest.checkpoint
+            built = f"checkpoint {manifest.checkpoint}"
         if not same:
             raise IndexMismatchError(
                 f"index version {manifest.version} was built with {built}, but this service "

@@ -184,17 +184,19 @@ def test_build_refuses_bad_configs(esc50_clips: str, tmp_path: Path) -> None:
         plan_build(_cfg(f"index.input={tmp_path}", "index.checkpoint=x"))
     with pytest.raises(IndexBuildError, match="index.dtype"):
         plan_build(_cfg(f"index.input={esc50_clips}", "index.checkpoint=x", "index.dtype=int8"))
+    with pytest.raises(IndexBuildError, match="index.checkpoint=x: no checkpoint at x"):
+        plan_build(_cfg(f"index.input={esc50_clips}", "index.checkpoint=x"))
 
 
 def test_input_may_be_the_ingest_output_but_never_its_manifest(
-    esc50_clips: str, tmp_path: Path
+    esc50_clips: str, gpa_checkpoint: str, tmp_path: Path
 ) -> None:
     """`index.input` may name the ingest output, as `train.data` does: the build reads its
     clips/ (the manifest parquet beside it has no audio and would fail in the actors); a
     folder of non-clip parquet is refused up front, naming the file and what it lacks."""
     ingest_root = str(Path(esc50_clips).parent)
     assert storage.list_files(storage.join(ingest_root, "manifest"), ".parquet")
-    where = ["index.checkpoint=x", f"index.output={tmp_path / 'index'}"]
+    where = [f"index.checkpoint={gpa_checkpoint}", f"index.output={tmp_path / 'index'}"]
     from_root = plan_build(_cfg(f"index.input={ingest_root}", *where))
     from_clips = plan_build(_cfg(f"index.input={esc50_clips}", *where))
     assert from_root.source == from_clips.source == esc50_clips
@@ -207,7 +209,7 @@ def test_input_may_be_the_ingest_output_but_never_its_manifest(
 
 
 def test_a_bias_of_one_split_refuses_an_index_of_others_before_embedding(
-    esc50_clips: str, tmp_path: Path
+    esc50_clips: str, gpa_checkpoint: str, tmp_path: Path
 ) -> None:
     """The bias job covers the captions of `sinkhorn.texts_split`; indexing every split
     (here the shards' only split, train) with a test-split bias is refused by the plan,
@@ -218,7 +220,11 @@ def test_a_bias_of_one_split_refuses_an_index_of_others_before_embedding(
     storage.write_parquet(str(bias_dir / BIAS_FILE), BIAS_SCHEMA.empty_table())
     metadata = {"G": 3, "J": 0, "texts": {"data": "x", "split": "test", "corpus": ""}}
     storage.write_bytes(str(bias_dir / META_FILE), json.dumps(metadata).encode())
-    where = [f"index.bias={bias_dir}", "index.checkpoint=x", f"index.output={tmp_path / 'ix'}"]
+    where = [
+        f"index.bias={bias_dir}",
+        f"index.checkpoint={gpa_checkpoint}",
+        f"index.output={tmp_path / 'ix'}",
+    ]
     with pytest.raises(
         IndexBuildError, match=r"split 'test' only.*\['train'\].*index.splits=\[test\]"
     ):
