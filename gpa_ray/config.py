@@ -153,6 +153,9 @@ class IngestConfig:
     )
     store_audio: bool = True
     audio_sample_rate: int = 32000
+    # EnCodec codes per clip (AudioFormer reads them); false skips EnCodec, most of the
+    # ingest time, and leaves `codes` null: GPA with a log-mel or aiSFX tower reads `audio`.
+    codes: bool = True
     # A work unit (one shard file, committed atomically; the resume granularity) holds
     # `rows_per_commit` clips, fewer if its estimated size would pass `target_shard_mb`.
     target_shard_mb: int = 256

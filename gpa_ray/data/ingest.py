@@ -95,11 +95,15 @@ class ClipEncoder:
         from gpa_ray.audio.codec import EncodecTokenizer
 
         self.cfg = cfg
-        self.tokenizer = EncodecTokenizer(
-            weights=cfg.codec.weights,
-            bandwidth=cfg.codec.bandwidth,
-            device=device or cfg.codec.device,
-            storage_cfg=cfg.storage,
+        self.tokenizer = (
+            EncodecTokenizer(
+                weights=cfg.codec.weights,
+                bandwidth=cfg.codec.bandwidth,
+                device=device or cfg.codec.device,
+                storage_cfg=cfg.storage,
+            )
+            if cfg.ingest.codes
+            else None
         )
 
     def fetch(self, row: dict[str, Any]) -> bytes:
@@ -160,6 +164,8 @@ class ClipEncoder:
 
         if not items:
             return []
+        if self.tokenizer is None:  # ingest.codes=false: no EnCodec at all
+            return [self._finish(item, None) for item in items]
         if len(items) > 1:
             try:
                 waves = [resample(w, sr, CODEC_SAMPLE_RATE) for _, w, sr in items]
@@ -175,7 +181,7 @@ class ClipEncoder:
         return [self._finish(items[0], codes)]
 
     def _finish(
-        self, item: tuple[dict[str, Any], np.ndarray, int], codes: np.ndarray
+        self, item: tuple[dict[str, Any], np.ndarray, int], codes: np.ndarray | None
     ) -> dict[str, Any] | ClipFailure:
         """The clip-shard row: codes plus the FLAC audio at the feature rate if stored."""
         from gpa_ray.audio.io import encode_flac, resample
@@ -228,7 +234,7 @@ def clip_shard_table(rows: list[dict[str, Any]]) -> pa.Table:
     arrays = []
     for field in schema.CLIP_SCHEMA:
         values = [r[field.name] for r in rows]
-        if field.name == "codes":
+        if field.name == "codes" and all(v is not None for v in values):
             arrays.append(schema.codes_array(values))
         else:
             arrays.append(pa.array(values, type=field.type))

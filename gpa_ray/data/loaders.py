@@ -154,6 +154,12 @@ def codes_from_arrow(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
     converting 3,000 codes per clip to Python integers.
     """
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise LoaderError(
+            f"{arr.null_count} of {len(arr)} clips have no EnCodec codes (ingested with "
+            "ingest.codes=false): re-ingest with ingest.codes=true to train or embed with "
+            "an AudioFormer tower"
+        )
     rows_per_clip = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
     inner = arr.flatten()
     row_lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)

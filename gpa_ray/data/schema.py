@@ -56,14 +56,14 @@ CLIP_SCHEMA = pa.schema(
         *MANIFEST_FIELDS[6:],
         pa.field("n_samples", pa.int64(), nullable=False),
         pa.field("sample_rate", pa.int32(), nullable=False),
-        pa.field("codes", CODES, nullable=False),
+        pa.field("codes", CODES),
         pa.field("audio", pa.binary()),
         pa.field("audio_sample_rate", pa.int32()),
     ]
 )
 """One encoded clip. `n_samples`/`sample_rate` describe the decoded segment at its original
-rate; `codes` is EnCodec 24 kHz [n_q, T]; `audio` is FLAC at `audio_sample_rate` (null when
-ingest was told not to store audio)."""
+rate; `codes` is EnCodec 24 kHz [n_q, T] (null with `ingest.codes=false`); `audio` is FLAC
+at `audio_sample_rate` (null with `ingest.store_audio=false`)."""
 
 ERROR_SCHEMA = pa.schema(
     [

@@ -76,7 +76,7 @@ class Layout:
 def rows_per_unit(cfg: Config) -> int:
     """Clips per work unit: `rows_per_commit`, capped so a shard stays near `target_shard_mb`."""
     seconds = min(_NOMINAL_CLIP_S, cfg.ingest.max_seconds or _NOMINAL_CLIP_S)
-    per_clip = seconds * 75 * 4 * _BYTES_PER_CODE
+    per_clip = seconds * 75 * 4 * _BYTES_PER_CODE if cfg.ingest.codes else 1.0
     if cfg.ingest.store_audio:
         per_clip += seconds * cfg.ingest.audio_sample_rate * 2 * _FLAC_RATIO
     cap = max(1, int(cfg.ingest.target_shard_mb * 1024 * 1024 // per_clip))
@@ -89,6 +89,7 @@ def output_settings(cfg: Config) -> dict[str, Any]:
         "corpus": dataclasses.asdict(cfg.corpus),
         "codec": {"weights": cfg.codec.weights, "bandwidth": cfg.codec.bandwidth},
         "store_audio": cfg.ingest.store_audio,
+        "codes": cfg.ingest.codes,
         "audio_sample_rate": cfg.ingest.audio_sample_rate,
         "max_seconds": cfg.ingest.max_seconds,
     }

@@ -26,7 +26,8 @@ from gpa_ray.config import Config, StorageConfig
 from gpa_ray.config_loading import load_config
 from gpa_ray.data import schema
 from gpa_ray.data.corpora import iter_manifest
-from gpa_ray.data.ingest import ClipEncoder, ClipFailure, _prefetch
+from gpa_ray.data.ingest import ClipEncoder, ClipFailure, _prefetch, clip_shard_table
+from gpa_ray.data.loaders import LoaderError, codes_from_arrow
 from gpa_ray.data.work_units import (
     IngestError,
     Layout,
@@ -198,6 +199,30 @@ def test_clip_encoder_stages_and_segments(tmp_path: Path, one_torch_thread) -> N
     with pytest.raises(ClipFailure) as beyond:
         encoder.process({**row, "start_s": 3.0}, encoder.fetch(row))
     assert beyond.value.stage == "decode" and "EmptySegment" in beyond.value.error
+
+
+def test_without_codes_there_is_no_encodec_and_readers_say_why(
+    tmp_path: Path, one_torch_thread
+) -> None:
+    encoder = ClipEncoder(load_config(overrides=["ingest.codes=false", "ingest.max_seconds=1"]))
+    assert encoder.tokenizer is None
+    (tmp_path / "tone.wav").write_bytes(_wav(2.0))
+    row = {
+        "clip_id": "t/tone",
+        "corpus": "t",
+        "split": "train",
+        "source_uri": str(tmp_path / "tone.wav"),
+        "start_s": 0.0,
+        "duration_s": None,
+        "captions": ["a tone"],
+        "labels": [],
+    }
+    out = encoder.process(row, encoder.fetch(row))
+    assert out["codes"] is None and sf.info(io.BytesIO(out["audio"])).frames == 32000
+    table = clip_shard_table([out, out])
+    assert table.schema == schema.CLIP_SCHEMA and table.column("codes").null_count == 2
+    with pytest.raises(LoaderError, match="ingest.codes=true"):
+        codes_from_arrow(table.column("codes"))
 
 
 def test_batched_encoding_matches_single_and_isolates_failures(one_torch_thread) -> None:
