@@ -173,20 +173,25 @@ def test_prefetch_keeps_order_and_window() -> None:
     assert seen == [(i, bytes([i])) for i in range(12)]
 
 
-def test_clip_encoder_stages_and_segments(tmp_path: Path, one_torch_thread) -> None:
-    cfg = load_config(overrides=["ingest.audio_sample_rate=16000", "ingest.max_seconds=1.5"])
-    encoder = ClipEncoder(cfg)
-    (tmp_path / "tone.wav").write_bytes(_wav(2.0))
-    row = {
+def _tone_row(path: Path, start_s: float) -> dict[str, Any]:
+    """A manifest row for one local file."""
+    return {
         "clip_id": "t/tone",
         "corpus": "t",
         "split": "train",
-        "source_uri": str(tmp_path / "tone.wav"),
-        "start_s": 0.25,
+        "source_uri": str(path),
+        "start_s": start_s,
         "duration_s": None,
         "captions": ["a tone"],
         "labels": [],
     }
+
+
+def test_clip_encoder_stages_and_segments(tmp_path: Path, one_torch_thread) -> None:
+    cfg = load_config(overrides=["ingest.audio_sample_rate=16000", "ingest.max_seconds=1.5"])
+    encoder = ClipEncoder(cfg)
+    (tmp_path / "tone.wav").write_bytes(_wav(2.0))
+    row = _tone_row(tmp_path / "tone.wav", start_s=0.25)
     out = encoder.process(row, encoder.fetch(row))
     # Segment from 0.25 s, cropped to max_seconds = 1.5 s: 24,000 samples at 16 kHz;
     # codes T = ceil(1.5 s * 24000 * 75 / 24000) = 113 (112.5 rounded up).
@@ -207,16 +212,7 @@ def test_without_codes_there_is_no_encodec_and_readers_say_why(
     encoder = ClipEncoder(load_config(overrides=["ingest.codes=false", "ingest.max_seconds=1"]))
     assert encoder.tokenizer is None
     (tmp_path / "tone.wav").write_bytes(_wav(2.0))
-    row = {
-        "clip_id": "t/tone",
-        "corpus": "t",
-        "split": "train",
-        "source_uri": str(tmp_path / "tone.wav"),
-        "start_s": 0.0,
-        "duration_s": None,
-        "captions": ["a tone"],
-        "labels": [],
-    }
+    row = _tone_row(tmp_path / "tone.wav", start_s=0.0)
     out = encoder.process(row, encoder.fetch(row))
     assert out["codes"] is None and sf.info(io.BytesIO(out["audio"])).frames == 32000
     table = clip_shard_table([out, out])
