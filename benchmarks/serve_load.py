@@ -185,9 +185,9 @@ def in_process(cfg: Any, checkpoint: str, n: int) -> dict[str, Any]:
     from gpa_ray.index.search import IndexSearcher
     from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
 
-    model, _ = load_model(cfg, checkpoint)
-    encoder = TextQueryEncoder(model)
-    service = SearchService(cfg, model, checkpoint)
+    loaded = load_model(cfg, checkpoint)
+    encoder = TextQueryEncoder(loaded.model)
+    service = SearchService(cfg, loaded)
     texts = queries(n + 20, seed=99)
     for text in texts[:20]:
         service.search_text(encoder.encode([text])[0], 10)
@@ -205,7 +205,7 @@ def in_process(cfg: Any, checkpoint: str, n: int) -> dict[str, Any]:
     for ann in ("exact", "flat", "ivf"):
         started = time.perf_counter()
         searcher = IndexSearcher.from_config(
-            service.index, model, dataclasses.replace(cfg.index, ann=ann)
+            service.index, loaded.model, dataclasses.replace(cfg.index, ann=ann)
         )
         built = time.perf_counter() - started
         times = []
@@ -270,9 +270,9 @@ def paired(cfg: Any, checkpoint: str, url: str, n: int) -> dict[str, Any]:
 
     from gpa_ray.serve.retriever import SearchService, TextQueryEncoder, load_model
 
-    model, _ = load_model(cfg, checkpoint)
-    encoder = TextQueryEncoder(model)
-    service = SearchService(cfg, model, checkpoint)
+    loaded = load_model(cfg, checkpoint)
+    encoder = TextQueryEncoder(loaded.model)
+    service = SearchService(cfg, loaded)
     local, served, ratios = [], [], []
     with requests.Session() as session:
         for text in queries(n, seed=5):

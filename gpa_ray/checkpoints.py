@@ -40,6 +40,7 @@ imports this module), never ray.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -182,8 +183,9 @@ def resolve_checkpoint(uri: str, which: Which, storage_cfg: StorageConfig | None
 
 
 def weights_digest(checkpoint: str, storage_cfg: StorageConfig | None = None) -> str:
-    """SHA-256 of a checkpoint's `model.pt`: its identity, whatever URI reaches it and
-    whatever later training does to the run it came from."""
+    """SHA-256 of a checkpoint's `model.pt` (streamed, never held whole): its identity,
+    whatever URI reaches it and whatever later training does to its run. Equals the
+    digest `read_weights` returns with the state."""
     return storage.sha256_digest(storage.join(checkpoint, MODEL_FILE), storage_cfg)
 
 
@@ -207,12 +209,21 @@ def read_config(checkpoint: str, storage_cfg: StorageConfig | None = None) -> Co
     return config_from_dict(yaml.safe_load(text) or {})
 
 
+def read_weights(
+    checkpoint: str, storage_cfg: StorageConfig | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, SHA-256 of `model.pt`) of a checkpoint URI from one read: the digest
+    names exactly the bytes the state was loaded from."""
+    data = storage.read_bytes(storage.join(checkpoint, MODEL_FILE), storage_cfg)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return state, hashlib.sha256(data).hexdigest()
+
+
 def load_model_state(
     checkpoint: str, storage_cfg: StorageConfig | None = None
 ) -> dict[str, torch.Tensor]:
     """The model state dict of a checkpoint (a checkpoint URI: resolve a run's first)."""
-    data = storage.read_bytes(storage.join(checkpoint, MODEL_FILE), storage_cfg)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return read_weights(checkpoint, storage_cfg)[0]
 
 
 def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

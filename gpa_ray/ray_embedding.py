@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gpa_ray import storage
+from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.checkpoints import read_config, resolve_checkpoint
 from gpa_ray.config import ActorPoolConfig, Config, StorageConfig
 from gpa_ray.data.loaders import LoaderError, read_clips, split_files
@@ -74,8 +75,6 @@ class ClipEmbedder(_CheckpointEmbedder):
     """Ray Data callable: clip-shard rows (`clip_id`, `audio` or `codes`) -> embeddings."""
 
     def __init__(self, checkpoint: str, storage_cfg: StorageConfig, cpus: float) -> None:
-        from gpa_ray.audio.inputs import AudioInputs
-
         super().__init__(checkpoint, storage_cfg, cpus)
         self.inputs = AudioInputs.from_config(self.model_cfg)
 
@@ -98,8 +97,6 @@ class TextEmbedder(_CheckpointEmbedder):
 
 def audio_columns(checkpoint: str, storage_cfg: StorageConfig | None = None) -> list[str]:
     """Clip columns the checkpoint's audio tower needs: `codes` (AudioFormer) or `audio`."""
-    from gpa_ray.audio.inputs import AudioInputs
-
     needs_codes = AudioInputs.from_config(read_config(checkpoint, storage_cfg)).needs_codes
     return ["clip_id", "codes" if needs_codes else "audio"]
 

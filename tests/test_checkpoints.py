@@ -34,7 +34,7 @@ from gpa_ray.checkpoints import (
 )
 from gpa_ray.config import Config, TrainConfig
 from gpa_ray.config_loading import load_config
-from gpa_ray.models.factory import build_gpa, load_gpa
+from gpa_ray.models.factory import build_gpa, load_gpa, load_gpa_checkpoint
 from gpa_ray.models.gpa import GPAModel
 from gpa_ray.testing.models import (
     save_tiny_text_model,
@@ -221,6 +221,7 @@ def test_weights_digest_is_the_sha256_of_model_pt(cfg: Config, tmp_path: Path) -
     (copy / "model.pt").write_bytes((tmp_path / "a" / "model.pt").read_bytes())
     expected = hashlib.sha256((tmp_path / "a" / "model.pt").read_bytes()).hexdigest()
     assert weights_digest(str(tmp_path / "a")) == expected == weights_digest(str(copy))
+    assert load_gpa_checkpoint(str(tmp_path / "a")).digest == expected  # the bytes it loaded
     assert weights_digest(str(tmp_path / "b")) != expected
     with pytest.raises(storage.StorageError, match="model.pt"):
         weights_digest(str(tmp_path / "missing"))

@@ -60,7 +60,7 @@ from gpa_ray.config import Config
 from gpa_ray.config_loading import config_from_dict
 from gpa_ray.data import schema
 from gpa_ray.data.corpora import corpus_name
-from gpa_ray.data.failure_report import commonest_errors, failure_message, report_text
+from gpa_ray.data.failure_report import commonest_errors, failure_message
 from gpa_ray.data.work_units import (
     Layout,
     committed_units,
@@ -452,5 +452,5 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
         storage.join(output, "summary.json"), json.dumps(summary, indent=2).encode(), cfg.storage
     )
     if failure:
-        logger.error(report_text(failure, summary["commonest_errors"]))
+        logger.error("ingest failed: %s (commonest errors in summary.json)", failure)
     return summary

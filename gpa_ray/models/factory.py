@@ -46,8 +46,8 @@ from gpa_ray.checkpoints import (
     CheckpointError,
     Which,
     encoder_from_checkpoint,
-    load_model_state,
     read_config,
+    read_weights,
     resolve_checkpoint,
 )
 from gpa_ray.config import Config, StorageConfig
@@ -168,14 +168,25 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     }
 
 
-def load_gpa(
+@dataclasses.dataclass(frozen=True)
+class LoadedGPA:
+    """A GPA model rebuilt from a checkpoint, with what identifies it: the concrete
+    checkpoint URI and the SHA-256 of the `model.pt` bytes it was loaded from."""
+
+    model: GPAModel
+    cfg: Config
+    checkpoint: str
+    digest: str
+
+
+def load_gpa_checkpoint(
     uri: str,
     storage_cfg: StorageConfig | None = None,
     device: str | torch.device = "cpu",
     which: Which = "best",
-) -> tuple[GPAModel, Config]:
+) -> LoadedGPA:
     """Rebuild a GPA model from a checkpoint URI, or a run URI (its `which` checkpoint:
-    the best by default); returns (model in eval mode on `device`, its resolved config).
+    the best by default), in eval mode on `device`.
 
     The architecture comes from `config.yaml` (`build_gpa` without the towers' pretrained
     weights: `model.pt` holds every parameter). The audio tower's training-time output
@@ -189,11 +200,23 @@ def load_gpa(
     # (index builds, queries) sees each clip once, so it would only hold memory.
     no_cache = dataclasses.replace(cfg.audio_encoder, cache_size=0)
     model = build_gpa(dataclasses.replace(cfg, audio_encoder=no_cache), load_weights=False)
+    state, digest = read_weights(directory, storage_cfg)
     try:
-        model.load_state_dict(load_model_state(directory, storage_cfg), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
             f"{directory}/{MODEL_FILE} does not fit the GPA model its {CONFIG_FILE} describes: "
             f"{exc}"
         ) from exc
-    return model.to(device).eval(), cfg
+    return LoadedGPA(model.to(device).eval(), cfg, directory, digest)
+
+
+def load_gpa(
+    uri: str,
+    storage_cfg: StorageConfig | None = None,
+    device: str | torch.device = "cpu",
+    which: Which = "best",
+) -> tuple[GPAModel, Config]:
+    """(model, its resolved config) of `load_gpa_checkpoint`: what most callers need."""
+    loaded = load_gpa_checkpoint(uri, storage_cfg, device, which)
+    return loaded.model, loaded.cfg

@@ -41,7 +41,8 @@ from ray.serve.handle import DeploymentHandle
 
 from gpa_ray.config import Config
 from gpa_ray.config_loading import config_from_dict, load_config
-from gpa_ray.models.gpa import Embeddings, GPAModel
+from gpa_ray.models.factory import LoadedGPA
+from gpa_ray.models.gpa import Embeddings
 from gpa_ray.serve.api import create_api
 from gpa_ray.serve.retriever import (
     AudioQueryEncoder,
@@ -104,13 +105,12 @@ class ComputeTimes:
         }
 
 
-def _replica_model(cfg: dict[str, Any], checkpoint: str) -> tuple[Config, GPAModel, Config]:
+def _replica_model(cfg: dict[str, Any], checkpoint: str) -> tuple[Config, LoadedGPA]:
     """What every replica starts from: the resolved config, the torch threads it allows,
-    and the index's GPA checkpoint (model and its training config), loaded once."""
+    and the index's GPA checkpoint (model, training config, digest), loaded once."""
     config = config_from_dict(cfg)
     torch.set_num_threads(config.serve.torch_threads)
-    model, model_cfg = load_model(config, checkpoint)
-    return config, model, model_cfg
+    return config, load_model(config, checkpoint)
 
 
 @serve.deployment(name="TextEncoder")
@@ -118,8 +118,8 @@ class TextEncoderDeployment:
     """Batches concurrent text queries into one forward pass of the text tower."""
 
     def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
-        config, model, _ = _replica_model(cfg, checkpoint)
-        self.encoder = TextQueryEncoder(model)
+        config, loaded = _replica_model(cfg, checkpoint)
+        self.encoder = TextQueryEncoder(loaded.model)
         self.batches: Counter[int] = Counter()
         self.compute = ComputeTimes()
         self.encode.set_max_batch_size(config.serve.text_batch_size)
@@ -145,8 +145,8 @@ class AudioEncoderDeployment:
     request), then batches the tower's forward pass."""
 
     def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
-        config, model, model_cfg = _replica_model(cfg, checkpoint)
-        self.encoder = AudioQueryEncoder(model, model_cfg, config.serve.max_audio_seconds)
+        config, loaded = _replica_model(cfg, checkpoint)
+        self.encoder = AudioQueryEncoder(loaded.model, loaded.cfg, config.serve.max_audio_seconds)
         self.batches: Counter[int] = Counter()
         self._encode.set_max_batch_size(config.serve.audio_batch_size)
         self._encode.set_batch_wait_timeout_s(config.serve.audio_batch_wait_s)
@@ -172,8 +172,8 @@ class SearcherDeployment:
     """Holds the served index version; searches, answers clip lookups, follows LATEST."""
 
     def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
-        config, model, _ = _replica_model(cfg, checkpoint)
-        self.service = SearchService(config, model, checkpoint)
+        config, loaded = _replica_model(cfg, checkpoint)
+        self.service = SearchService(config, loaded)
         self.compute = ComputeTimes()
         self._stop = threading.Event()
         if config.serve.reload_interval_s > 0:

@@ -32,11 +32,10 @@ class LocalBackend:
     """The API's backend with the query encoders and the search service in this process."""
 
     def __init__(self, cfg: Config) -> None:
-        checkpoint = index_checkpoint(cfg)
-        model, model_cfg = load_model(cfg, checkpoint)
-        self.text = TextQueryEncoder(model)
-        self.audio = AudioQueryEncoder(model, model_cfg, cfg.serve.max_audio_seconds)
-        self.service = SearchService(cfg, model, checkpoint)
+        loaded = load_model(cfg, index_checkpoint(cfg))
+        self.text = TextQueryEncoder(loaded.model)
+        self.audio = AudioQueryEncoder(loaded.model, loaded.cfg, cfg.serve.max_audio_seconds)
+        self.service = SearchService(cfg, loaded)
         self.batches: dict[str, Counter[int]] = {"text": Counter(), "audio": Counter()}
 
     async def search_text(self, query: str, k: int) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from typing import Any
 import soundfile as sf
 import torch
 
-from gpa_ray.checkpoints import weights_digest
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.data.schema import text_id
 from gpa_ray.index.search import IndexSearcher
@@ -33,6 +32,7 @@ from gpa_ray.index.store import (
     read_manifest,
     resolve_version,
 )
+from gpa_ray.models.factory import LoadedGPA, load_gpa_checkpoint
 from gpa_ray.models.gpa import Embeddings, GPAModel
 
 logger = logging.getLogger(__name__)
@@ -51,12 +51,9 @@ def index_uri(cfg: Config) -> str:
     return resolve_stage_uris(cfg).serve.index_uri
 
 
-def load_model(cfg: Config, checkpoint: str) -> tuple[GPAModel, Config]:
-    """The GPA checkpoint an index was built with, in eval mode on CPU."""
-    from gpa_ray.models.factory import load_gpa
-
-    model, model_cfg = load_gpa(checkpoint, cfg.storage, "cpu")
-    return model.eval(), model_cfg
+def load_model(cfg: Config, checkpoint: str) -> LoadedGPA:
+    """The GPA checkpoint an index was built with, in eval mode on CPU, with its digest."""
+    return load_gpa_checkpoint(checkpoint, cfg.storage, "cpu")
 
 
 def index_checkpoint(cfg: Config) -> str:
@@ -128,16 +125,16 @@ class SearchService:
     A new version replaces the current one only after it loaded completely; a version
     built with other weights than the ones being served is refused (its embeddings would
     not match the query encoders), and the current version stays up. Weights are compared
-    by the SHA-256 of their `model.pt` (`checkpoints.weights_digest`), not by URI: a run
+    by the SHA-256 of the `model.pt` bytes the model was loaded from, not by URI: a run
     folder that trained further, or a checkpoint overwritten in place, has another digest.
     """
 
-    def __init__(self, cfg: Config, model: GPAModel, checkpoint: str) -> None:
+    def __init__(self, cfg: Config, loaded: LoadedGPA) -> None:
         self.cfg = cfg
         self.uri = index_uri(cfg)
-        self.model = model.eval()
-        self.checkpoint = checkpoint
-        self.digest = weights_digest(checkpoint, cfg.storage)
+        self.model = loaded.model.eval()
+        self.checkpoint = loaded.checkpoint
+        self.digest = loaded.digest
         self._lock = threading.Lock()
         self.searcher = self._load(self.uri)
 

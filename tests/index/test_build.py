@@ -258,16 +258,16 @@ def test_a_run_that_trained_further_gets_a_new_version_that_serve_refuses(
     assert manifest.checkpoint_digest == weights_digest(first)
     assert run_build_index(_cfg(*args))["units_this_run"] == 0  # same weights: same version
 
-    serving = SearchService(_cfg(*args), load_model(_cfg(*args), first)[0], first)
+    serving = SearchService(_cfg(*args), load_model(_cfg(*args), first))
     second = _next_checkpoint(run, model_cfg, seed=1, step=8)  # the run trained further
     two = run_build_index(_cfg(*args))
     assert two["version"] != one["version"] and two["checkpoint"] == second
     with pytest.raises(IndexMismatchError, match="weights sha256"):
         serving.reload()
     assert serving.index.version == one["version"]  # the old version stays up
-    following = SearchService(_cfg(*args), load_model(_cfg(*args), second)[0], second)
+    following = SearchService(_cfg(*args), load_model(_cfg(*args), second))
     assert following.index.version == two["version"]
 
     tiny_gpa_checkpoint(second, model_cfg, seed=2)  # overwritten in place: same URI
     with pytest.raises(IndexMismatchError, match=f"{second} \\(weights sha256"):
-        SearchService(_cfg(*args), load_model(_cfg(*args), second)[0], second)
+        SearchService(_cfg(*args), load_model(_cfg(*args), second))

@@ -62,8 +62,8 @@ def test_esc50_subset_dog_query_on_serve_equals_in_process(
         response = requests.post(f"{url}/v1/search/text", json={"query": "a dog barking", "k": 10})
         assert response.status_code == 200, response.text
         served = response.json()["results"]
-        model, _ = load_model(cfg, checkpoint)
-        service = SearchService(cfg, model, checkpoint)
+        loaded = load_model(cfg, checkpoint)
+        model, service = loaded.model, SearchService(cfg, loaded)
         local = service.search_text(TextQueryEncoder(model).encode(["a dog barking"])[0], 10)
         assert [r["clip_id"] for r in served] == [r["clip_id"] for r in local["results"]]
         for a, b in zip(served, local["results"], strict=True):

@@ -59,8 +59,8 @@ def serve_app(ray_session, serve_config) -> Iterator[tuple[str, Config]]:
 def in_process(serve_app, served_index) -> tuple[TextQueryEncoder, SearchService]:
     """The same search computed in this process, for comparison."""
     _, cfg = serve_app
-    model, _ = load_model(cfg, served_index["checkpoint"])
-    return TextQueryEncoder(model), SearchService(cfg, model, served_index["checkpoint"])
+    loaded = load_model(cfg, served_index["checkpoint"])
+    return TextQueryEncoder(loaded.model), SearchService(cfg, loaded)
 
 
 def test_text_query_equals_in_process_and_exhaustive_search(serve_app, in_process) -> None:

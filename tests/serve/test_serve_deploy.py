@@ -97,8 +97,8 @@ def test_serve_deploy_of_the_shipped_config(served_index: dict, tmp_path: Path) 
 
     args = config["applications"][0]["args"]
     cfg = load_config(args["config"], args["overrides"])
-    model, _ = load_model(cfg, served_index["checkpoint"])
-    service = SearchService(cfg, model, served_index["checkpoint"])
+    loaded = load_model(cfg, served_index["checkpoint"])
+    model, service = loaded.model, SearchService(cfg, loaded)
     expected = service.search_text(TextQueryEncoder(model).encode(["a dog barking"])[0], 3)
     assert health["status"] == "ok" and health["clips"] == len(served_index["clips"])
     assert "RUNNING" in status and "gpa_retriever" in status
