@@ -354,15 +354,20 @@ class IndexConfig:
     `sinkhorn.checkpoint`) and writes the version `version` (empty: a name
     derived from the build settings, so a rerun resumes the same version) under `output`.
     `bias`: a text-bias URI written by the Sinkhorn bias job (empty: no bias).
-    Search: stage 1 is `ann` ("exact": torch matmul, "flat": faiss IndexFlatIP, "ivf":
-    faiss IVF with `ivf_nlist` lists, 0 = about 4 sqrt(N), probing `ivf_nprobe`), keeping
-    `shortlist` candidates for the full GPA score of stage 2.
+    Search files: the version is written as `shards` shards (a clip and its captions go
+    to one shard), each with a stage-1 ANN of kind `ann` ("flat": exact; "ivf": IVF-flat;
+    "ivfpq": IVF-PQ with `ann_pq_bytes` bytes per item, 0 = one per 8 dimensions, whose
+    candidates are `ann_refine` x the shortlist re-scored exactly), with `ann_nlist` lists
+    (0: about 4 sqrt(N)) trained once on as many vectors as `ann_train_memory_mb` holds;
+    searches probe `ann_nprobe` lists and keep `shortlist` candidates for the full GPA
+    score of stage 2 (`gpa_ray.index.ann`, `gpa_ray.index.search`).
     """
 
     output: str = "outputs/index"
     dtype: str = "float16"
-    ann: str = "exact"
+    ann: str = "ivf"
     shortlist: int = 100
+    shards: int = 1
     input: str = ""
     checkpoint: str = ""
     version: str = ""
@@ -372,8 +377,11 @@ class IndexConfig:
     # Ray Data actors that embed and commit the units (CPU only; `batch_size` clips per
     # model call, captions in batches of 4 x that).
     embed_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors=2))
-    ivf_nlist: int = 0
-    ivf_nprobe: int = 16
+    ann_nlist: int = 0
+    ann_nprobe: int = 32
+    ann_pq_bytes: int = 0
+    ann_refine: int = 4
+    ann_train_memory_mb: float = 128.0
 
 
 @dataclass(frozen=True)
@@ -390,6 +398,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_k: int = 100
+    # Queries one POST /v1/search/text/batch may carry.
+    max_batch_queries: int = 64
     index_uri: str = ""
     app_name: str = "gpa_retriever"
     default_k: int = 10
@@ -401,6 +411,8 @@ class ServeConfig:
     audio_batch_size: int = 4
     audio_batch_wait_s: float = 0.02
     reload_interval_s: float = 30.0
+    # Local folder for copies of index shards read from S3 (empty: the temp folder).
+    cache_dir: str = ""
     cpus_per_replica: float = 0.5
     torch_threads: int = 1
 

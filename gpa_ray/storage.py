@@ -168,6 +168,23 @@ def list_files(uri: str, suffix: str = "", storage_cfg: StorageConfig | None = N
     return sorted(out)
 
 
+def copy_file(source: str, destination: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Stream one file between URIs (local or S3, either way) without holding it in
+    memory; the destination appears whole or not at all."""
+    src_fs, src = resolve(source, storage_cfg)
+    dst_fs, dst = resolve(destination, storage_cfg)
+    local = isinstance(dst_fs, pafs.LocalFileSystem)
+    target = os.path.join(os.path.dirname(dst), f".tmp-{uuid.uuid4().hex}") if local else dst
+    try:
+        if local:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+        pafs.copy_files(src, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        if local:
+            os.replace(target, dst)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot copy {source} to {destination}: {exc}") from exc
+
+
 def make_dirs(uri: str, storage_cfg: StorageConfig | None = None) -> None:
     """Create a folder (a no-op on S3, where prefixes need no creation)."""
     fs, path = resolve(uri, storage_cfg)

@@ -19,8 +19,10 @@
    undecodable FLAC) is recorded in the marker and the summary, never silently dropped,
    and never stops the job.
 4. **Commit the version.** The driver gathers the markers, joins the Sinkhorn text bias
-   when `index.bias` names one (it must cover every indexed caption), writes
-   `manifest.json` and then points `LATEST` at the version.
+   when `index.bias` names one (it must cover every indexed caption), writes the search
+   files in one streaming pass (`index.shards` shards, each with its ANN trained once for
+   all of them: `gpa_ray.index.shard_files`), writes `manifest.json` and then points
+   `LATEST` at the version.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -46,6 +49,8 @@ from gpa_ray.config_loading import config_from_dict
 from gpa_ray.data.loaders import shard_split
 from gpa_ray.embedding_table import DTYPES
 from gpa_ray.index import store
+from gpa_ray.index.ann import AnnSettings
+from gpa_ray.index.shard_files import write_shards
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.ray_embedding import check_cpu_pool
 
@@ -115,6 +120,10 @@ def build_settings(
         "splits": sorted(cfg.index.splits),
         "store_audio": cfg.index.store_audio,
         "bias": cfg.index.bias,
+        "search": {
+            "shards": cfg.index.shards,
+            "ann": dataclasses.asdict(AnnSettings.from_config(cfg.index)),
+        },
     }
 
 
@@ -260,8 +269,11 @@ def _check_settings(cfg: Config, layout: store.IndexLayout, settings: dict[str, 
     storage.dump_config(cfg, storage.join(layout.dir, "config.yaml"))
 
 
-def _bias(cfg: Config, layout: store.IndexLayout, text_files: list[str]) -> dict[str, Any] | None:
-    """Copy the bias of the indexed captions into the version; its provenance for the manifest."""
+def _bias(
+    cfg: Config, layout: store.IndexLayout, text_files: list[str]
+) -> tuple[dict[str, Any], pa.Table] | None:
+    """Copy the bias of the indexed captions into the version: its provenance for the
+    manifest and the stored table."""
     if not cfg.index.bias:
         return None
     bias_table, metadata = read_bias(cfg.index.bias, cfg.storage)
@@ -270,10 +282,10 @@ def _bias(cfg: Config, layout: store.IndexLayout, text_files: list[str]) -> dict
         fs, path = storage.resolve(storage.join(layout.dir, name), cfg.storage)
         text_ids += pq.read_table(path, filesystem=fs, columns=["text_id"]).column(0).to_pylist()
     try:
-        store.write_bias(layout, text_ids, bias_table, cfg.storage)
+        stored = store.write_bias(layout, text_ids, bias_table, cfg.storage)
     except store.IndexFormatError as exc:
         raise IndexBuildError(f"bias {cfg.index.bias}: {exc}") from exc
-    return {"uri": cfg.index.bias, "metadata": metadata}
+    return {"uri": cfg.index.bias, "metadata": metadata}, stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,8 +375,26 @@ def commit_version(cfg: Config, plan: BuildPlan, build: dict[str, Any]) -> store
     if len(dims) != 1:
         raise IndexBuildError(f"units disagree on embedding dimensions: {sorted(dims)}")
     ((embed_dim, n_prototypes),) = dims
+    clip_files = [layout.clips_name(m["unit"]) for m in filled]
     text_files = [layout.texts_name(m["unit"]) for m in filled]
     failures = [f for _, m in sorted(markers.items()) for f in m["failed"]]
+    bias = _bias(cfg, layout, text_files)
+    started = time.perf_counter()
+    search = write_shards(
+        layout.dir,
+        clip_files,
+        text_files,
+        n_shards=cfg.index.shards,
+        settings=AnnSettings.from_config(cfg.index),
+        bias=None if bias is None else bias[1],
+        storage_cfg=cfg.storage,
+    )
+    logger.info(
+        "wrote %d search shards (%s) in %.1f s",
+        cfg.index.shards,
+        cfg.index.ann,
+        time.perf_counter() - started,
+    )
     manifest = store.IndexManifest(
         version=layout.version,
         created_at=store.utc_now(),
@@ -376,11 +406,12 @@ def commit_version(cfg: Config, plan: BuildPlan, build: dict[str, Any]) -> store
         n_clips=sum(m["clips"] for m in filled),
         n_texts=sum(m["texts"] for m in filled),
         clips_with_audio=sum(m["with_audio"] for m in filled),
-        clip_files=[layout.clips_name(m["unit"]) for m in filled],
+        clip_files=clip_files,
         text_files=text_files,
         source=plan.source,
         splits=sorted(cfg.index.splits),
-        bias=_bias(cfg, layout, text_files),
+        bias=None if bias is None else bias[0],
+        search=search,
         build={
             "units": len(plan.files),
             "failed_clips": len(failures),

@@ -1,255 +1,418 @@
-"""Two-stage search over a loaded index: inner-product shortlist, then the full GPA score.
+"""Two-stage search over index shards: ANN shortlist, then the full GPA score, then merge.
 
-Stage 1 ranks the whole pool by the inner product of global embeddings (S_g, cheap, and
-what ANN libraries index); stage 2 rescores only the `shortlist` best with the model's
-own R = S_g + S'_p (prototype scorer, LASS by default) and keeps the top k. With a
-shortlist as large as the pool, stage 2 sees every item and the result equals exhaustive
-full scoring.
+Stage 1 ranks a shard's side by the inner product of global embeddings (S_g) with the
+version's stored ANN (`gpa_ray.index.ann`); stage 2 rescores the candidates with the
+model's own R = S_g + S'_p (prototype scorer, LASS by default), reading their float16
+vectors from the mapped files. `merge` combines the candidates of any number of shards
+into the top k, in three steps that reproduce a single shard exactly:
+
+1. the best `candidates` by ANN score (`refine` x the shortlist for IVF-PQ, whose scores
+   are approximate; the shortlist itself otherwise),
+2. of those, the best `shortlist` by exact S_g (+ b_j),
+3. of those, the best k by the full score.
+
+Each shard returns its own top `candidates` with all three scores; since every shard
+shares one trained ANN (same lists, same codes), the union holds every item the global
+top lists hold, and each step keeps the same items a single shard would. Ties are broken
+by id, whatever the number of shards. With a shortlist as large as the pool and an exact
+ANN, stage 2 sees every item and the result equals exhaustive full scoring.
 
 Audio-to-text adds the Sinkhorn text bias b_j (GPA eq 10: R*_ij = R_ij + b_j). It is
-folded into stage 1 so the shortlist is ranked by S_g + b_j: every text vector gets b_j
-appended and the query gets a 1 (or a 0 to search without the bias), so one inner
-product index serves both.
+folded into stage 1 so the shortlist is ranked by S_g + b_j: every stored text vector has
+b_j appended and the query gets a 1 (or a 0 to search without the bias).
 
-Stage 1 backends: "exact" (a torch matmul and top-k), "flat" (faiss IndexFlatIP, the
-same result through faiss), "ivf" (faiss IndexIVFFlat on inner product: approximate,
-sub-linear; `nprobe` of `nlist` lists are scanned).
+Filters (`ClipFilter`) act inside stage 1: faiss skips items that fail them while it
+scans, so the candidates are the best passing items. An IVF search that finds fewer
+than k passing items in its probed lists probes twice as many lists, up to all of them,
+so k is met whenever k items pass.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from gpa_ray.config import IndexConfig
-from gpa_ray.index.store import IndexSide, LoadedIndex
+from gpa_ray.index import ann
+from gpa_ray.index.mapped import MappedShard, MappedSide
 from gpa_ray.models.gpa import Embeddings, GPAModel
 
-ANN_KINDS = ("exact", "flat", "ivf")
-
-
-class InnerProductIndex:
-    """Top-n by inner product over fixed vectors [N, D] (float32), exact or with faiss."""
-
-    def __init__(
-        self, vectors: torch.Tensor, kind: str = "exact", nlist: int = 0, nprobe: int = 16
-    ) -> None:
-        if kind not in ANN_KINDS:
-            raise ValueError(f"index.ann must be one of {ANN_KINDS}, got {kind!r}")
-        self.kind = kind
-        self.vectors = vectors.to(torch.float32).contiguous()
-        self.nlist = 0
-        self._faiss: Any = None
-        n, dim = self.vectors.shape
-        if kind == "exact" or n == 0:
-            return
-        import faiss
-
-        data = np.ascontiguousarray(self.vectors.numpy())
-        if kind == "flat":
-            self._faiss = faiss.IndexFlatIP(dim)
-        else:
-            # faiss wants >= 39 training points per list; ~4 sqrt(N) lists is its usual advice.
-            self.nlist = nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
-            self.nlist = min(self.nlist, n)
-            quantizer = faiss.IndexFlatIP(dim)
-            self._faiss = faiss.IndexIVFFlat(quantizer, dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
-            self._faiss.train(data)
-            self._faiss.nprobe = min(nprobe, self.nlist)
-            self._quantizer = quantizer  # the IVF index uses it but does not own it
-        self._faiss.add(data)
-
-    def __len__(self) -> int:
-        return int(self.vectors.shape[0])
-
-    def top(self, queries: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and ids [B, n'] of the best n' = min(n, N) items per query, best first.
-
-        IVF may find fewer than n' items for a query when its probed lists hold fewer;
-        those slots have id -1 and score -inf.
-        """
-        n = min(n, len(self))
-        queries = queries.to(torch.float32)
-        if n == 0:
-            empty = torch.empty(queries.shape[0], 0)
-            return empty, empty.long()
-        if self._faiss is None:
-            return torch.topk(queries @ self.vectors.T, n, dim=1)
-        scores, ids = self._faiss.search(np.ascontiguousarray(queries.numpy()), n)
-        scores = torch.from_numpy(scores)
-        ids = torch.from_numpy(ids)
-        return scores.masked_fill(ids < 0, -math.inf), ids
+CLIP_RECORD = ["clip_id", "corpus", "split", "duration_s", "captions", "labels", "has_audio"]
+TEXT_RECORD = ["text_id", "text", "clip_id", "labels", "has_audio"]
 
 
 @dataclass(frozen=True)
-class Hit:
-    """One result: `position` in the searched side of the index and its scores.
+class ClipFilter:
+    """Which clips (or captions of which clips) a search may return; empty means any."""
 
-    `score` = `global_score` + `prototype_score` + `bias` (R, or R* for audio-to-text with
-    the bias); `stage1_score` is what the shortlist was ranked by (S_g, + b_j with bias).
-    """
+    corpus: tuple[str, ...] = ()
+    split: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    min_duration_s: float | None = None
+    max_duration_s: float | None = None
 
-    position: int
-    score: float
-    global_score: float
-    prototype_score: float
-    bias: float
-    stage1_score: float
+    @property
+    def empty(self) -> bool:
+        return self == ClipFilter()
+
+    def mask(self, meta: pa.Table) -> np.ndarray:
+        """Rows of `meta` (clip or caption metadata) that pass, as a bool array."""
+        keep = np.ones(meta.num_rows, bool)
+        for name in ("corpus", "split"):
+            values = getattr(self, name)
+            if values:
+                keep &= pc.is_in(meta.column(name), pa.array(values)).to_numpy(False)
+        if self.labels:
+            labels = meta.column("labels").combine_chunks()
+            hits = pc.is_in(pc.list_flatten(labels), pa.array(self.labels)).to_numpy(False)
+            parents = pc.list_parent_indices(labels).to_numpy()
+            keep &= np.bincount(parents[hits], minlength=meta.num_rows) > 0
+        duration = meta.column("duration_s")
+        if self.min_duration_s is not None:
+            keep &= pc.greater_equal(duration, self.min_duration_s).to_numpy(False)
+        if self.max_duration_s is not None:
+            keep &= pc.less_equal(duration, self.max_duration_s).to_numpy(False)
+        return keep
 
 
-class IndexSearcher:
-    """Two-stage text-to-audio and audio-to-text search over one loaded index version."""
+@dataclass
+class Candidates:
+    """One query's stage-1 candidates in one shard, with every score `merge` needs, and
+    their result records (rows of the side's metadata)."""
 
-    def __init__(
-        self,
-        index: LoadedIndex,
-        model: GPAModel,
-        *,
-        ann: str = "exact",
-        shortlist: int = 100,
-        ivf_nlist: int = 0,
-        ivf_nprobe: int = 16,
-    ) -> None:
-        if shortlist <= 0:
-            raise ValueError(f"shortlist must be positive, got {shortlist}")
-        if model.uses_prototypes != bool(index.manifest.n_prototypes):
-            raise ValueError(
-                f"index {index.version} has {index.manifest.n_prototypes} prototypes per item "
-                f"but the model {'uses' if model.uses_prototypes else 'has no'} prototypes"
-            )
-        self.index = index
-        self.model = model.eval()
-        self.shortlist = shortlist
-        self.clips_stage1 = InnerProductIndex(
-            index.clips.embeddings.global_, ann, ivf_nlist, ivf_nprobe
-        )
-        text_vectors = index.texts.embeddings.global_
-        if index.text_bias is not None:
-            text_vectors = torch.cat([text_vectors, index.text_bias[:, None]], dim=1)
-        self.texts_stage1 = InnerProductIndex(text_vectors, ann, ivf_nlist, ivf_nprobe)
+    ids: list[str]
+    ann_score: np.ndarray
+    stage1_score: np.ndarray
+    global_score: np.ndarray
+    prototype_score: np.ndarray
+    bias: np.ndarray
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def score(self) -> np.ndarray:
+        return self.global_score + self.prototype_score + self.bias
 
     @classmethod
-    def from_config(cls, index: LoadedIndex, model: GPAModel, cfg: IndexConfig) -> IndexSearcher:
+    def concat(cls, parts: Sequence[Candidates]) -> Candidates:
         return cls(
-            index,
-            model,
-            ann=cfg.ann,
-            shortlist=cfg.shortlist,
-            ivf_nlist=cfg.ivf_nlist,
-            ivf_nprobe=cfg.ivf_nprobe,
+            ids=[i for p in parts for i in p.ids],
+            ann_score=_cat([p.ann_score for p in parts]),
+            stage1_score=_cat([p.stage1_score for p in parts]),
+            global_score=_cat([p.global_score for p in parts]),
+            prototype_score=_cat([p.prototype_score for p in parts]),
+            bias=_cat([p.bias for p in parts]),
+            records=[r for p in parts for r in p.records],
         )
+
+
+def _cat(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+
+
+def _best(scores: np.ndarray, ids: Sequence[str], rows: Sequence[int], n: int) -> list[int]:
+    """The n best of `rows` by score, ties by id."""
+    return sorted(rows, key=lambda r: (-float(scores[r]), ids[r]))[:n]
+
+
+def merge(
+    parts: Sequence[Candidates], k: int, shortlist: int, candidates: int
+) -> list[dict[str, Any]]:
+    """The top k result records over the candidates of every shard (see the module doc)."""
+    c = Candidates.concat(parts)
+    rows = _best(c.ann_score, c.ids, range(len(c.ids)), candidates)
+    rows = _best(c.stage1_score, c.ids, rows, shortlist)
+    rows = _best(c.score, c.ids, rows, k)
+    return [
+        {
+            "rank": rank + 1,
+            "score": float(c.score[r]),
+            "global_score": float(c.global_score[r]),
+            "prototype_score": float(c.prototype_score[r]),
+            "bias": float(c.bias[r]),
+            "stage1_score": float(c.stage1_score[r]),
+            **c.records[r],
+        }
+        for rank, r in enumerate(rows)
+    ]
+
+
+def merge_shards(
+    per_shard: Sequence[list[Candidates]], k: int, shortlist: int, settings: ann.AnnSettings
+) -> list[list[dict[str, Any]]]:
+    """`merge` for every query of a batch: `per_shard[s][b]` is shard s's candidates for
+    query b (what each shard's searcher returns for the batch)."""
+    short = max(shortlist, k)
+    n = settings.candidates(short)
+    return [merge(parts, k, short, n) for parts in zip(*per_shard, strict=True)]
+
+
+class ShardSearcher:
+    """Stage 1 and stage 2 of text-to-audio and audio-to-text search on one shard."""
+
+    def __init__(
+        self, shard: MappedShard, model: GPAModel, settings: ann.AnnSettings, shortlist: int
+    ) -> None:
+        if shortlist <= 0:
+            raise ValueError(f"index.shortlist must be positive, got {shortlist}")
+        n_protos = shard.manifest.n_prototypes
+        if model.uses_prototypes != bool(n_protos):
+            raise ValueError(
+                f"index {shard.version} has {n_protos} prototypes per item but the model "
+                f"{'uses' if model.uses_prototypes else 'has no'} prototypes"
+            )
+        self.shard = shard
+        self.model = model.eval()
+        self.settings = settings
+        self.shortlist = shortlist
 
     @property
     def has_bias(self) -> bool:
-        return self.index.text_bias is not None
+        return self.shard.texts.bias is not None
 
-    def _candidates(self, shortlist: int | None, k: int) -> int:
+    def sizes(self, k: int, shortlist: int | None = None) -> tuple[int, int]:
+        """(ANN candidates, shortlist) for a query asking for k results."""
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        return max(shortlist or self.shortlist, k)
+        short = max(shortlist or self.shortlist, k)
+        return self.settings.candidates(short), short
 
     @torch.no_grad()
     def text_to_audio(
-        self, queries: Embeddings, k: int, shortlist: int | None = None
-    ) -> list[list[Hit]]:
-        """Best k clips for each text query (embeddings from `model.embed_text`)."""
+        self,
+        queries: Embeddings,
+        k: int,
+        shortlist: int | None = None,
+        where: ClipFilter | None = None,
+    ) -> list[Candidates]:
+        """Candidate clips for each text query (embeddings from `model.embed_text`)."""
         queries = queries.to(dtype=torch.float32)
-        stage1, ids = self.clips_stage1.top(queries.global_, self._candidates(shortlist, k))
+        side = self.shard.clips
+        n, _ = self.sizes(k, shortlist)
+        scores, rows = self._stage1(side, queries.global_.numpy(), n, k, where)
         return [
-            self._rerank(
-                self.index.clips, ids[b], stage1[b], queries[b : b + 1], k, query_is_audio=False
-            )
+            self._stage2(side, rows[b], scores[b], queries[b : b + 1], None, CLIP_RECORD)
             for b in range(len(queries))
         ]
 
     @torch.no_grad()
     def audio_to_text(
-        self, queries: Embeddings, k: int, shortlist: int | None = None, use_bias: bool = True
-    ) -> list[list[Hit]]:
-        """Best k captions for each audio query; with `use_bias` (and a bias in the index)
-        every score includes the text's Sinkhorn bias, stage 1 included."""
+        self,
+        queries: Embeddings,
+        k: int,
+        shortlist: int | None = None,
+        use_bias: bool = True,
+        where: ClipFilter | None = None,
+    ) -> list[Candidates]:
+        """Candidate captions for each audio query; with `use_bias` (and a bias in the
+        index) every score includes the caption's Sinkhorn bias, stage 1 included."""
         queries = queries.to(dtype=torch.float32)
-        vectors = queries.global_
-        bias = self.index.text_bias if use_bias else None
-        if self.has_bias:
-            flag = 1.0 if use_bias else 0.0
-            vectors = torch.cat([vectors, vectors.new_full((len(queries), 1), flag)], dim=1)
-        stage1, ids = self.texts_stage1.top(vectors, self._candidates(shortlist, k))
+        side = self.shard.texts
+        vectors = queries.global_.numpy()
+        if side.bias is not None:
+            flag = np.full((len(vectors), 1), 1.0 if use_bias else 0.0, np.float32)
+            vectors = np.hstack([vectors, flag])
+        bias = side.bias if use_bias else None
+        n, _ = self.sizes(k, shortlist)
+        scores, rows = self._stage1(side, vectors, n, k, where)
         return [
-            self._rerank(self.index.texts, ids[b], stage1[b], queries[b : b + 1], k, True, bias)
+            self._stage2(side, rows[b], scores[b], queries[b : b + 1], bias, TEXT_RECORD)
             for b in range(len(queries))
         ]
 
-    def _rerank(
+    @torch.no_grad()
+    def similar_clips(
+        self, query: torch.Tensor, k: int, exclude: str = "", where: ClipFilter | None = None
+    ) -> Candidates:
+        """ "More like this": clips by the inner product of global audio embeddings (the
+        prototype scorer scores audio against text, so it has no part here)."""
+        side = self.shard.clips
+        n, _ = self.sizes(k + 1)
+        scores, rows = self._stage1(side, query.reshape(1, -1).numpy(), n, k + 1, where)
+        keep = rows[0] >= 0
+        rows_, ann_scores = rows[0][keep], scores[0][keep]
+        records = side.records(rows_.tolist(), CLIP_RECORD)
+        exact = side.embeddings(rows_).global_.numpy() @ query.reshape(-1).numpy()
+        chosen = [i for i, r in enumerate(records) if r["clip_id"] != exclude]
+        zeros = np.zeros(len(chosen), np.float32)
+        return Candidates(
+            ids=[records[i]["clip_id"] for i in chosen],
+            ann_score=ann_scores[chosen],
+            stage1_score=exact[chosen],
+            global_score=exact[chosen],
+            prototype_score=zeros,
+            bias=zeros,
+            records=[records[i] for i in chosen],
+        )
+
+    def _stage1(
+        self, side: MappedSide, vectors: np.ndarray, n: int, k: int, where: ClipFilter | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """ANN scores and rows [B, n'] (-1: no item); under a filter, more lists are probed
+        until k passing items are found or every list was probed."""
+        n = min(n, len(side))
+        if n == 0:
+            return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+        queries = ann.pad(vectors)
+        if where is None or where.empty:
+            return side.ann.search(queries, n)
+        mask = where.mask(side.meta)
+        bitmap = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
+        is_ivf = isinstance(side.ann, faiss.IndexIVF)
+        nprobe = side.ann.nprobe if is_ivf else 0
+        wanted = min(k, int(mask.sum()))
+        while True:
+            if is_ivf:
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+            else:
+                params = faiss.SearchParameters(sel=selector)
+            scores, rows = side.ann.search(queries, n, params=params)
+            found = (rows >= 0).sum(axis=1).min()
+            if not is_ivf or found >= wanted or nprobe >= side.ann.nlist:
+                return scores, rows
+            nprobe = min(2 * nprobe, side.ann.nlist)
+
+    def _stage2(
         self,
-        side: IndexSide,
-        ids: torch.Tensor,
-        stage1: torch.Tensor,
+        side: MappedSide,
+        rows: np.ndarray,
+        ann_scores: np.ndarray,
         query: Embeddings,
+        bias: np.ndarray | None,
+        record_columns: list[str],
+    ) -> Candidates:
+        """The full score of one query's candidates (rows -1 dropped)."""
+        keep = rows >= 0
+        rows, ann_scores = rows[keep], ann_scores[keep]
+        found = side.embeddings(rows)
+        query_is_audio = side.side == "texts"
+        audio, text = (query, found) if query_is_audio else (found, query)
+        global_score = (audio.global_ @ text.global_.T).reshape(-1).numpy()
+        proto = self.model.prototype_score(audio, text).reshape(-1).numpy()
+        extra = bias[rows].astype(np.float32) if bias is not None else np.zeros_like(proto)
+        exact = ann_scores if self.settings.kind != "ivfpq" else global_score + extra
+        records = side.records(rows.tolist(), record_columns)
+        id_column = record_columns[0]
+        return Candidates(
+            ids=[r[id_column] for r in records],
+            ann_score=ann_scores.astype(np.float32),
+            stage1_score=np.asarray(exact, np.float32),
+            global_score=global_score.astype(np.float32),
+            prototype_score=proto.astype(np.float32),
+            bias=extra,
+            records=records,
+        )
+
+
+class IndexSearcher:
+    """Every shard of one version in one process: fan out to each shard, then `merge`
+    (what a single searcher replica does; Serve does the same across replicas)."""
+
+    def __init__(
+        self,
+        shards: Sequence[MappedShard],
+        model: GPAModel,
+        settings: ann.AnnSettings,
+        shortlist: int,
+    ) -> None:
+        if not shards:
+            raise ValueError("an index searcher needs at least one shard")
+        self.shards = [ShardSearcher(s, model, settings, shortlist) for s in shards]
+        self.settings = settings
+
+    @classmethod
+    def from_config(
+        cls, shards: Sequence[MappedShard], model: GPAModel, cfg: IndexConfig
+    ) -> IndexSearcher:
+        return cls(shards, model, ann.AnnSettings.from_config(cfg), cfg.shortlist)
+
+    @property
+    def version(self) -> str:
+        return self.shards[0].shard.version
+
+    @property
+    def has_bias(self) -> bool:
+        return self.shards[0].has_bias
+
+    def merge(
+        self, per_shard: Sequence[list[Candidates]], k: int, shortlist: int | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """Top k records per query from per-shard candidate lists (of any shards)."""
+        return merge_shards(per_shard, k, shortlist or self.shards[0].shortlist, self.settings)
+
+    def text_candidates(
+        self,
+        queries: Embeddings,
         k: int,
-        query_is_audio: bool,
-        bias: torch.Tensor | None = None,
-    ) -> list[Hit]:
-        """Stage 2: the model's full score on the shortlist of one query, top k."""
-        keep = ids >= 0
-        ids, stage1 = ids[keep], stage1[keep]
-        candidates = side.embeddings[ids]
-        audio, text = (query, candidates) if query_is_audio else (candidates, query)
-        global_score = (audio.global_ @ text.global_.T).reshape(-1)
-        proto_score = self.model.prototype_score(audio, text).reshape(-1)
-        extra = bias[ids] if bias is not None else torch.zeros_like(global_score)
-        total = global_score + proto_score + extra
-        order = torch.argsort(total, descending=True, stable=True)[:k]
-        return [
-            Hit(
-                position=int(ids[i]),
-                score=float(total[i]),
-                global_score=float(global_score[i]),
-                prototype_score=float(proto_score[i]),
-                bias=float(extra[i]),
-                stage1_score=float(stage1[i]),
-            )
-            for i in order.tolist()
-        ]
+        shortlist: int | None = None,
+        where: ClipFilter | None = None,
+    ) -> list[list[Candidates]]:
+        """Per shard, per query: text-to-audio candidates."""
+        return [s.text_to_audio(queries, k, shortlist, where) for s in self.shards]
 
-    def clip_results(self, hits: Sequence[Hit]) -> list[dict[str, Any]]:
-        """Text-to-audio hits as result records (rank, scores, clip metadata)."""
-        return [
-            {"rank": r + 1, **_scores(h), **self.index.clips.metadata[h.position]}
-            for r, h in enumerate(hits)
-        ]
+    def audio_candidates(
+        self,
+        queries: Embeddings,
+        k: int,
+        shortlist: int | None = None,
+        use_bias: bool = True,
+        where: ClipFilter | None = None,
+    ) -> list[list[Candidates]]:
+        """Per shard, per query: audio-to-text candidates."""
+        return [s.audio_to_text(queries, k, shortlist, use_bias, where) for s in self.shards]
 
-    def text_results(self, hits: Sequence[Hit]) -> list[dict[str, Any]]:
-        """Audio-to-text hits as result records (rank, scores, caption, its clip's metadata)."""
-        out = []
-        for r, h in enumerate(hits):
-            text = self.index.texts.metadata[h.position]
-            clip_pos = self.index.clips.positions.get(text["clip_id"])
-            clip = self.index.clips.metadata[clip_pos] if clip_pos is not None else {}
-            out.append(
-                {
-                    "rank": r + 1,
-                    **_scores(h),
-                    "text_id": text["text_id"],
-                    "text": text["text"],
-                    "clip_id": text["clip_id"],
-                    "labels": clip.get("labels", []),
-                    "has_audio": bool(clip.get("has_audio", False)),
-                }
-            )
-        return out
+    def similar_candidates(
+        self, query: torch.Tensor, k: int, exclude: str, where: ClipFilter | None = None
+    ) -> list[list[Candidates]]:
+        """Per shard: "more like this" candidates for one clip embedding."""
+        return [[s.similar_clips(query, k, exclude, where)] for s in self.shards]
 
+    def text_to_audio(
+        self,
+        queries: Embeddings,
+        k: int,
+        shortlist: int | None = None,
+        where: ClipFilter | None = None,
+    ) -> list[list[dict[str, Any]]]:
+        """Top k clip records for each text query."""
+        return self.merge(self.text_candidates(queries, k, shortlist, where), k, shortlist)
 
-def _scores(hit: Hit) -> dict[str, float]:
-    return {
-        "score": hit.score,
-        "global_score": hit.global_score,
-        "prototype_score": hit.prototype_score,
-        "bias": hit.bias,
-        "stage1_score": hit.stage1_score,
-    }
+    def audio_to_text(
+        self,
+        queries: Embeddings,
+        k: int,
+        shortlist: int | None = None,
+        use_bias: bool = True,
+        where: ClipFilter | None = None,
+    ) -> list[list[dict[str, Any]]]:
+        """Top k caption records for each audio query (R* with the bias, see the module)."""
+        found = self.audio_candidates(queries, k, shortlist, use_bias, where)
+        return self.merge(found, k, shortlist)
+
+    def find_clip(self, clip_id: str) -> tuple[MappedShard, int] | None:
+        """The shard (of those here) holding a clip, and its row there."""
+        for searcher in self.shards:
+            row = searcher.shard.clips.position(clip_id)
+            if row is not None:
+                return searcher.shard, row
+        return None
+
+    def clip_embedding(self, clip_id: str) -> Embeddings | None:
+        found = self.find_clip(clip_id)
+        return None if found is None else found[0].clips.embeddings(np.array([found[1]]))
+
+    def similar_clips(
+        self, clip_id: str, k: int, where: ClipFilter | None = None
+    ) -> list[dict[str, Any]] | None:
+        """ "More like this" for an indexed clip (None: no such clip here)."""
+        emb = self.clip_embedding(clip_id)
+        if emb is None:
+            return None
+        return self.merge(self.similar_candidates(emb.global_[0], k, clip_id, where), k)[0]

@@ -19,14 +19,11 @@ stray or uncommitted file.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import datetime
 import io
 import json
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +37,12 @@ from gpa_ray import storage
 from gpa_ray.bias_file import BiasFileError, align_to_texts
 from gpa_ray.config import StorageConfig
 from gpa_ray.data.schema import CLIP_SCHEMA, MANIFEST_SCHEMA, text_id
-from gpa_ray.embedding_table import VECTOR_COLUMNS, embedding_columns, embeddings_from_table
+from gpa_ray.embedding_table import VECTOR_COLUMNS, embedding_columns
+from gpa_ray.index.ann import AnnSettings
+from gpa_ray.index.shard_files import write_shards
 from gpa_ray.models.gpa import Embeddings
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROW_GROUP_SIZE = 64
 """Rows per parquet row group: reading one clip's audio reads at most this many rows."""
 
@@ -137,6 +136,8 @@ class IndexManifest:
     # SHA-256 of the checkpoint's model.pt (`checkpoints.weights_digest`): what Serve
     # compares before answering with this version (empty: written without one).
     checkpoint_digest: str = ""
+    # The served layout (`gpa_ray.index.shard_files.write_shards`): shards, ANN, counts.
+    search: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
@@ -246,145 +247,6 @@ def read_manifest(layout: IndexLayout, storage_cfg: StorageConfig | None = None)
     return IndexManifest.from_json(storage.read_bytes(layout.manifest, storage_cfg))
 
 
-def _read_tables(
-    uris: Sequence[str], columns: list[str], storage_cfg: StorageConfig | None
-) -> list[pa.Table]:
-    def read(uri: str) -> pa.Table:
-        fs, path = storage.resolve(uri, storage_cfg)
-        return pq.read_table(path, filesystem=fs, columns=columns)
-
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(read, uris))
-
-
-@dataclass
-class IndexSide:
-    """One side of an index in memory: float32 embeddings, ids, metadata rows by position."""
-
-    ids: list[str]
-    embeddings: Embeddings
-    metadata: list[dict[str, Any]]
-    positions: dict[str, int]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _side(tables: list[pa.Table], id_column: str, manifest: IndexManifest) -> IndexSide:
-    if not tables:
-        e, p = manifest.embed_dim, manifest.n_prototypes
-        empty = Embeddings(torch.zeros(0, e), torch.zeros(0, p, e) if p else None)
-        return IndexSide([], empty, [], {})
-    table = pa.concat_tables(tables)
-    meta_columns = [c for c in table.column_names if c not in VECTOR_COLUMNS]
-    metadata = table.select(meta_columns).to_pylist()
-    ids = [row[id_column] for row in metadata]
-    positions = {i: n for n, i in enumerate(ids)}
-    if len(positions) != len(ids):
-        raise IndexFormatError(f"index version {manifest.version} has duplicate {id_column}s")
-    return IndexSide(ids, embeddings_from_table(table), metadata, positions)
-
-
-class LoadedIndex:
-    """One index version in memory: clips, texts, the optional text bias, and lazy access
-    to stored clip audio (read from its shard's row group on demand, never held)."""
-
-    def __init__(
-        self,
-        layout: IndexLayout,
-        manifest: IndexManifest,
-        clips: IndexSide,
-        texts: IndexSide,
-        text_bias: torch.Tensor | None,
-        clip_file_rows: Sequence[int],
-        storage_cfg: StorageConfig | None = None,
-    ) -> None:
-        self.layout = layout
-        self.manifest = manifest
-        self.clips = clips
-        self.texts = texts
-        self.text_bias = text_bias
-        self._file_starts = np.cumsum([0, *clip_file_rows])[:-1].tolist()
-        self._storage_cfg = storage_cfg
-        self._lock = threading.Lock()
-        self._parquet: dict[int, pq.ParquetFile] = {}
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
-
-    def _shard(self, file_index: int) -> pq.ParquetFile:
-        pf = self._parquet.get(file_index)
-        if pf is None:
-            uri = storage.join(self.layout.dir, self.manifest.clip_files[file_index])
-            fs, path = storage.resolve(uri, self._storage_cfg)
-            pf = pq.ParquetFile(fs.open_input_file(path))
-            self._parquet[file_index] = pf
-        return pf
-
-    def clip_audio(self, clip_id: str) -> tuple[bytes, int] | None:
-        """(FLAC bytes, sample rate) of a clip, or None if unknown or stored without audio."""
-        pos = self.clips.positions.get(clip_id)
-        if pos is None or not self.clips.metadata[pos]["has_audio"]:
-            return None
-        file_index = bisect.bisect_right(self._file_starts, pos) - 1
-        row = pos - self._file_starts[file_index]
-        with self._lock:
-            pf = self._shard(file_index)
-            group = 0
-            while row >= pf.metadata.row_group(group).num_rows:
-                row -= pf.metadata.row_group(group).num_rows
-                group += 1
-            table = pf.read_row_group(group, columns=["audio", "audio_sample_rate"])
-        record = table.slice(row, 1).to_pylist()[0]
-        return record["audio"], int(record["audio_sample_rate"])
-
-
-CLIP_LOAD_COLUMNS = [
-    "clip_id",
-    "corpus",
-    "split",
-    "duration_s",
-    "captions",
-    "labels",
-    "audio_sample_rate",
-    "global",
-    "prototypes",
-]
-
-
-def load_index(uri: str, storage_cfg: StorageConfig | None = None) -> LoadedIndex:
-    """Load the version an index URI names (see `resolve_version`) into memory."""
-    layout = resolve_version(uri, storage_cfg)
-    manifest = read_manifest(layout, storage_cfg)
-    vector_cols = ["global", "prototypes"] if manifest.n_prototypes else ["global"]
-    clip_uris = [storage.join(layout.dir, name) for name in manifest.clip_files]
-    text_uris = [storage.join(layout.dir, name) for name in manifest.text_files]
-    clip_cols = [c for c in CLIP_LOAD_COLUMNS if c != "prototypes" or manifest.n_prototypes]
-    clip_tables = _read_tables(clip_uris, clip_cols, storage_cfg)
-    text_tables = _read_tables(
-        text_uris, [f.name for f in TEXT_META_FIELDS] + vector_cols, storage_cfg
-    )
-    clip_tables = [
-        t.drop_columns(["audio_sample_rate"]).append_column(
-            "has_audio", pc.is_valid(t.column("audio_sample_rate"))
-        )
-        for t in clip_tables
-    ]
-    clips = _side(clip_tables, "clip_id", manifest)
-    texts = _side(text_tables, "text_id", manifest)
-    if (len(clips), len(texts)) != (manifest.n_clips, manifest.n_texts):
-        raise IndexFormatError(
-            f"index version {manifest.version}: manifest counts {manifest.n_clips} clips and "
-            f"{manifest.n_texts} texts, shards hold {len(clips)} and {len(texts)}"
-        )
-    bias = None
-    if manifest.bias is not None:
-        bias = align_bias(storage.read_parquet(layout.bias_file, storage_cfg), texts.ids).float()
-    file_rows = [t.num_rows for t in clip_tables]
-    return LoadedIndex(layout, manifest, clips, texts, bias, file_rows, storage_cfg)
-
-
 def align_bias(bias_table: pa.Table, text_ids: Sequence[str]) -> torch.Tensor:
     """The bias of every index text in `text_ids` order (`bias_file.align_to_texts`); a text
     without one makes the version inconsistent."""
@@ -403,11 +265,13 @@ def write_bias(
     text_ids: Sequence[str],
     bias_table: pa.Table,
     storage_cfg: StorageConfig | None = None,
-) -> None:
-    """Store the bias of exactly the index's texts (checked to cover all of them)."""
+) -> pa.Table:
+    """Store the bias of exactly the index's texts (checked to cover all of them); the
+    stored (`text_id`, `bias`) table."""
     bias = align_bias(bias_table, text_ids)
     table = pa.table({"text_id": pa.array(list(text_ids)), "bias": pa.array(bias.numpy())})
     storage.write_parquet(layout.bias_file, table, storage_cfg)
+    return table
 
 
 def write_version(
@@ -423,9 +287,13 @@ def write_version(
     store_audio: bool = True,
     bias: pa.Table | None = None,
     bias_info: dict[str, Any] | None = None,
+    units: int = 1,
+    shards: int = 1,
+    ann_settings: AnnSettings | None = None,
     storage_cfg: StorageConfig | None = None,
 ) -> IndexManifest:
-    """Write a whole version from embeddings already in memory, as one shard per side.
+    """Write a whole version from embeddings already in memory, in `units` unit files
+    per side and `shards` search shards.
 
     `clips` are clip-shard rows; `text_emb` holds one row per caption in
     `caption_rows(clips)` order; `bias` a (`text_id`, `bias`) table covering every caption,
@@ -433,14 +301,35 @@ def write_version(
     """
     layout = IndexLayout(root, version)
     texts = caption_rows(clips)
-    clip_table = index_clips_table(clips, clip_emb, dtype, store_audio)
-    write_table(layout.clips_file(0), clip_table, storage_cfg)
-    write_table(layout.texts_file(0), index_texts_table(texts, text_emb, dtype), storage_cfg)
+    bounds = np.linspace(0, len(clips), units + 1).astype(int)
+    text_start, with_audio = 0, 0
+    for unit, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        unit_clips = clips[start:stop]
+        n_texts = sum(len(c["captions"]) for c in unit_clips)
+        text_rows = slice(text_start, text_start + n_texts)
+        text_start += n_texts
+        clip_table = index_clips_table(unit_clips, clip_emb[start:stop], dtype, store_audio)
+        with_audio += int(pc.sum(pc.is_valid(clip_table.column("audio"))).as_py() or 0)
+        write_table(layout.clips_file(unit), clip_table, storage_cfg)
+        text_table = index_texts_table(texts[text_rows], text_emb[text_rows], dtype)
+        write_table(layout.texts_file(unit), text_table, storage_cfg)
+    stored_bias = None
     if bias is not None:
-        write_bias(layout, [t["text_id"] for t in texts], bias, storage_cfg)
+        stored_bias = write_bias(layout, [t["text_id"] for t in texts], bias, storage_cfg)
         bias_info = bias_info or {}
     else:
         bias_info = None
+    clip_files = [layout.clips_name(u) for u in range(units)]
+    text_files = [layout.texts_name(u) for u in range(units)]
+    search = write_shards(
+        layout.dir,
+        clip_files,
+        text_files,
+        n_shards=shards,
+        settings=ann_settings or AnnSettings(),
+        bias=stored_bias,
+        storage_cfg=storage_cfg,
+    )
     manifest = IndexManifest(
         version=version,
         created_at=utc_now(),
@@ -451,10 +340,11 @@ def write_version(
         dtype=dtype,
         n_clips=len(clips),
         n_texts=len(texts),
-        clips_with_audio=int(pc.sum(pc.is_valid(clip_table.column("audio"))).as_py() or 0),
-        clip_files=[layout.clips_name(0)],
-        text_files=[layout.texts_name(0)],
+        clips_with_audio=with_audio,
+        clip_files=clip_files,
+        text_files=text_files,
         bias=bias_info,
+        search=search,
     )
     write_manifest(root, manifest, storage_cfg)
     return manifest

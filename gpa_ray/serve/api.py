@@ -8,10 +8,16 @@ one process (`local_app`, e.g. for a single machine without Ray: `uvicorn --fact
 function that returns it).
 
 Routes (module of `gpa_ray.serve.routes` in brackets):
-    POST /v1/search/text     [search] {"query": str, "k": int}: clips for a caption
+    POST /v1/search/text     [search] {"query": str, "k": int, "filter": {...}}: clips
+                             for a caption
+    POST /v1/search/text/batch [search] {"queries": [str], "k", "filter"}: many at once
     POST /v1/search/audio    [search] raw audio body (any format the decoder reads) or
-                             multipart/form-data with a `file` field; ?k=&bias=:
-                             captions for a sound (Sinkhorn text bias by default)
+                             multipart/form-data with a `file` field; ?k=&bias=&corpus=
+                             &split=&label=&min_duration_s=&max_duration_s=: captions
+                             for a sound (Sinkhorn text bias by default)
+    POST /v1/search/vector   [vectors] {"global": [E], "prototypes": [[E]], "target":
+                             "clips"|"texts", "k", "bias", "filter"}: search by embedding
+    GET  /v1/similar/{id}    [vectors] ?k= + filters: clips that sound like a clip
     GET  /v1/clips/{id}      [clips] clip metadata and its captions
     GET  /v1/audio/{id}      [clips] the clip's stored audio (FLAC)
     GET  /v1/index           [service] the manifest of the index version served
@@ -34,9 +40,9 @@ from fastapi import FastAPI
 from gpa_ray.config import Config
 from gpa_ray.serve.backend import Backend, attach_backend
 from gpa_ray.serve.errors import install_error_handlers
-from gpa_ray.serve.routes import clips, page, search, service
+from gpa_ray.serve.routes import clips, page, search, service, vectors
 
-ROUTERS = (search.router, clips.router, service.router, page.router)
+ROUTERS = (search.router, vectors.router, clips.router, service.router, page.router)
 """Every route of the API, in the order the OpenAPI schema lists them."""
 
 

@@ -23,6 +23,7 @@ exceptions, so they arrive at the ingress as what they are and become a 4xx ther
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import inspect
@@ -41,9 +42,13 @@ from ray.serve.handle import DeploymentHandle
 
 from gpa_ray.config import Config
 from gpa_ray.config_loading import config_from_dict, load_config
+from gpa_ray.index.ann import AnnSettings
+from gpa_ray.index.search import ClipFilter, merge_shards
+from gpa_ray.index.shard_files import shard_of
 from gpa_ray.models.factory import LoadedGPA
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.serve.api import create_api
+from gpa_ray.serve.fanout import ShardRequest, TextQuery, gather
 from gpa_ray.serve.retriever import (
     AudioQueryEncoder,
     IndexMismatchError,
@@ -51,6 +56,7 @@ from gpa_ray.serve.retriever import (
     SearchService,
     TextQueryEncoder,
     index_checkpoint,
+    index_shards,
     load_model,
 )
 
@@ -169,12 +175,18 @@ class AudioEncoderDeployment:
 
 @serve.deployment(name="Searcher")
 class SearcherDeployment:
-    """Holds the served index version; searches, answers clip lookups, follows LATEST."""
+    """Holds shards of the served index version (all, or `shard`); searches, answers clip
+    lookups, follows LATEST. It holds the whole GPA model for stage 2 anyway, so with one
+    shard it also encodes text queries itself (batched): one handle call per query."""
 
-    def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
+    def __init__(self, cfg: dict[str, Any], checkpoint: str, shard: int | None = None) -> None:
         config, loaded = _replica_model(cfg, checkpoint)
-        self.service = SearchService(config, loaded)
+        self.service = SearchService(config, loaded, None if shard is None else [shard])
+        self.encoder = TextQueryEncoder(loaded.model)
         self.compute = ComputeTimes()
+        self.batches: Counter[int] = Counter()
+        self.search_query.set_max_batch_size(config.serve.text_batch_size)
+        self.search_query.set_batch_wait_timeout_s(config.serve.text_batch_wait_s)
         self._stop = threading.Event()
         if config.serve.reload_interval_s > 0:
             threading.Thread(
@@ -193,17 +205,44 @@ class SearcherDeployment:
     def __del__(self) -> None:
         self._stop.set()
 
-    def search_text(self, query: Embeddings, k: int) -> dict[str, Any]:
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def search_query(self, requests: list[TextQuery]) -> list[dict[str, Any]]:
+        """Text queries end to end: one forward pass for the batch, then each search."""
+        self.batches[len(requests)] += 1
         with self.compute.timed():
-            return self.service.search_text(query, k)
+            embeddings = self.encoder.encode([r.text for r in requests])
+            return [
+                self.service.search_text(e, r.k, r.where)
+                for e, r in zip(embeddings, requests, strict=True)
+            ]
 
-    def search_audio(self, query: Embeddings, k: int, use_bias: bool) -> dict[str, Any]:
+    def search_text(self, query: Embeddings, k: int, where: ClipFilter | None) -> dict[str, Any]:
         with self.compute.timed():
-            return self.service.search_audio(query, k, use_bias)
+            return self.service.search_text(query, k, where)
+
+    def search_audio(
+        self, query: Embeddings, k: int, use_bias: bool, where: ClipFilter | None
+    ) -> dict[str, Any]:
+        with self.compute.timed():
+            return self.service.search_audio(query, k, use_bias, where)
+
+    def candidates(self, request: ShardRequest) -> tuple[str, list[Any]]:
+        """This shard's candidates for a fan-out search (the ingress merges them)."""
+        with self.compute.timed():
+            return self.service.version, request.run(self.service.searcher)
 
     def compute_times(self) -> dict[str, float]:
-        """Per search: both stages and the result rows."""
+        """Per search: both stages and the result rows (with one shard: the encoding too)."""
         return self.compute.summary()
+
+    def batch_sizes(self) -> dict[str, int]:
+        return _counts(self.batches)
+
+    def clip_embedding(self, clip_id: str) -> Embeddings | None:
+        return self.service.searcher.clip_embedding(clip_id)
+
+    def similar(self, clip_id: str, k: int, where: ClipFilter | None) -> dict[str, Any] | None:
+        return self.service.similar(clip_id, k, where)
 
     def clip(self, clip_id: str) -> dict[str, Any] | None:
         return self.service.clip(clip_id)
@@ -225,51 +264,111 @@ class SearcherDeployment:
 
 
 class ServeBackend:
-    """The API's backend on Serve: forwards to the encoder and searcher deployments."""
+    """The API's backend on Serve: forwards to the encoder and searcher deployments.
+
+    With one shard a text query is one handle call (the searcher encodes it); with S
+    shards the query is embedded once and the ingress fans out to every shard and merges
+    (`gpa_ray.serve.fanout`)."""
 
     def __init__(
-        self, text: DeploymentHandle, audio: DeploymentHandle, searcher: DeploymentHandle
+        self,
+        cfg: Config,
+        text: DeploymentHandle | None,
+        audio: DeploymentHandle,
+        searchers: list[DeploymentHandle],
     ) -> None:
+        self.cfg = cfg
         self.text = text
         self.audio = audio
-        self.searcher = searcher
+        self.searchers = searchers
+        self.settings = AnnSettings.from_config(cfg.index)
 
-    async def search_text(self, query: str, k: int) -> dict[str, Any]:
-        # The encoder's response goes straight to the searcher (Serve resolves it there),
-        # so the embedding never makes a round trip through the ingress.
-        return await self.searcher.search_text.remote(self.text.encode.remote(query), k)
+    async def _fan_out(self, request: ShardRequest) -> dict[str, Any]:
+        answers = await asyncio.gather(*(h.candidates.remote(request) for h in self.searchers))
+        version, per_shard = gather(answers)
+        (results,) = merge_shards(per_shard, request.k, self.cfg.index.shortlist, self.settings)
+        return {"index_version": version, "results": results}
+
+    def _owner(self, clip_id: str) -> DeploymentHandle:
+        return self.searchers[shard_of([clip_id], len(self.searchers))[0]]
+
+    async def search_text(self, query: str, k: int, where: ClipFilter | None) -> dict[str, Any]:
+        if self.text is None:
+            return await self.searchers[0].search_query.remote(TextQuery(query, k, where))
+        embedding = await self.text.encode.remote(query)
+        return await self._fan_out(ShardRequest("text", embedding, k, where=where))
+
+    async def search_texts(
+        self, queries: list[str], k: int, where: ClipFilter | None
+    ) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self.search_text(q, k, where) for q in queries)))
+
+    async def search_vector(
+        self, query: Embeddings, side: str, k: int, use_bias: bool, where: ClipFilter | None
+    ) -> dict[str, Any]:
+        kind = "text" if side == "clips" else "audio"
+        result = await self._fan_out(ShardRequest(kind, query, k, use_bias, where=where))
+        if kind == "audio":
+            result["bias_applied"] = use_bias and (await self.health())["has_bias"]
+        return result
 
     async def search_audio(
-        self, data: bytes, source: str, k: int, use_bias: bool
+        self, data: bytes, source: str, k: int, use_bias: bool, where: ClipFilter | None
     ) -> dict[str, Any]:
         embedding = _value_or_raise(await self.audio.embed.remote(data, source))
-        return await self.searcher.search_audio.remote(embedding, k, use_bias)
+        if len(self.searchers) == 1:
+            return await self.searchers[0].search_audio.remote(embedding, k, use_bias, where)
+        return await self.search_vector(embedding, "texts", k, use_bias, where)
+
+    async def similar(
+        self, clip_id: str, k: int, where: ClipFilter | None
+    ) -> dict[str, Any] | None:
+        owner = self._owner(clip_id)
+        if len(self.searchers) == 1:
+            return await owner.similar.remote(clip_id, k, where)
+        embedding = await owner.clip_embedding.remote(clip_id)
+        if embedding is None:
+            return None
+        request = ShardRequest("similar", embedding.global_[0], k, exclude=clip_id, where=where)
+        return await self._fan_out(request)
 
     async def clip(self, clip_id: str) -> dict[str, Any] | None:
-        return await self.searcher.clip.remote(clip_id)
+        return await self._owner(clip_id).clip.remote(clip_id)
 
     async def clip_audio(self, clip_id: str) -> tuple[bytes, int] | None:
-        return await self.searcher.clip_audio.remote(clip_id)
+        return await self._owner(clip_id).clip_audio.remote(clip_id)
 
     async def health(self) -> dict[str, Any]:
-        return await self.searcher.health.remote()
+        parts = await asyncio.gather(*(h.health.remote() for h in self.searchers))
+        return {
+            **parts[0],
+            "shards": [s for p in parts for s in p["shards"]],
+            "clips": sum(p["clips"] for p in parts),
+            "texts": sum(p["texts"] for p in parts),
+        }
 
     async def manifest(self) -> dict[str, Any]:
-        return await self.searcher.manifest.remote()
+        return await self.searchers[0].manifest.remote()
 
     async def reload(self) -> dict[str, Any]:
-        return _value_or_raise(await self.searcher.reload.remote())
+        answers = await asyncio.gather(*(h.reload.remote() for h in self.searchers))
+        return [_value_or_raise(a) for a in answers][0]
 
     async def stats(self) -> dict[str, Any]:
+        searcher = self.searchers[0]
+        compute = {"searcher": await searcher.compute_times.remote()}
+        if self.text is None:
+            text_batches = await searcher.batch_sizes.remote()
+        else:
+            text_batches = await self.text.batch_sizes.remote()
+            compute["text_encoder"] = await self.text.compute_times.remote()
         return {
-            "note": "batch sizes seen by one replica of each encoder; compute times of the "
-            "last 1000 calls of one replica of each deployment",
-            "text": await self.text.batch_sizes.remote(),
+            "note": "batch sizes seen by one replica of each encoder (with one shard the "
+            "searcher encodes text); compute times of the last 1000 calls of one replica "
+            "of each deployment",
+            "text": text_batches,
             "audio": await self.audio.batch_sizes.remote(),
-            "compute_ms": {
-                "text_encoder": await self.text.compute_times.remote(),
-                "searcher": await self.searcher.compute_times.remote(),
-            },
+            "compute_ms": compute,
         }
 
 
@@ -281,12 +380,12 @@ class IngressDeployment:
     def __init__(
         self,
         cfg: dict[str, Any],
-        text: DeploymentHandle,
+        text: DeploymentHandle | None,
         audio: DeploymentHandle,
-        searcher: DeploymentHandle,
+        searchers: list[DeploymentHandle],
     ) -> None:
         self.cfg = config_from_dict(cfg)
-        self.backend = ServeBackend(text, audio, searcher)
+        self.backend = ServeBackend(self.cfg, text, audio, searchers)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_api(self.backend, self.cfg)
@@ -312,23 +411,31 @@ class RetrieverArgs(BaseModel):
 
 
 def retriever_app(cfg: Config) -> serve.Application:
-    """The bound retriever application for a resolved config."""
-    checkpoint = index_checkpoint(cfg)
+    """The bound retriever application for a resolved config: one searcher deployment
+    per shard of the served version (and a text encoder only when there are several)."""
+    checkpoint, n_shards = index_checkpoint(cfg), index_shards(cfg)
     cfg_dict = dataclasses.asdict(cfg)
     s = cfg.serve
     actor = {"num_cpus": s.cpus_per_replica}
-    text = TextEncoderDeployment.options(
-        max_ongoing_requests=2 * s.text_batch_size, ray_actor_options=actor
-    ).bind(cfg_dict, checkpoint)
+    text = None
+    if n_shards > 1:
+        text = TextEncoderDeployment.options(
+            max_ongoing_requests=2 * s.text_batch_size, ray_actor_options=actor
+        ).bind(cfg_dict, checkpoint)
     audio = AudioEncoderDeployment.options(
         max_ongoing_requests=2 * s.audio_batch_size, ray_actor_options=actor
     ).bind(cfg_dict, checkpoint)
-    searcher = SearcherDeployment.options(
-        max_ongoing_requests=2 * s.text_batch_size, ray_actor_options=actor
-    ).bind(cfg_dict, checkpoint)
+    searchers = [
+        SearcherDeployment.options(
+            name="Searcher" if n_shards == 1 else f"Searcher-{shard}",
+            max_ongoing_requests=2 * s.text_batch_size,
+            ray_actor_options=actor,
+        ).bind(cfg_dict, checkpoint, None if n_shards == 1 else shard)
+        for shard in range(n_shards)
+    ]
     return IngressDeployment.options(
         max_ongoing_requests=8 * s.text_batch_size, ray_actor_options=actor
-    ).bind(cfg_dict, text, audio, searcher)
+    ).bind(cfg_dict, text, audio, searchers)
 
 
 def build_app(args: RetrieverArgs) -> serve.Application:

@@ -15,16 +15,30 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, FastAPI, Request
 
 from gpa_ray.config import ServeConfig
+from gpa_ray.index.search import ClipFilter
+from gpa_ray.models.gpa import Embeddings
 
 
 class Backend(Protocol):
     """Where the API's work runs (Serve deployments, or in process)."""
 
-    async def search_text(self, query: str, k: int) -> dict[str, Any]: ...
+    async def search_text(self, query: str, k: int, where: ClipFilter | None) -> dict[str, Any]: ...
+
+    async def search_texts(
+        self, queries: list[str], k: int, where: ClipFilter | None
+    ) -> list[dict[str, Any]]: ...
 
     async def search_audio(
-        self, data: bytes, source: str, k: int, use_bias: bool
+        self, data: bytes, source: str, k: int, use_bias: bool, where: ClipFilter | None
     ) -> dict[str, Any]: ...
+
+    async def search_vector(
+        self, query: Embeddings, side: str, k: int, use_bias: bool, where: ClipFilter | None
+    ) -> dict[str, Any]: ...
+
+    async def similar(
+        self, clip_id: str, k: int, where: ClipFilter | None
+    ) -> dict[str, Any] | None: ...
 
     async def clip(self, clip_id: str) -> dict[str, Any] | None: ...
 

@@ -18,6 +18,8 @@ from fastapi import FastAPI
 
 from gpa_ray.config import Config
 from gpa_ray.config_loading import load_config
+from gpa_ray.index.search import ClipFilter
+from gpa_ray.models.gpa import Embeddings
 from gpa_ray.serve.api import create_api
 from gpa_ray.serve.retriever import (
     AudioQueryEncoder,
@@ -38,16 +40,34 @@ class LocalBackend:
         self.service = SearchService(cfg, loaded)
         self.batches: dict[str, Counter[int]] = {"text": Counter(), "audio": Counter()}
 
-    async def search_text(self, query: str, k: int) -> dict[str, Any]:
+    async def search_text(self, query: str, k: int, where: ClipFilter | None) -> dict[str, Any]:
         self.batches["text"][1] += 1
-        return self.service.search_text(self.text.encode([query])[0], k)
+        return self.service.search_text(self.text.encode([query])[0], k, where)
+
+    async def search_texts(
+        self, queries: list[str], k: int, where: ClipFilter | None
+    ) -> list[dict[str, Any]]:
+        self.batches["text"][len(queries)] += 1
+        return [self.service.search_text(e, k, where) for e in self.text.encode(queries)]
 
     async def search_audio(
-        self, data: bytes, source: str, k: int, use_bias: bool
+        self, data: bytes, source: str, k: int, use_bias: bool, where: ClipFilter | None
     ) -> dict[str, Any]:
         inputs = self.audio.prepare(data, source)
         self.batches["audio"][1] += 1
-        return self.service.search_audio(self.audio.encode([inputs])[0], k, use_bias)
+        return self.service.search_audio(self.audio.encode([inputs])[0], k, use_bias, where)
+
+    async def search_vector(
+        self, query: Embeddings, side: str, k: int, use_bias: bool, where: ClipFilter | None
+    ) -> dict[str, Any]:
+        if side == "clips":
+            return self.service.search_text(query, k, where)
+        return self.service.search_audio(query, k, use_bias, where)
+
+    async def similar(
+        self, clip_id: str, k: int, where: ClipFilter | None
+    ) -> dict[str, Any] | None:
+        return self.service.similar(clip_id, k, where)
 
     async def clip(self, clip_id: str) -> dict[str, Any] | None:
         return self.service.clip(clip_id)

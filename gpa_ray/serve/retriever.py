@@ -24,14 +24,9 @@ import torch
 
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.data.schema import text_id
-from gpa_ray.index.search import IndexSearcher
-from gpa_ray.index.store import (
-    IndexManifest,
-    LoadedIndex,
-    load_index,
-    read_manifest,
-    resolve_version,
-)
+from gpa_ray.index.mapped import drop_cached, open_version
+from gpa_ray.index.search import CLIP_RECORD, ClipFilter, IndexSearcher
+from gpa_ray.index.store import IndexManifest, read_manifest, resolve_version
 from gpa_ray.models.factory import LoadedGPA, load_gpa_checkpoint
 from gpa_ray.models.gpa import Embeddings, GPAModel
 
@@ -56,9 +51,19 @@ def load_model(cfg: Config, checkpoint: str) -> LoadedGPA:
     return load_gpa_checkpoint(checkpoint, cfg.storage, "cpu")
 
 
+def served_manifest(cfg: Config) -> IndexManifest:
+    """The manifest of the index version the service would serve now."""
+    return read_manifest(resolve_version(index_uri(cfg), cfg.storage), cfg.storage)
+
+
 def index_checkpoint(cfg: Config) -> str:
     """The checkpoint named by the manifest of the index version being served."""
-    return read_manifest(resolve_version(index_uri(cfg), cfg.storage), cfg.storage).checkpoint
+    return served_manifest(cfg).checkpoint
+
+
+def index_shards(cfg: Config) -> int:
+    """How many shards the index version being served has (one searcher each)."""
+    return int(served_manifest(cfg).search.get("shards", 1))
 
 
 class TextQueryEncoder:
@@ -120,25 +125,29 @@ class AudioQueryEncoder:
 
 
 class SearchService:
-    """Serves one index version at a time and moves to a newer one when asked to.
+    """Serves some shards (all, or the listed ones) of one index version at a time and
+    moves to a newer version when asked to.
 
-    A new version replaces the current one only after it loaded completely; a version
-    built with other weights than the ones being served is refused (its embeddings would
-    not match the query encoders), and the current version stays up. Weights are compared
-    by the SHA-256 of the `model.pt` bytes the model was loaded from, not by URI: a run
-    folder that trained further, or a checkpoint overwritten in place, has another digest.
+    A version is memory-mapped (`gpa_ray.index.mapped`): opening one copies nothing into
+    anonymous memory, so a reload maps the new version, swaps it in and lets the old one
+    be unmapped; a replica never holds two versions in its own memory. A version built
+    with other weights than the ones being served is refused (its embeddings would not
+    match the query encoders), and the current version stays up. Weights are compared by
+    the SHA-256 of the `model.pt` bytes the model was loaded from, not by URI: a run folder
+    that trained further, or a checkpoint overwritten in place, has another digest.
     """
 
-    def __init__(self, cfg: Config, loaded: LoadedGPA) -> None:
+    def __init__(self, cfg: Config, loaded: LoadedGPA, shards: Sequence[int] | None = None) -> None:
         self.cfg = cfg
         self.uri = index_uri(cfg)
         self.model = loaded.model.eval()
         self.checkpoint = loaded.checkpoint
         self.digest = loaded.digest
+        self.shard_ids = None if shards is None else list(shards)
         self._lock = threading.Lock()
         self.searcher = self._load(self.uri)
 
-    def _check_weights(self, manifest: IndexManifest) -> None:
+    def _check_version(self, manifest: IndexManifest) -> None:
         if manifest.checkpoint_digest:
             same = manifest.checkpoint_digest == self.digest
             built = (
@@ -154,23 +163,36 @@ class SearchService:
                 f"encodes queries with {self.checkpoint} (weights sha256 {self.digest[:12]}): "
                 "redeploy to serve it"
             )
+        shards = manifest.search.get("shards", 0)
+        if self.shard_ids is not None and max(self.shard_ids) >= shards:
+            raise IndexMismatchError(
+                f"index version {manifest.version} has {shards} shards but this service was "
+                f"deployed for shard {max(self.shard_ids)}: redeploy to serve it"
+            )
 
     def _load(self, uri: str) -> IndexSearcher:
         layout = resolve_version(uri, self.cfg.storage)
-        manifest = read_manifest(layout, self.cfg.storage)  # checked before loading shards
-        self._check_weights(manifest)
-        index = load_index(layout.dir, self.cfg.storage)
-        logger.info(
-            "serving index %s (%d clips, %d texts)",
-            index.version,
-            len(index.clips),
-            len(index.texts),
+        manifest = read_manifest(layout, self.cfg.storage)  # checked before mapping shards
+        self._check_version(manifest)
+        shards = open_version(
+            layout.dir,
+            nprobe=self.cfg.index.ann_nprobe,
+            cache_dir=self.cfg.serve.cache_dir,
+            shards=self.shard_ids,
+            storage_cfg=self.cfg.storage,
         )
-        return IndexSearcher.from_config(index, self.model, self.cfg.index)
+        logger.info(
+            "serving index %s shards %s (%d clips, %d texts)",
+            manifest.version,
+            [s.shard for s in shards],
+            sum(len(s.clips) for s in shards),
+            sum(len(s.texts) for s in shards),
+        )
+        return IndexSearcher.from_config(shards, self.model, self.cfg.index)
 
     @property
-    def index(self) -> LoadedIndex:
-        return self.searcher.index
+    def version(self) -> str:
+        return self.searcher.version
 
     def latest_version(self) -> str:
         return resolve_version(self.uri, self.cfg.storage).version
@@ -178,61 +200,70 @@ class SearchService:
     def reload(self) -> dict[str, Any]:
         """Switch to the version the index URI names now, if it differs; report both."""
         with self._lock:
-            before = self.index.version
+            before = self.version
             latest = self.latest_version()
             if latest != before:
-                self.searcher = self._load(self.uri)
+                self.searcher = self._load(self.uri)  # the old one is unmapped when unused
+                drop_cached(self.cfg.serve.cache_dir, before)
             return {
                 "previous_version": before,
-                "index_version": self.index.version,
+                "index_version": self.version,
                 "changed": latest != before,
             }
 
-    def search_text(self, query: Embeddings, k: int) -> dict[str, Any]:
+    def search_text(
+        self, query: Embeddings, k: int, where: ClipFilter | None = None
+    ) -> dict[str, Any]:
         searcher = self.searcher
-        hits = searcher.text_to_audio(query, k)[0]
-        return {"index_version": searcher.index.version, "results": searcher.clip_results(hits)}
+        results = searcher.text_to_audio(query, k, where=where)[0]
+        return {"index_version": searcher.version, "results": results}
 
-    def search_audio(self, query: Embeddings, k: int, use_bias: bool = True) -> dict[str, Any]:
+    def search_audio(
+        self, query: Embeddings, k: int, use_bias: bool = True, where: ClipFilter | None = None
+    ) -> dict[str, Any]:
         searcher = self.searcher
-        hits = searcher.audio_to_text(query, k, use_bias=use_bias)[0]
         return {
-            "index_version": searcher.index.version,
+            "index_version": searcher.version,
             "bias_applied": use_bias and searcher.has_bias,
-            "results": searcher.text_results(hits),
+            "results": searcher.audio_to_text(query, k, use_bias=use_bias, where=where)[0],
         }
 
+    def similar(
+        self, clip_id: str, k: int, where: ClipFilter | None = None
+    ) -> dict[str, Any] | None:
+        searcher = self.searcher
+        results = searcher.similar_clips(clip_id, k, where)
+        return None if results is None else {"index_version": searcher.version, "results": results}
+
     def clip(self, clip_id: str) -> dict[str, Any] | None:
-        index = self.index
-        pos = index.clips.positions.get(clip_id)
-        if pos is None:
+        """A clip's record and its captions (None: not in the shards served here)."""
+        found = self.searcher.find_clip(clip_id)
+        if found is None:
             return None
-        texts = [
-            {"text_id": t, "text": index.texts.metadata[index.texts.positions[t]]["text"]}
-            for t in _caption_ids(index, clip_id)
+        shard, row = found
+        (record,) = shard.clips.records([row], CLIP_RECORD)
+        text_rows = [
+            shard.texts.position(text_id(clip_id, i)) for i in range(len(record["captions"]))
         ]
-        return {"index_version": index.version, **index.clips.metadata[pos], "texts": texts}
+        texts = shard.texts.records([r for r in text_rows if r is not None], ["text_id", "text"])
+        return {"index_version": shard.version, **record, "texts": texts}
 
     def clip_audio(self, clip_id: str) -> tuple[bytes, int] | None:
-        return self.index.clip_audio(clip_id)
+        found = self.searcher.find_clip(clip_id)
+        return None if found is None else found[0].clip_audio(clip_id)
 
     def health(self) -> dict[str, Any]:
-        index = self.index
+        shards = [s.shard for s in self.searcher.shards]
         return {
             "status": "ok",
-            "index_version": index.version,
-            "clips": len(index.clips),
-            "texts": len(index.texts),
-            "has_bias": index.text_bias is not None,
-            "ann": self.cfg.index.ann,
+            "index_version": self.version,
+            "shards": [s.shard for s in shards],
+            "clips": sum(len(s.clips) for s in shards),
+            "texts": sum(len(s.texts) for s in shards),
+            "has_bias": self.searcher.has_bias,
+            "ann": shards[0].manifest.search["ann"]["kind"],
             "shortlist": self.cfg.index.shortlist,
         }
 
     def manifest(self) -> dict[str, Any]:
-        return self.index.manifest.summary()
-
-
-def _caption_ids(index: LoadedIndex, clip_id: str) -> list[str]:
-    pos = index.clips.positions[clip_id]
-    n = len(index.clips.metadata[pos]["captions"])
-    return [t for t in (text_id(clip_id, i) for i in range(n)) if t in index.texts.positions]
+        return self.searcher.shards[0].shard.manifest.summary()

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from gpa_ray.models.gpa import Embeddings
 
 
-def synthetic_index_clips(n: int, captions: int = 2, corpus: str = "toy") -> list[dict[str, Any]]:
-    """Clip-shard-like rows (no audio) for index tests and benchmarks: ids `<corpus>/NNNNNN`,
-    `captions` captions each and one of three labels."""
+def synthetic_index_clips(
+    n: int, captions: int = 2, corpus: str = "toy", start: int = 0
+) -> list[dict[str, Any]]:
+    """Clip-shard-like rows (no audio) for index tests and benchmarks: ids `<corpus>/NNNNNN`
+    numbered from `start`, `captions` captions each and one of three labels."""
     return [
         {
             "clip_id": f"{corpus}/{i:06d}",
@@ -27,7 +29,7 @@ def synthetic_index_clips(n: int, captions: int = 2, corpus: str = "toy") -> lis
             "audio": None,
             "audio_sample_rate": None,
         }
-        for i in range(n)
+        for i in range(start, start + n)
     ]
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +20,7 @@ from gpa_ray.config import Config
 from gpa_ray.config_loading import load_config
 from gpa_ray.data.schema import text_id
 from gpa_ray.embedding_table import embeddings_from_table
-from gpa_ray.index import store
+from gpa_ray.index import mapped, store
 from gpa_ray.index.build import (
     IndexBuildError,
     IndexEmbedder,
@@ -70,6 +71,10 @@ def _plain_loop(checkpoint: str, rows: list[dict]) -> tuple[Embeddings, Embeddin
         [model.embed_text([caption]) for row in rows for caption in row["captions"]]
     )
     return audio, texts
+
+
+def _text_ids(rows: list[dict]) -> list[str]:
+    return [text_id(r["clip_id"], i) for r in rows for i in range(len(r["captions"]))]
 
 
 def _close(a: Embeddings, b: Embeddings) -> None:
@@ -127,12 +132,14 @@ def test_build_job_resumes_and_reruns_are_no_ops(
     assert summary["version"] == "v1" and summary["units_this_run"] == 1
     assert (summary["clips"], summary["texts"]) == (8, sum(len(r["captions"]) for r in rows))
     assert summary["clips_with_audio"] == 8 and summary["failed_clips"] == 0
-    index = store.load_index(str(tmp_path / "index"))
+    (index,) = mapped.open_version(str(tmp_path / "index"))
     assert index.version == "v1" and index.manifest.checkpoint == gpa_checkpoint
-    assert index.clips.ids == [r["clip_id"] for r in rows]
+    assert sorted(index.clips.ids.to_pylist()) == sorted(r["clip_id"] for r in rows)
     audio_ref, text_ref = _plain_loop(gpa_checkpoint, rows)
-    _close(index.clips.embeddings, audio_ref)
-    _close(index.texts.embeddings, text_ref)
+    clip_rows = [index.clips.position(r["clip_id"]) for r in rows]
+    text_rows = [index.texts.position(t) for t in _text_ids(rows)]
+    _close(index.clips.embeddings(np.array(clip_rows)), audio_ref)
+    _close(index.texts.embeddings(np.array(text_rows)), text_ref)
     data, rate = index.clip_audio(rows[5]["clip_id"])
     assert data == rows[5]["audio"] and rate == 32000
     # A complete version is left alone; other settings under its name are refused.
@@ -147,7 +154,7 @@ def test_bias_is_joined_and_must_cover_every_caption(
     from gpa_ray.bias_file import BIAS_FILE, BIAS_SCHEMA, META_FILE
 
     rows = _rows(esc50_clips)
-    ids = [text_id(r["clip_id"], i) for r in rows for i in range(len(r["captions"]))]
+    ids = _text_ids(rows)
     bias_dir = tmp_path / "bias"
     table = pa.table(
         {
@@ -169,8 +176,11 @@ def test_bias_is_joined_and_must_cover_every_caption(
         embedder.run_unit(unit)
     manifest = commit_version(cfg, plan, {})
     assert manifest.bias == {"uri": str(bias_dir), "metadata": {"G": 3, "J": len(ids)}}
-    index = store.load_index(str(tmp_path / "index"))
-    torch.testing.assert_close(index.text_bias, 0.01 * torch.arange(len(ids), dtype=torch.float32))
+    (index,) = mapped.open_version(str(tmp_path / "index"))
+    stored = index.texts.bias[[index.texts.position(t) for t in ids]]
+    torch.testing.assert_close(
+        torch.from_numpy(stored), 0.01 * torch.arange(len(ids), dtype=torch.float32)
+    )
     # A bias computed over other captions cannot be used with this index.
     storage.write_parquet(str(bias_dir / BIAS_FILE), table.slice(1))
     with pytest.raises(IndexBuildError, match=f"covers {len(ids) - 1} of the {len(ids)}"):
@@ -264,9 +274,9 @@ def test_a_run_that_trained_further_gets_a_new_version_that_serve_refuses(
     assert two["version"] != one["version"] and two["checkpoint"] == second
     with pytest.raises(IndexMismatchError, match="weights sha256"):
         serving.reload()
-    assert serving.index.version == one["version"]  # the old version stays up
+    assert serving.version == one["version"]  # the old version stays up
     following = SearchService(_cfg(*args), load_model(_cfg(*args), second))
-    assert following.index.version == two["version"]
+    assert following.version == two["version"]
 
     tiny_gpa_checkpoint(second, model_cfg, seed=2)  # overwritten in place: same URI
     with pytest.raises(IndexMismatchError, match=f"{second} \\(weights sha256"):

@@ -16,6 +16,7 @@ from gpa_ray.config import ServeConfig
 from gpa_ray.serve.backend import BackendDep, ServeConfigDep
 from gpa_ray.serve.errors import REQUEST_ERRORS, ApiError, media_type, read_body, too_large
 from gpa_ray.serve.routes.clips import audio_url
+from gpa_ray.serve.routes.filters import FilterQueryDep, SearchFilter
 
 router = APIRouter()
 
@@ -31,6 +32,16 @@ class TextSearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: StrictStr = Field(description="what the sound should be, in words")
     k: StrictInt | None = Field(None, description="how many clips (1..max_k; default_k if unset)")
+    filter: SearchFilter | None = Field(None, description="only clips whose metadata match")
+
+
+class BatchTextSearchRequest(BaseModel):
+    """Many text-to-audio queries in one request (each answered as by /v1/search/text)."""
+
+    model_config = ConfigDict(extra="forbid")
+    queries: list[StrictStr] = Field(description="the queries", min_length=1)
+    k: StrictInt | None = Field(None, description="how many clips per query")
+    filter: SearchFilter | None = Field(None, description="only clips whose metadata match")
 
 
 class Scores(BaseModel):
@@ -70,6 +81,12 @@ class TextSearchResponse(BaseModel):
     results: list[ClipResult]
 
 
+class BatchTextSearchResponse(BaseModel):
+    k: int
+    took_ms: float
+    responses: list[TextSearchResponse] = Field(description="one per query, in order")
+
+
 class AudioSearchResponse(BaseModel):
     query: str = Field(description="the uploaded file's name, if it had one")
     k: int
@@ -98,7 +115,7 @@ AUDIO_BODY = {
 """The audio search's body in the OpenAPI schema (the route reads the raw body itself)."""
 
 
-def _check_k(k: int, serve_cfg: ServeConfig) -> None:
+def check_k(k: int, serve_cfg: ServeConfig) -> None:
     if not 1 <= k <= serve_cfg.max_k:
         raise ApiError(422, "invalid_k", f"k must be between 1 and {serve_cfg.max_k}, got {k}")
 
@@ -157,7 +174,7 @@ async def _uploaded_audio(request: Request, upload_limit: int) -> tuple[bytes, s
     return data, name
 
 
-def _with_urls(request: Request, result: dict[str, Any]) -> dict[str, Any]:
+def with_urls(request: Request, result: dict[str, Any]) -> dict[str, Any]:
     result["results"] = [
         {**r, "audio_url": audio_url(request, r["clip_id"], r["has_audio"])}
         for r in result["results"]
@@ -173,10 +190,41 @@ async def search_text(
     started = time.perf_counter()
     query = _check_query(body.query, serve_cfg)
     k = serve_cfg.default_k if body.k is None else body.k
-    _check_k(k, serve_cfg)
-    result = await backend.search_text(query, k)
+    check_k(k, serve_cfg)
+    where = body.filter.clip_filter() if body.filter else None
+    result = await backend.search_text(query, k, where)
     took = 1e3 * (time.perf_counter() - started)
-    return {"query": query, "k": k, "took_ms": took, **_with_urls(request, result)}
+    return {"query": query, "k": k, "took_ms": took, **with_urls(request, result)}
+
+
+@router.post(
+    "/v1/search/text/batch", response_model=BatchTextSearchResponse, responses=REQUEST_ERRORS
+)
+async def search_text_batch(
+    body: BatchTextSearchRequest,
+    request: Request,
+    backend: BackendDep,
+    serve_cfg: ServeConfigDep,
+) -> dict[str, Any]:
+    """Clips for each of many queries (at most `serve.max_batch_queries`)."""
+    started = time.perf_counter()
+    if len(body.queries) > serve_cfg.max_batch_queries:
+        raise ApiError(
+            422,
+            "too_many_queries",
+            f"{len(body.queries)} queries; a batch takes at most {serve_cfg.max_batch_queries}",
+        )
+    queries = [_check_query(q, serve_cfg) for q in body.queries]
+    k = serve_cfg.default_k if body.k is None else body.k
+    check_k(k, serve_cfg)
+    where = body.filter.clip_filter() if body.filter else None
+    results = await backend.search_texts(queries, k, where)
+    took = 1e3 * (time.perf_counter() - started)
+    responses = [
+        {"query": q, "k": k, "took_ms": took, **with_urls(request, r)}
+        for q, r in zip(queries, results, strict=True)
+    ]
+    return {"k": k, "took_ms": took, "responses": responses}
 
 
 @router.post(
@@ -189,14 +237,16 @@ async def search_audio(
     request: Request,
     backend: BackendDep,
     serve_cfg: ServeConfigDep,
+    where: FilterQueryDep,
     k: int | None = Query(None, description="how many captions to return"),
     bias: bool = Query(True, description="add the Sinkhorn text bias (if the index has one)"),
 ) -> dict[str, Any]:
-    """Captions that describe the uploaded sound (wav, flac, ogg, mp3, ...)."""
+    """Captions that describe the uploaded sound (wav, flac, ogg, mp3, ...), optionally
+    only captions of clips that pass the filter parameters."""
     started = time.perf_counter()
     k = serve_cfg.default_k if k is None else k
-    _check_k(k, serve_cfg)
+    check_k(k, serve_cfg)
     data, name = await _uploaded_audio(request, int(serve_cfg.max_upload_mb * 1e6))
-    result = await backend.search_audio(data, name, k, bias)
+    result = await backend.search_audio(data, name, k, bias, where)
     took = 1e3 * (time.perf_counter() - started)
-    return {"query": name, "k": k, "took_ms": took, **_with_urls(request, result)}
+    return {"query": name, "k": k, "took_ms": took, **with_urls(request, result)}
