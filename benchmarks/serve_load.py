@@ -11,16 +11,17 @@ build on Ray Data vs a plain loop.
    each) is written with the index format.
 2. In process: text encode + two-stage search (`TextQueryEncoder` + `SearchService`, the
    classes the deployments wrap) for a few hundred queries, one at a time: p50/p99; and
-   the search alone per stage-1 backend (exact torch, faiss flat, faiss IVF). Measured
-   before Serve starts and again after the load levels with its replicas idle.
+   the search alone (the configured `index.ann`, default IVF). Measured before Serve
+   starts and again after the load levels with its replicas idle.
 3. Ray Serve: the app on an embedded local Ray (2 CPUs), HTTP on 127.0.0.1. A second
    process (this script with `--client`) sends `--requests` requests per concurrency
    level with aiohttp; a `--malformed` share is bad (empty or 10k-char query, k = 0,
    broken JSON, wrong content type) and must get a 4xx. Reported per level: p50/p95/p99
    latency of the valid requests, throughput, status counts, the text encoder's batch
-   sizes during the level, and the replicas' own compute times (from `/v1/stats`). At
-   concurrency 1 the client's p50 is broken down: encoder and searcher compute, Serve's
-   routing between the ingress and them, and the proxy + HTTP hop.
+   sizes during the level, and the replicas' own compute times (from `/v1/stats`). With
+   one shard the searcher encodes a text query and searches in one call. At concurrency
+   1 the client's p50 is broken down: the searcher's compute (encode + search), Serve's
+   routing between the ingress and it, and the proxy + HTTP hop.
 4. Index build: `--build-clips` real ESC-50 clips (2 s) ingested in units of
    `--build-unit` clips, then embedded by `run_build_index` (Ray Data, 2 actors at 0.5
    CPU) and by a plain loop in this process calling the very per-unit code the actors

@@ -374,6 +374,11 @@ class IndexConfig:
     splits: list[str] = field(default_factory=list)
     bias: str = ""
     store_audio: bool = True
+    # Incremental builds (`gpa_ray.index.reuse`): an earlier version (or its root) of the
+    # same checkpoint whose embeddings are reused for unchanged clips, and a text file of
+    # clip ids to leave out.
+    reuse: str = ""
+    delete: str = ""
     # Ray Data actors that embed and commit the units (CPU only; `batch_size` clips per
     # model call, captions in batches of 4 x that).
     embed_pool: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(actors=2))

@@ -31,6 +31,12 @@ CORE = (
     "gpa_ray.data.synthetic",
     "gpa_ray.data.work_units",
     "gpa_ray.data.failure_report",
+    "gpa_ray.index.ann",
+    "gpa_ray.index.store",
+    "gpa_ray.index.shard_files",
+    "gpa_ray.index.mapped",
+    "gpa_ray.index.search",
+    "gpa_ray.index.reuse",
 )
 """The pure core, the one list of it: these modules and every module of these packages."""
 

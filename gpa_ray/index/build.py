@@ -50,6 +50,7 @@ from gpa_ray.data.loaders import shard_split
 from gpa_ray.embedding_table import DTYPES
 from gpa_ray.index import store
 from gpa_ray.index.ann import AnnSettings
+from gpa_ray.index.reuse import EarlierVersion, deleted_ids
 from gpa_ray.index.shard_files import write_shards
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.ray_embedding import check_cpu_pool
@@ -120,6 +121,7 @@ def build_settings(
         "splits": sorted(cfg.index.splits),
         "store_audio": cfg.index.store_audio,
         "bias": cfg.index.bias,
+        "delete": cfg.index.delete,
         "search": {
             "shards": cfg.index.shards,
             "ann": dataclasses.asdict(AnnSettings.from_config(cfg.index)),
@@ -165,6 +167,13 @@ class IndexEmbedder:
         self.inputs = AudioInputs.from_config(model_cfg)
         self.layout = store.IndexLayout(self.cfg.index.output, version)
         self.files = files
+        index, storage_cfg = self.cfg.index, self.cfg.storage
+        self.earlier = (
+            EarlierVersion(index.reuse, self.cfg.serve.cache_dir, storage_cfg)
+            if index.reuse
+            else None
+        )
+        self.deleted = deleted_ids(index.delete, storage_cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         stats = [self.run_unit(int(unit)) for unit in batch["unit"]]
@@ -207,6 +216,36 @@ class IndexEmbedder:
         where = {t: i for i, t in enumerate(distinct)}
         return Embeddings.cat(parts)[torch.tensor([where[t] for t in texts], dtype=torch.long)]
 
+    def embed_unit(
+        self, rows: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], Embeddings | None, Embeddings | None, list[Any], int]:
+        """(clips kept in row order, their embeddings, their captions' embeddings, failure
+        rows, how many were reused from `index.reuse` instead of embedded)."""
+        found = {}
+        if self.earlier is not None:
+            for row in rows:
+                stored = self.earlier.find(row)
+                if stored is not None:
+                    found[row["clip_id"]] = stored
+        todo = [r for r in rows if r["clip_id"] not in found]
+        fresh, fresh_emb, failed = self.embed_clips(todo)
+        if fresh_emb is not None:
+            texts = store.caption_rows(fresh)
+            fresh_texts = (
+                self.embed_texts([t["text"] for t in texts]) if texts else _empty_like(fresh_emb)
+            )
+            start = 0
+            for i, row in enumerate(fresh):
+                n = len(row["captions"])
+                found[row["clip_id"]] = (fresh_emb[i : i + 1], fresh_texts[start : start + n])
+                start += n
+        ok = [r for r in rows if r["clip_id"] in found]
+        if not ok:
+            return ok, None, None, failed, 0
+        clip_emb = Embeddings.cat([found[r["clip_id"]][0] for r in ok])
+        text_emb = Embeddings.cat([found[r["clip_id"]][1] for r in ok])
+        return ok, clip_emb, text_emb, failed, len(ok) - len(fresh)
+
     def run_unit(self, unit: int) -> dict[str, Any]:
         """Embed one unit and commit it: clips shard, texts shard, then the marker."""
         cfg, layout = self.cfg, self.layout
@@ -214,13 +253,18 @@ class IndexEmbedder:
         if self.inputs.needs_codes:
             columns.append("codes")
         rows = read_clip_rows(self.files[unit], columns, cfg.index.splits, cfg.storage)
-        ok, clip_emb, failed = self.embed_clips(rows)
-        marker: dict[str, Any] = {"unit": unit, "clips": len(ok), "texts": 0, "failed": failed}
+        kept = [r for r in rows if r["clip_id"] not in self.deleted]
+        ok, clip_emb, text_emb, failed, reused = self.embed_unit(kept)
+        marker: dict[str, Any] = {
+            "unit": unit,
+            "clips": len(ok),
+            "texts": 0,
+            "failed": failed,
+            "reused": reused,
+            "deleted": len(rows) - len(kept),
+        }
         if clip_emb is not None:
             texts = store.caption_rows(ok)
-            text_emb = (
-                self.embed_texts([t["text"] for t in texts]) if texts else _empty_like(clip_emb)
-            )
             dtype = cfg.index.dtype
             clips_table = store.index_clips_table(ok, clip_emb, dtype, cfg.index.store_audio)
             store.write_table(layout.clips_file(unit), clips_table, cfg.storage)
@@ -318,12 +362,30 @@ def plan_build(cfg: Config) -> BuildPlan:
         digest = weights_digest(checkpoint, cfg.storage)
     except (CheckpointError, storage.StorageError) as exc:
         raise IndexBuildError(f"index.checkpoint={cfg.index.checkpoint}: {exc}") from exc
+    _check_reuse(cfg, digest)
     identity = {"uri": checkpoint, "digest": digest}
     settings = build_settings(cfg, source, files, identity)
     layout = store.IndexLayout(cfg.index.output, version_name(cfg, settings))
     _check_settings(cfg, layout, settings)
     logger.info("index version %s embeds with %s (sha256 %s)", layout.version, checkpoint, digest)
     return BuildPlan(source, files, layout, checkpoint, digest)
+
+
+def _check_reuse(cfg: Config, digest: str) -> None:
+    """Embeddings are reused only from a version built with the very same weights."""
+    if not cfg.index.reuse:
+        return
+    try:
+        layout = store.resolve_version(cfg.index.reuse, cfg.storage)
+        earlier = store.read_manifest(layout, cfg.storage)
+    except store.IndexFormatError as exc:
+        raise IndexBuildError(f"index.reuse={cfg.index.reuse}: {exc}") from exc
+    if earlier.checkpoint_digest != digest:
+        raise IndexBuildError(
+            f"index.reuse={cfg.index.reuse} was built with weights sha256 "
+            f"{earlier.checkpoint_digest[:12] or '(none)'}, this build embeds with "
+            f"{digest[:12]}: its embeddings cannot be reused"
+        )
 
 
 def _with_checkpoint(cfg: Config, checkpoint: str) -> Config:
@@ -414,6 +476,8 @@ def commit_version(cfg: Config, plan: BuildPlan, build: dict[str, Any]) -> store
         search=search,
         build={
             "units": len(plan.files),
+            "reused_clips": sum(m.get("reused", 0) for m in markers.values()),
+            "deleted_clips": sum(m.get("deleted", 0) for m in markers.values()),
             "failed_clips": len(failures),
             "failures": failures[:100],
             **build,
@@ -459,6 +523,8 @@ def _summary(
         "texts": manifest.n_texts,
         "clips_with_audio": manifest.clips_with_audio,
         "failed_clips": manifest.build.get("failed_clips", 0),
+        "reused_clips": manifest.build.get("reused_clips", 0),
+        "deleted_clips": manifest.build.get("deleted_clips", 0),
         "has_bias": manifest.bias is not None,
         "units_this_run": units,
         "clips_this_run": clips,

@@ -175,7 +175,7 @@ def _stage_side(
             staging.pieces[s].append(piece)
 
 
-_CLIP_META = ["clip_id", "corpus", "split", "duration_s", "captions", "labels"]
+_CLIP_META = ["clip_id", "corpus", "split", "duration_s", "captions", "labels", "content_digest"]
 _CLIP_READ = [*_CLIP_META, "audio_sample_rate"]
 _TEXT_META = ["text_id", "clip_id", "caption_index", "text"]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ TEXT_META_FIELDS = [
     pa.field("text", pa.string(), nullable=False),
 ]
 AUDIO_FIELDS = [CLIP_SCHEMA.field("audio"), CLIP_SCHEMA.field("audio_sample_rate")]
+CONTENT_DIGEST = pa.field("content_digest", pa.string(), nullable=False)
 
 
 class IndexFormatError(LookupError):
@@ -175,11 +177,24 @@ def _table(
     return pa.Table.from_arrays([arrays[f.name] for f in fields], schema=pa.schema(fields))
 
 
+def content_digest(row: dict[str, Any]) -> str:
+    """SHA-256 of what a clip's embeddings depend on: its audio (or codes) and captions. An
+    incremental build reuses a clip's embeddings only while this is unchanged."""
+    digest = hashlib.sha256()
+    audio = row.get("audio")
+    digest.update(audio if audio is not None else json.dumps(row.get("codes")).encode())
+    digest.update(json.dumps(list(row.get("captions") or [])).encode())
+    return digest.hexdigest()
+
+
 def index_clips_table(
     rows: Sequence[dict[str, Any]], emb: Embeddings, dtype: str, store_audio: bool
 ) -> pa.Table:
-    """Index rows of clips: metadata (clip shard columns), vectors, and FLAC audio if kept."""
+    """Index rows of clips: metadata (clip shard columns), each clip's `content_digest`,
+    vectors, and FLAC audio if kept."""
     table = _table(CLIP_META_FIELDS, rows, emb, dtype)
+    digests = [r.get("content_digest") or content_digest(r) for r in rows]
+    table = table.append_column(CONTENT_DIGEST, pa.array(digests, pa.string()))
     for f in AUDIO_FIELDS:
         values = [r.get(f.name) if store_audio else None for r in rows]
         table = table.append_column(f, pa.array(values, type=f.type))

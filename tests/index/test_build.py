@@ -281,3 +281,44 @@ def test_a_run_that_trained_further_gets_a_new_version_that_serve_refuses(
     tiny_gpa_checkpoint(second, model_cfg, seed=2)  # overwritten in place: same URI
     with pytest.raises(IndexMismatchError, match=f"{second} \\(weights sha256"):
         SearchService(_cfg(*args), load_model(_cfg(*args), second))
+
+
+def test_incremental_build_embeds_only_new_clips_and_equals_a_full_rebuild(
+    esc50_clips: str, gpa_checkpoint: str, tmp_path: Path
+) -> None:
+    rows = _rows(esc50_clips)
+    new = [rows[2]["clip_id"], rows[6]["clip_id"]]
+    (tmp_path / "new.txt").write_text("\n".join(new) + "\n")
+    index = tmp_path / "index"
+    base = _args(esc50_clips, gpa_checkpoint, index)
+    first = run_build_index(
+        _cfg(*base, f"index.delete={tmp_path / 'new.txt'}", "index.version=old")
+    )
+    assert (first["clips"], first["deleted_clips"]) == (6, 2)
+    grown = run_build_index(_cfg(*base, f"index.reuse={index / 'old'}", "index.version=grown"))
+    assert (grown["clips"], grown["reused_clips"], grown["clips_this_run"]) == (8, 6, 8)
+    full = run_build_index(_cfg(*base, "index.version=full"))
+    assert full["reused_clips"] == 0
+    (a,), (b,) = mapped.open_version(str(index / "grown")), mapped.open_version(str(index / "full"))
+    (old,) = mapped.open_version(str(index / "old"))
+    for side in ("clips", "texts"):
+        one, two, before = getattr(a, side), getattr(b, side), getattr(old, side)
+        assert one.ids.to_pylist() == two.ids.to_pylist()
+        # Reused rows are the earlier version's stored values exactly; the rebuild's equal
+        # them up to the float rounding of other batch compositions.
+        reused = [one.position(i) for i in before.ids.to_pylist()]
+        assert np.array_equal(one.global_[reused], before.global_)
+        assert np.array_equal(one.prototypes[reused], before.prototypes)
+        np.testing.assert_allclose(one.global_, two.global_, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(one.prototypes, two.prototypes, atol=1e-5, rtol=0)
+    # A deletion on top: nothing is embedded, the clip is gone.
+    (tmp_path / "gone.txt").write_text(rows[0]["clip_id"])
+    smaller = run_build_index(
+        _cfg(*base, f"index.reuse={index / 'grown'}", f"index.delete={tmp_path / 'gone.txt'}")
+    )
+    assert (smaller["clips"], smaller["reused_clips"], smaller["deleted_clips"]) == (7, 7, 1)
+    # Embeddings of other weights are never reused.
+    other = tmp_path / "other"
+    tiny_gpa_checkpoint(str(other), read_config(gpa_checkpoint), seed=5)
+    with pytest.raises(IndexBuildError, match="cannot be reused"):
+        plan_build(_cfg(*_args(esc50_clips, str(other), index), f"index.reuse={index / 'full'}"))
