@@ -45,6 +45,10 @@ _FLAC_RATIO = 0.6
 _BYTES_PER_CODE = 2
 
 
+LAYOUT_VERSION = 2
+"""Output layout of this code: units staged under `units/`, compacted into `clips/`."""
+
+
 class IngestError(RuntimeError):
     """The run cannot proceed as configured (not a per-clip failure: those are error rows)."""
 
@@ -71,8 +75,31 @@ class Layout:
     def manifest_file(self, index: int) -> str:
         return storage.join(self.manifest_dir, f"part-{index:05d}.parquet")
 
-    def clips_file(self, split: str, unit: int) -> str:
-        return storage.join(self.output, "clips", self.corpus, split, f"part-{unit:06d}.parquet")
+    def clips_file(self, split: str, shard: int) -> str:
+        """A clip shard readers see (written by compaction)."""
+        return storage.join(self.output, "clips", self.corpus, split, f"part-{shard:06d}.parquet")
+
+    @property
+    def units_dir(self) -> str:
+        return storage.join(self.output, "units", self.corpus)
+
+    def units_split_dir(self, split: str) -> str:
+        return storage.join(self.units_dir, split)
+
+    def unit_file(self, split: str, unit: int) -> str:
+        """A committed unit's clips, staged until compaction (never read by readers)."""
+        return storage.join(self.units_split_dir(split), f"part-{unit:06d}.parquet")
+
+    @property
+    def compaction_dir(self) -> str:
+        return storage.join(self.output, "_compaction", self.corpus)
+
+    @property
+    def compaction_plan_file(self) -> str:
+        return storage.join(self.compaction_dir, "plan.json")
+
+    def shard_marker(self, split: str, shard: int) -> str:
+        return storage.join(self.compaction_dir, split, f"shard-{shard:06d}.json")
 
     def errors_file(self, unit: int) -> str:
         return storage.join(self.output, "errors", self.corpus, f"part-{unit:06d}.parquet")
@@ -231,6 +258,7 @@ def build_manifest(
     planner.finish()
     units = planner.units
     plan = {
+        "layout": LAYOUT_VERSION,
         "settings": output_settings(cfg),
         "rows_per_unit": per_unit,
         "n_rows": sum(u["rows"] for u in units),
@@ -252,6 +280,11 @@ def load_or_build_manifest(cfg: Config, layout: Layout) -> dict[str, Any]:
     """The committed manifest of this output if there is one (checked), else a new one."""
     if storage.exists(layout.unit_plan_file, cfg.storage):
         plan = json.loads(storage.read_bytes(layout.unit_plan_file, cfg.storage))
+        if plan.get("layout") != LAYOUT_VERSION:
+            raise IngestError(
+                f"{layout.output} was written by an older ingest (one clips file per work "
+                "unit under clips/, no compaction); re-ingest into a new ingest.output"
+            )
         stored, current = plan["settings"], output_settings(cfg)
         if stored != current:
             changed = sorted(
