@@ -53,7 +53,7 @@ from gpa_ray import storage
 from gpa_ray.config import Config, StorageConfig
 from gpa_ray.config_loading import config_from_dict
 from gpa_ray.data import schema
-from gpa_ray.data.work_units import Layout
+from gpa_ray.data.work_units import IngestError, Layout
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def write_shard(
         for number, (unit, start, stop) in enumerate(slices):
             table = storage.read_parquet(layout.unit_file(split, unit), cfg.storage)
             if table.num_rows < stop:
-                raise storage.StorageError(
+                raise IngestError(
                     f"{layout.unit_file(split, unit)} holds {table.num_rows} clips, the "
                     f"compaction plan needs {stop}"
                 )
