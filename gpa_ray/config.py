@@ -156,10 +156,13 @@ class IngestConfig:
     # EnCodec codes per clip (AudioFormer reads them); false skips EnCodec, most of the
     # ingest time, and leaves `codes` null: GPA with a log-mel or aiSFX tower reads `audio`.
     codes: bool = True
-    # A work unit (one shard file, committed atomically; the resume granularity) holds
+    # A work unit (one staged file, committed atomically; the resume granularity) holds
     # `rows_per_commit` clips, fewer if its estimated size would pass `target_shard_mb`.
-    target_shard_mb: int = 256
+    # Committed units are compacted into the clip shards readers see, of about
+    # `target_shard_mb` each, in row groups of about `row_group_mb` of decoded Arrow data.
+    target_shard_mb: float = 256
     rows_per_commit: int = 64
+    row_group_mb: float = 32
     # Longest segment kept per clip (seconds from its start); None keeps whole clips.
     max_seconds: float | None = None
     # Threads per encoder actor that fetch the next clips' bytes while it encodes.

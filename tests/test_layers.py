@@ -28,6 +28,8 @@ CORE = (
     "gpa_ray.data.schema",
     "gpa_ray.data.captions",
     "gpa_ray.data.corpora",
+    "gpa_ray.data.audioset_index",
+    "gpa_ray.data.synthetic_audioset",
     "gpa_ray.data.synthetic",
     "gpa_ray.data.work_units",
     "gpa_ray.data.failure_report",

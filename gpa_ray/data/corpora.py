@@ -24,9 +24,10 @@ folder is `corpus.audio_dir` when set, otherwise the first existing usual place)
 - `clotho`: `clotho_captions_{development,validation,evaluation}.csv`
   (`file_name,caption_1..caption_5`) -> splits train/val/test; audio under
   `<split name>/`, `clotho_audio_<split name>/` or `audio/`.
-- `audioset`: `*_segments.csv` (`YTID, start_seconds, end_seconds, positive_labels`,
-  `#` comment lines) + `class_labels_indices.csv`; split = file stem without `_segments`
-  (`balanced_train`, `unbalanced_train`, `eval`), labels as display names, no captions.
+- `audioset`: `balanced_train_segments.csv`, `unbalanced_train_segments.csv`,
+  `eval_segments.csv` at the root, or `corpus.caption_files` (`YTID, start_seconds,
+  end_seconds, positive_labels`, `#` comment lines) + `class_labels_indices.csv`; split =
+  file stem without `_segments`, labels as display names, no captions.
 - `wavcaps`: `*.json` files `{"data": [{"id", "caption", "audio" | "wav_path", ...}]}`;
   an entry whose path is absent or the `"wav_path"` placeholder is found by
   `corpus.wavcaps_pattern`.
@@ -270,51 +271,85 @@ def read_clotho(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None) -> 
             )
 
 
-def _audioset_labels(uri: str, storage_cfg: StorageConfig | None) -> dict[str, str]:
+AUDIOSET_INDEXES = (
+    "balanced_train_segments.csv",
+    "eval_segments.csv",
+    "unbalanced_train_segments.csv",
+)
+"""The segment CSVs of the published AudioSet layout, at the corpus root (sorted)."""
+
+
+def audioset_display_names(cfg: CorpusConfig, storage_cfg: StorageConfig | None) -> dict[str, str]:
+    """`class_labels_indices.csv`: label mid -> display name."""
+    uri = storage.join(cfg.root, "class_labels_indices.csv")
+    if not storage.exists(uri, storage_cfg):
+        raise CorpusError(f"AudioSet needs {uri} (mid -> display name)")
     return {
         rec["mid"]: rec["display_name"]
         for rec in _csv_dicts(uri, storage_cfg, ("mid", "display_name"))
     }
 
 
-def read_audioset(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None) -> Iterator[Row]:
-    """AudioSet segments CSVs, streamed line by line; labels as display names."""
-    name = corpus_name(cfg)
-    labels_uri = storage.join(cfg.root, "class_labels_indices.csv")
-    if not storage.exists(labels_uri, storage_cfg):
-        raise CorpusError(f"AudioSet needs {labels_uri} (mid -> display name)")
-    display = _audioset_labels(labels_uri, storage_cfg)
+def audioset_index_files(
+    cfg: CorpusConfig, storage_cfg: StorageConfig | None
+) -> list[tuple[str, str]]:
+    """(segment CSV, split) pairs: `corpus.caption_files`, else the published names that
+    exist at the root. Only those few names are looked up: the root also holds the audio
+    (2M objects for AudioSet-2M), so listing it would cost a full scan of the corpus."""
     if cfg.caption_files:
         indexes = [_uri(cfg.root, f) for f in cfg.caption_files]
     else:
         indexes = [
-            uri
-            for uri in storage.list_files(cfg.root, "_segments.csv", storage_cfg)
-            if "/" not in uri[len(cfg.root.rstrip("/")) + 1 :]
+            storage.join(cfg.root, name)
+            for name in AUDIOSET_INDEXES
+            if storage.exists(storage.join(cfg.root, name), storage_cfg)
         ]
         if not indexes:
-            raise CorpusError(f"no *_segments.csv under {cfg.root}")
-    for index in indexes:
-        split = os.path.splitext(os.path.basename(index))[0].removesuffix("_segments")
-        base = _audio_base(cfg.root, cfg, [f"audio/{split}", split, "audio"], storage_cfg)
+            raise CorpusError(
+                f"no AudioSet segment CSV under {cfg.root}: expected one of "
+                f"{list(AUDIOSET_INDEXES)} (or name them in corpus.caption_files)"
+            )
+    return [
+        (uri, os.path.splitext(os.path.basename(uri))[0].removesuffix("_segments"))
+        for uri in indexes
+    ]
+
+
+def audioset_audio_base(cfg: CorpusConfig, split: str, storage_cfg: StorageConfig | None) -> str:
+    """The folder a split's audio file names are relative to."""
+    return _audio_base(cfg.root, cfg, [f"audio/{split}", split, "audio"], storage_cfg)
+
+
+def audioset_file_uri(cfg: CorpusConfig, base: str, ytid: str, start: str, end: str) -> str:
+    """A segment's audio file under `base`, named by `corpus.audio_pattern`."""
+    name = cfg.audio_pattern.format(
+        youtube_id=ytid, start_time=int(float(start)), start_seconds=start, end_seconds=end
+    )
+    return _uri(base, name)
+
+
+def read_audioset(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None) -> Iterator[Row]:
+    """AudioSet segments CSVs, streamed line by line; labels as display names.
+
+    The simple path, one dict per segment; `gpa_ray.data.audioset_index` reads the same
+    files into Arrow batches for the ingest manifest and is tested against this one.
+    """
+    name = corpus_name(cfg)
+    display = audioset_display_names(cfg, storage_cfg)
+    for index, split in audioset_index_files(cfg, storage_cfg):
+        base = audioset_audio_base(cfg, split, storage_cfg)
         with _open_text(index, storage_cfg) as text:
             lines = (line for line in text if line.strip() and not line.lstrip().startswith("#"))
             for fields in csv.reader(lines, skipinitialspace=True):
                 if len(fields) < 4:
                     raise CorpusError(f"{index}: malformed segment line {fields!r}")
                 ytid, start, end, mids = fields[0], float(fields[1]), float(fields[2]), fields[3]
-                file_name = cfg.audio_pattern.format(
-                    youtube_id=ytid,
-                    start_time=int(start),
-                    start_seconds=fields[1],
-                    end_seconds=fields[2],
-                )
                 trimmed = cfg.segments_trimmed
                 yield _row(
                     f"{name}/{ytid}/{start:g}",
                     name,
                     split,
-                    _uri(base, file_name),
+                    audioset_file_uri(cfg, base, ytid, fields[1], fields[2]),
                     [],
                     [display.get(m.strip(), m.strip()) for m in mids.split(",")],
                     start_s=0.0 if trimmed else start,

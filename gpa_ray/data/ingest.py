@@ -20,13 +20,18 @@ Design (streaming, resumable, correct; in the order a run does it):
    file by one writer to commit atomically: regrouping clip rows into units after a
    distributed map would need a shuffle (a barrier) or would funnel every byte through
    the driver.
-4. **Commit a unit atomically.** The actor writes `clips/<corpus>/<split>/part-N.parquet`
-   and `errors/<corpus>/part-N.parquet` (each atomic: temporary name + rename locally, a
-   single upload on S3), then the commit marker, which also carries the unit's counts.
-   A run killed mid-unit leaves no partial file (at worst a whole file of an uncommitted
-   unit); the rerun redoes that unit and rewrites the same names with the same rows, so
-   the result has neither duplicates nor gaps. One run at a time per output.
-5. **Summarise.** The driver logs a line per committed unit (Ray Data shows progress
+4. **Commit a unit atomically.** The actor writes `units/<corpus>/<split>/part-N.parquet`
+   (staging) and `errors/<corpus>/part-N.parquet` (each atomic: temporary name + rename
+   locally, a single upload on S3), then the commit marker, which also carries the unit's
+   counts and file size. A run killed mid-unit leaves no partial file (at worst a whole
+   file of an uncommitted unit); the rerun redoes that unit and rewrites the same names
+   with the same rows, so the result has neither duplicates nor gaps. One run at a time
+   per output.
+5. **Compact** (`gpa_ray.data.compaction`), once every unit is committed: the units of
+   each split are rewritten as `clips/<corpus>/<split>/part-N.parquet` shards of about
+   `target_shard_mb`, the files readers see, under the same discipline (a stored plan,
+   atomic shards, a marker per shard, unit files deleted only after the last marker).
+6. **Summarise.** The driver logs a line per committed unit (Ray Data shows progress
    bars), then writes `summary.json` (clips ok, failures per stage, audio hours,
    audio-seconds per second, wall time) beside `config.yaml` (the resolved config,
    written at the start).
@@ -34,7 +39,8 @@ Design (streaming, resumable, correct; in the order a run does it):
 Memory stays bounded at any corpus size: the driver holds the unit table (a few numbers
 per unit) and never the manifest rows (while building the manifest, one hash per clip
 to drop duplicate ids); an actor holds one unit (<= `target_shard_mb`) plus a few
-prefetched files; Ray Data passes only per-unit counts back to the driver.
+prefetched files; a compaction task one unit plus one shard being built; Ray Data passes
+only per-unit counts back to the driver.
 
 Outputs are folders, not hive `key=value` partitions, because every file also carries
 its `corpus` and `split` columns (each file is self-describing) and a hive reader would
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import logging
 import time
@@ -54,11 +61,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gpa_ray import storage
 from gpa_ray.config import Config
 from gpa_ray.config_loading import config_from_dict
 from gpa_ray.data import schema
+from gpa_ray.data.compaction import compact
 from gpa_ray.data.corpora import corpus_name
 from gpa_ray.data.failure_report import commonest_errors, failure_message
 from gpa_ray.data.work_units import (
@@ -252,6 +261,7 @@ STAT_KEYS = (
     "failed",
     *(f"failed_{s}" for s in schema.STAGES),
     "audio_seconds",
+    "bytes",
 )
 
 
@@ -322,7 +332,7 @@ class UnitEncoder:
             if len(batch) >= self.encode_batch:
                 flush(batch)
         flush(batch)
-        _write_or_delete(layout.clips_file(split, unit), ok, clip_shard_table, cfg)
+        size = _write_or_delete(layout.unit_file(split, unit), ok, clip_shard_table, cfg)
         _write_or_delete(layout.errors_file(unit), failed, errors_table, cfg)
         by_stage = collections.Counter(f["stage"] for f in failed)
         stats = {
@@ -332,6 +342,7 @@ class UnitEncoder:
             "failed": len(failed),
             **{f"failed_{s}": by_stage.get(s, 0) for s in schema.STAGES},
             "audio_seconds": float(sum(r["duration_s"] for r in ok)),
+            "bytes": size,
         }
         storage.write_bytes(layout.commit_marker(unit), json.dumps(stats).encode(), cfg.storage)
         return stats
@@ -342,12 +353,16 @@ def _write_or_delete(
     rows: list[dict[str, Any]],
     to_table: Callable[[list[dict[str, Any]]], pa.Table],
     cfg: Config,
-) -> None:
-    """Write a unit's file, or make sure none is left from an earlier, different attempt."""
-    if rows:
-        storage.write_parquet(uri, to_table(rows), cfg.storage)
-    else:
+) -> int:
+    """Write a unit's file (returning its size), or make sure none is left from an earlier,
+    different attempt."""
+    if not rows:
         storage.delete(uri, cfg.storage)
+        return 0
+    sink = io.BytesIO()
+    pq.write_table(to_table(rows), sink, compression="zstd")
+    storage.write_bytes(uri, sink.getvalue(), cfg.storage)
+    return sink.tell()
 
 
 # --------------------------------------------------------------------------- driver
@@ -420,9 +435,10 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
                 len(new_stats),
                 len(todo),
             )
+    all_stats = [*_read_stats(cfg, layout, skipped), *new_stats]
+    shards = compact(cfg, layout, plan["units"], {int(s["unit"]): s for s in all_stats})
     wall = time.perf_counter() - started
     this_run = _totals(new_stats)
-    all_stats = [*_read_stats(cfg, layout, skipped), *new_stats]
     total = _totals(all_stats)
     failure = failure_message(total["ok"], total["failed"], cfg.ingest.max_failed_share)
     failing_units = [layout.errors_file(s["unit"]) for s in all_stats if s["failed"]]
@@ -436,6 +452,7 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
         "clips_failed": total["failed"],
         "failed_by_stage": {s: total[f"failed_{s}"] for s in schema.STAGES},
         "audio_hours": total["audio_seconds"] / 3600.0,
+        "compaction": shards,
         "this_run": {
             "units_committed": this_run["units"],
             "units_skipped": len(skipped),

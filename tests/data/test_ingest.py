@@ -141,6 +141,12 @@ def test_resume_refuses_a_different_corpus(tmp_path: Path) -> None:
         load_or_build_manifest(
             load_config(overrides=[*base, "corpus.limit=2", "ingest.store_audio=false"]), layout
         )
+    # An output of the older layout (one clips file per unit, no compaction) is refused.
+    stored = json.loads(Path(layout.unit_plan_file).read_text())
+    del stored["layout"]
+    Path(layout.unit_plan_file).write_text(json.dumps(stored))
+    with pytest.raises(IngestError, match="older ingest .* re-ingest into a new ingest.output"):
+        load_or_build_manifest(cfg, layout)
 
 
 def test_codes_column_round_trips_int16() -> None:
@@ -513,9 +519,13 @@ def test_sigkill_mid_run_then_resume_matches_clean_run(
     _kill_after_first_commit([*command, "ray.num_cpus=2"], env, commits, tmp_path / "killed.log")
     n_committed = len(list(commits.iterdir()))
     assert 1 <= n_committed < 8, f"the kill should land mid-run ({n_committed}/8 units)"
-    # No partial file is visible: everything under clips/ is a whole parquet file.
-    for part in storage.list_files(str(out / "clips"), ".parquet"):
+    # No partial file is visible: every staged unit file is a whole parquet file, and
+    # readers see nothing before compaction.
+    parts = storage.list_files(str(out / "units"), ".parquet")
+    assert 1 <= len(parts) <= n_committed + 2  # committed, or whole and being redone
+    for part in parts:
         pq.read_table(part)
+    assert storage.list_files(str(out / "clips"), ".parquet") == []
 
     assert job_main("ingest")(args) == 0
     summary = _summary(str(out))
