@@ -48,8 +48,8 @@ def seed_everything(seed: int) -> None:
 def deterministic_torch(cpus: float) -> None:
     """Torch in a training worker: as many threads as the worker holds whole CPUs (at
     least 1; float reductions depend on the thread count, so it is fixed by the config,
-    not by the machine) and deterministic kernels where torch has a choice (cuBLAS needs
-    its workspace setting for that, set before CUDA starts)."""
+    not by the machine) and deterministic kernels where torch has a choice (cuBLAS also
+    needs its workspace setting, read when its first handle is created)."""
     torch.set_num_threads(max(1, int(cpus)))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
