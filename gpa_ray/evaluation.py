@@ -16,7 +16,9 @@ A2T is reported under each configured method, all from the same R:
 
 Outputs under `eval.output` (local or s3://): `metrics.json` (every number, the recall@k
 curves, provenance), `metrics.md` (the table), `recall.png` (bars of R@1/5/10 and the
-recall@k curves) and `config.yaml`.
+recall@k curves), `config.yaml`, and `embeddings/`: the test pool's embeddings, which a
+rerun with the same weights, data and settings reuses instead of embedding again
+(`gpa_ray.evaluation_embeddings`).
 """
 
 from __future__ import annotations
@@ -249,13 +251,8 @@ def _write_report(cfg: Config, report: dict[str, Any], results: dict[str, Any], 
 
 def run_evaluation(cfg: Config) -> dict[str, Any]:
     """Evaluate the configured checkpoint on the full test pool and write the report."""
-    from gpa_ray.ray_embedding import (
-        embed_captions,
-        embed_clips,
-        fetch_embeddings,
-        read_captions,
-        start_embedding_job,
-    )
+    from gpa_ray.evaluation_embeddings import pool_embeddings
+    from gpa_ray.ray_embedding import read_captions, start_embedding_job
 
     cfg = resolve_stage_uris(cfg)
     ev = cfg.eval
@@ -272,16 +269,14 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
     captions = read_captions(ev.data, ev.split, ev.corpus, cfg.storage)
     text_ids = captions.column("text_id").to_pylist()
     rescoring, bias_info = _rescoring(cfg, ev.methods, text_ids)
-    texts = embed_captions(checkpoint, captions, pool=ev.embed_pool, storage_cfg=cfg.storage)
-    clips = embed_clips(
-        checkpoint, ev.data, ev.split, corpus=ev.corpus, pool=ev.embed_pool, storage_cfg=cfg.storage
-    )
-    clip_ids, audio = fetch_embeddings(clips, "clip_id")
-    logger.info("embedded %d test clips and %d captions", len(clip_ids), len(text_ids))
+    embedded = pool_embeddings(cfg, checkpoint, captions)
+    clip_ids = embedded.clip_ids
+    if not embedded.reused:
+        logger.info("embedded %d test clips and %d captions", len(clip_ids), len(text_ids))
     target = caption_index(clip_ids, captions.column("clip_id").to_pylist())
     model, _ = load_gpa(checkpoint, cfg.storage, "cpu")
     with torch.inference_mode():
-        scores = model.score_pool(audio, texts, ev.block_size)
+        scores = model.score_pool(embedded.audio, embedded.texts, ev.block_size)
     results = evaluate_scores(scores, target, ev.methods, rescoring, ev.block_size)
     pool = {
         "data": ev.data,
@@ -289,6 +284,7 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
         "corpus": ev.corpus,
         "clips": len(clip_ids),
         "captions": len(text_ids),
+        "embeddings_reused": embedded.reused,
     }
     report = {
         "checkpoint": checkpoint,

@@ -21,7 +21,7 @@ from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.checkpoints import read_config, resolve_checkpoint
 from gpa_ray.config import ActorPoolConfig, Config, StorageConfig
-from gpa_ray.data.loaders import LoaderError, read_clips, split_files
+from gpa_ray.data.loaders import LoaderError, ordered, read_clips, split_files
 from gpa_ray.data.schema import text_id
 from gpa_ray.embedding_table import embedding_table, embeddings_from_table
 from gpa_ray.models.factory import load_gpa
@@ -183,7 +183,7 @@ def embed_captions(
     import ray
 
     storage_cfg = storage_cfg or StorageConfig()
-    texts = ray.data.from_arrow(captions.select(["text_id", "caption"]))
+    texts = ordered(ray.data.from_arrow(captions.select(["text_id", "caption"])))
     pool = pool or ActorPoolConfig()
     dataset = _on_actor_pool(texts, TextEmbedder, checkpoint, pool, storage_cfg)
     return fetch_embeddings_in_order(dataset, "text_id", captions.column("text_id").to_pylist())

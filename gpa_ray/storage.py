@@ -14,6 +14,7 @@ import io
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -41,6 +42,20 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+class _ConfiguredS3FileSystem(pafs.S3FileSystem):
+    """An S3 filesystem that is rebuilt from its `StorageConfig` when unpickled. Ray Data
+    pickles the filesystem into its read tasks, and pyarrow's own pickling drops the retry
+    strategy (a task would retry 3 times, not `max_attempts`) and carries the resolved
+    credentials in the task arguments; rebuilt, the task resolves them where it runs."""
+
+    def __init__(self, cfg: StorageConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cfg = cfg
+
+    def __reduce__(self) -> tuple[Any, tuple[StorageConfig]]:
+        return _s3_filesystem, (self._cfg,)
+
+
 @functools.lru_cache(maxsize=16)
 def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
     endpoint = (
@@ -66,7 +81,7 @@ def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
         if cfg.session_token:
             kwargs["session_token"] = cfg.session_token
     kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts)
-    return pafs.S3FileSystem(**kwargs)
+    return _ConfiguredS3FileSystem(cfg, **kwargs)
 
 
 def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from gpa_ray import storage
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.bias_file import read_bias
 from gpa_ray.bias_job import run_bias_job
-from gpa_ray.config import Config, EvalConfig, SinkhornConfig
+from gpa_ray.checkpoints import read_config, weights_digest
+from gpa_ray.config import ActorPoolConfig, Config, EvalConfig, SinkhornConfig
 from gpa_ray.evaluation import (
     METRICS_FILE,
     PLOT_FILE,
@@ -41,6 +43,7 @@ from gpa_ray.sinkhorn import (
 )
 from gpa_ray.testing.data import ESC50_POOL_TEST, ESC50_POOL_TRAIN
 from gpa_ray.testing.jobs import job_main
+from gpa_ray.testing.models import tiny_gpa_checkpoint
 from gpa_ray.testing.services import S3Server
 
 N_TRAIN, N_TEST = ESC50_POOL_TRAIN, ESC50_POOL_TEST
@@ -290,3 +293,51 @@ def test_bias_job_then_evaluate_end_to_end_on_s3(
     assert "Sinkhorn text bias" in table_md and "DSL (leaking" in table_md
     assert storage.read_bytes(storage.join(output, PLOT_FILE), s3).startswith(PNG_SIGNATURE)
     assert storage.exists(storage.join(output, storage.CONFIG_FILE), s3)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_a_rerun_reuses_the_embeddings_and_other_weights_recompute_them(
+    ray_session: None,
+    esc50_pool: str,
+    lass_checkpoint: str,
+    s3_server: S3Server,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The evaluation keeps the test pool's embeddings at its output: a rerun reads them
+    (no embedding job) and reports the very same table; a checkpoint overwritten with
+    other weights at the same URI is recomputed, because the key is the weights digest."""
+    s3 = s3_server.storage
+    checkpoint = str(tmp_path / "checkpoint")
+    model_cfg = read_config(lass_checkpoint, s3)
+    tiny_gpa_checkpoint(checkpoint, model_cfg, seed=0)
+    cfg = Config(
+        storage=s3,
+        eval=EvalConfig(
+            checkpoint=checkpoint,
+            data=esc50_pool,
+            output=str(tmp_path / "eval"),
+            methods=["none", "dual_softmax"],
+            embed_pool=ActorPoolConfig(actors=1, cpus_per_actor=0.5, batch_size=5),
+        ),
+    )
+    caplog.set_level(logging.INFO, logger="gpa_ray")
+    first = run_evaluation(cfg)
+    assert not first["pool"]["embeddings_reused"]
+    caplog.clear()
+    again = run_evaluation(cfg)
+    assert again["pool"]["embeddings_reused"] and again["rows"] == first["rows"]
+    assert "no embedding job" in caplog.text and "embedded " not in caplog.text
+    stored = json.loads((tmp_path / "eval" / "embeddings" / "settings.json").read_text())
+    assert stored["weights_sha256"] == weights_digest(checkpoint)
+
+    tiny_gpa_checkpoint(checkpoint, model_cfg, seed=1)
+    caplog.clear()
+    other = run_evaluation(cfg)
+    assert not other["pool"]["embeddings_reused"]
+    assert "other weights_sha256: recomputing" in caplog.text
+    assert other["rows"] != first["rows"]
+    assert json.loads((tmp_path / "eval" / "embeddings" / "settings.json").read_text())[
+        "weights_sha256"
+    ] == weights_digest(checkpoint)

@@ -73,7 +73,10 @@ def read_clips(
     columns: Sequence[str] | None = None,
     storage_cfg: StorageConfig | None = None,
 ) -> Any:
-    """One split as a lazy Ray Dataset of `columns` (all if None); local path or s3://."""
+    """One split as a lazy Ray Dataset of `columns` (all if None); local path or s3://.
+
+    Its rows come in file order, then row order (`ordered`), however the read tasks
+    finish, so every consumer sees the same sequence run after run."""
     import ray
 
     files = split_files(data, split, corpus, storage_cfg)
@@ -82,9 +85,19 @@ def read_clips(
         raise LoaderError(f"no clip shards found at {where}; run ingest first")
     fs, _ = storage.resolve(files[0], storage_cfg)
     paths = [storage.resolve(uri, storage_cfg)[1] for uri in files]
-    dataset = ray.data.read_parquet(paths, filesystem=fs)
+    dataset = ordered(ray.data.read_parquet(paths, filesystem=fs))
     # Ray Data pushes the projection down into the parquet reader.
     return dataset.select_columns(list(columns)) if columns is not None else dataset
+
+
+def ordered(dataset: Any) -> Any:
+    """`dataset` with `preserve_order` set in its own DataContext (shared by every dataset
+    derived from it): blocks leave each operator in input order, `streaming_split` deals
+    them to workers deterministically (ignoring locality), and batches leave the collate
+    threads of `iter_batches` in order. Without it, each depends on which task finishes
+    first, and so do float sums, batch composition and shuffles downstream."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,20 +118,36 @@ def build_trainer(loop: TrainLoop, datasets: dict[str, Any]) -> Any:
         datasets=datasets,
         # Validation is not split: every worker reads it whole and evaluates a strided
         # share, so no row is dropped to make equal shards.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], execution_options=ordered_ingest_options()
+        ),
     )
+
+
+def ordered_ingest_options() -> Any:
+    """Ray Train's default ingest options with `preserve_order`: Train replaces each
+    dataset's execution options with these, so the order `loaders.read_clips` asks for
+    must be asked for again here (see `loaders.ordered` for what it fixes)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def clip_datasets(loop: TrainLoop) -> dict[str, Any]:
     """{"train": ..., "val": ...} Ray Datasets of the configured splits (val if present).
 
-    Train streams (a fresh, block-shuffled read per epoch); the validation split, small by
+    Train streams (a fresh read per epoch, its blocks in an order drawn from
+    `train.seed`: the same every epoch and after a resume; each worker's local shuffle
+    buffer, seeded per epoch, varies the order within it); the validation split, small by
     nature, is materialised once.
     """
     cfg = loop.cfg
     data = data_uri(cfg)
     read = {"corpus": cfg.train.corpus, "columns": loop.columns, "storage_cfg": cfg.storage}
-    out = {"train": loaders.read_clips(data, cfg.train.train_split, **read).randomize_block_order()}
+    train = loaders.read_clips(data, cfg.train.train_split, **read)
+    out = {"train": train.randomize_block_order(seed=cfg.train.seed)}
     if loaders.split_files(data, cfg.train.val_split, cfg.train.corpus, cfg.storage):
         # Read once into the object store: every worker iterates it whole every epoch.
         with _without_progress_bars():

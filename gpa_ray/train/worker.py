@@ -45,6 +45,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def deterministic_torch(cpus: float) -> None:
+    """Torch in a training worker: as many threads as the worker holds whole CPUs (at
+    least 1; float reductions depend on the thread count, so it is fixed by the config,
+    not by the machine) and deterministic kernels where torch has a choice (cuBLAS also
+    needs its workspace setting, read when its first handle is created)."""
+    torch.set_num_threads(max(1, int(cpus)))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """A seed per (run seed, rank, epoch): ranks draw different masks and orders, and a
     resumed epoch draws exactly what the interrupted one drew."""
@@ -106,7 +116,7 @@ def train_worker(config: dict[str, Any]) -> None:
     loop: TrainLoop = config["loop"]
     run_uri: str = config["run_uri"]
     cfg = loop.cfg
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    deterministic_torch(cfg.train.cpus_per_worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(cfg.train.seed)
@@ -134,6 +144,9 @@ def train_worker(config: dict[str, Any]) -> None:
     for epoch in range(state.epoch, cfg.train.epochs):
         started, cpu_started = time.perf_counter(), time.process_time()
         generator.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
+        # Dropout draws from the global generators: reseeded per epoch, so a resumed
+        # epoch draws what the interrupted one drew.
+        seed_everything(epoch_seed(cfg.train.seed, rank, epoch))
         model.train()
         sums: dict[str, float] = {}
         steps = 0
