@@ -191,9 +191,7 @@ def probe_main(version_dir: str, queries_file: str, n_exhaustive: int) -> dict[s
         stage1 = []
         for s in shards:
             mapped_side = getattr(s, side)
-            scores, rows = mapped_side.ann.search(ann.pad(global_), 100)
-            ids = mapped_side.ids
-            stage1.append([[ids[int(r)].as_py() for r in row if r >= 0] for row in rows])
+            stage1.append(shortlists(mapped_side, global_, settings, 100))
         times, top10 = [], []
         for b in range(len(global_)):
             query = Embeddings(
@@ -212,6 +210,22 @@ def probe_main(version_dir: str, queries_file: str, n_exhaustive: int) -> dict[s
     out["rss_after_queries"] = smaps()
     if n_exhaustive:
         out["exhaustive"] = exhaustive(shards, model, q, n_exhaustive)
+    return out
+
+
+def shortlists(side: Any, queries: np.ndarray, settings: Any, n: int) -> list[list[str]]:
+    """The ids stage 1 shortlists per query, as the searcher forms them: the ANN's best
+    n (IVF-PQ: its best `refine` x n, re-scored exactly from the stored vectors)."""
+    from gpa_ray.index import ann
+
+    _, rows = side.ann.search(ann.pad(queries), settings.candidates(n))
+    out = []
+    for b, row in enumerate(rows):
+        row = row[row >= 0]
+        if settings.kind == "ivfpq":
+            exact = np.asarray(side.global_[row], np.float32) @ queries[b]
+            row = row[np.argsort(-exact, kind="stable")[:n]]
+        out.append([side.ids[int(r)].as_py() for r in row])
     return out
 
 
@@ -276,20 +290,25 @@ def reload_main(first: str, second: str, queries_file: str) -> dict[str, Any]:
     q = np.load(queries_file)
     query = Embeddings(torch.from_numpy(q["text_global"]), torch.from_numpy(q["text_prototypes"]))
 
-    def serve(uri: str) -> IndexSearcher:
+    def open_searcher(uri: str) -> IndexSearcher:
         shards = mapped.open_version(uri)
         kind = shards[0].manifest.search["ann"]["kind"]
-        searcher = IndexSearcher(shards, model, ann.AnnSettings(kind=kind), 100)
+        return IndexSearcher(shards, model, ann.AnnSettings(kind=kind), 100)
+
+    def warm(searcher: IndexSearcher) -> None:
         for b in range(len(query)):
             searcher.text_to_audio(query[b : b + 1], 10)
-        return searcher
 
     base = _rss_bytes("VmRSS")
-    current = serve(first)
+    current = open_searcher(first)
+    warm(current)
     one_version = _rss_bytes("VmRSS") - base
     _reset_peak()
-    current = serve(second)  # the replica's swap: the old searcher is released here
+    # What SearchService.reload does: map the new version, swap, release the old (its
+    # pages are unmapped with it), then queries page in the new one.
+    current = open_searcher(second)
     gc.collect()
+    warm(current)
     peak = _rss_bytes("VmHWM") - base
     return {
         "one_version_bytes": one_version,
@@ -425,10 +444,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [s["n_clips"] for s in report["sizes"]]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for kind in report["sizes"][0]["kinds"]:
-        rows = [s["kinds"][kind] for s in report["sizes"]]
+        having = [s for s in report["sizes"] if kind in s["kinds"]]
+        sizes = [s["n_clips"] for s in having]
+        rows = [s["kinds"][kind] for s in having]
         axes[0].plot(sizes, [r["rss_growth_bytes_per_item"] for r in rows], "o-", label=kind)
         axes[1].plot(sizes, [1e3 * r["load_s"] for r in rows], "o-", label=kind)
         axes[2].plot(sizes, [r["t2a"]["p50_ms"] for r in rows], "o-", label=kind)
@@ -455,6 +475,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--kinds", nargs="+", default=["flat", "ivf", "ivfpq"])
+    parser.add_argument(
+        "--large-kinds",
+        nargs="+",
+        default=["flat", "ivf"],
+        help="kinds measured at N >= 1M (IVF-PQ training takes long on 2 cores)",
+    )
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--exhaustive", type=int, default=100, help="queries scored exhaustively")
     parser.add_argument("--work", type=Path, default=Path("outputs/benchmarks/index_scale"))
@@ -469,7 +495,8 @@ def main() -> None:
         "sizes": [],
     }
     for n in args.sizes:
-        report["sizes"].append(run_size(args.work, n, args.kinds, args.queries, args.exhaustive))
+        kinds = args.large_kinds if n >= 1_000_000 else args.kinds
+        report["sizes"].append(run_size(args.work, n, kinds, args.queries, args.exhaustive))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
     plot(report, args.out.with_suffix(".png"))
