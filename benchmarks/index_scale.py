@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ import numpy as np
 
 E, K1 = 256, 4
 UNIT_ROWS = 50_000
+SHORTLISTS = (100, 200, 400)
+"""Shortlists at which the end-to-end top-10 is compared with exhaustive scoring."""
 QUERY_NOISE = 0.5
 
 
@@ -158,11 +159,13 @@ def build_main(version_dir: str, kind: str, shards: int) -> dict[str, Any]:
         search=search,
     )
     store.write_manifest(layout.root, manifest)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"build_s": build_s, "build_peak_rss_bytes": peak, "search": search}
+    # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
+    return {"build_s": build_s, "build_peak_rss_bytes": _rss_bytes("VmHWM"), "search": search}
 
 
-def probe_main(version_dir: str, queries_file: str, n_exhaustive: int) -> dict[str, Any]:
+def probe_main(
+    version_dir: str, queries_file: str, n_exhaustive: int, n_agree: int
+) -> dict[str, Any]:
     """Map the version, search every query, report memory, time and what was found."""
     import torch
 
@@ -210,6 +213,29 @@ def probe_main(version_dir: str, queries_file: str, n_exhaustive: int) -> dict[s
     out["rss_after_queries"] = smaps()
     if n_exhaustive:
         out["exhaustive"] = exhaustive(shards, model, q, n_exhaustive)
+    out["top10_by_shortlist"] = {
+        name: {
+            str(short): [
+                [r["clip_id" if name == "t2a" else "text_id"] for r in found[0]]
+                for found in (
+                    method(
+                        Embeddings(
+                            torch.from_numpy(q[f"{key}_global"][b : b + 1]),
+                            torch.from_numpy(q[f"{key}_prototypes"][b : b + 1]),
+                        ),
+                        10,
+                        short,
+                    )
+                    for b in range(n_agree)
+                )
+            ]
+            for short in SHORTLISTS
+        }
+        for name, key, method in (
+            ("t2a", "text", searcher.text_to_audio),
+            ("a2t", "audio", searcher.audio_to_text),
+        )
+    }
     return out
 
 
@@ -365,7 +391,11 @@ def run_size(root: Path, n: int, kinds: list[str], n_queries: int, n_exhaustive:
                     link.symlink_to(units / "units" / side)
             build = _child("--build", str(version), kind, str(shards))
             probe = _child(
-                "--probe", str(version), str(qfile), str(n_exhaustive if kind == "flat" else 0)
+                "--probe",
+                str(version),
+                str(qfile),
+                str(n_exhaustive if kind == "flat" else 0),
+                str(n_exhaustive),
             )
             results[f"{kind}-s{shards}"] = {
                 "build": build,
@@ -407,9 +437,16 @@ def summarise(n: int, results: dict[str, Any], reload: dict[str, Any]) -> dict[s
             ]
             m = len(truth[direction])
             agree = [a == b for a, b in zip(got["top10"][:m], truth[direction], strict=True)]
+            by_shortlist = {
+                short: float(
+                    np.mean([a == b for a, b in zip(found, truth[direction], strict=True)])
+                )
+                for short, found in probe["top10_by_shortlist"][direction].items()
+            }
             row[direction] = {
                 "stage1_recall_at_100": float(np.mean(recall)),
                 "top10_equals_exhaustive_share": float(np.mean(agree)),
+                "top10_equals_exhaustive_share_by_shortlist": by_shortlist,
                 "p50_ms": got["p50_ms"],
                 "p99_ms": got["p99_ms"],
             }
@@ -468,7 +505,7 @@ def main() -> None:
         if mode == "--build":
             print(json.dumps(build_main(args[0], args[1], int(args[2]))))
         elif mode == "--probe":
-            print(json.dumps(probe_main(args[0], args[1], int(args[2]))))
+            print(json.dumps(probe_main(args[0], args[1], int(args[2]), int(args[3]))))
         else:
             print(json.dumps(reload_main(*args)))
         return

@@ -10,6 +10,7 @@ copied to a local cache folder (`serve.cache_dir`), once per node.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import shutil
 import tempfile
@@ -51,7 +52,7 @@ def local_shard_dir(
     remote = shard_files.shard_dir(layout.dir, shard)
     if not storage.is_s3(remote):
         return storage.resolve(remote)[1]
-    local = os.path.join(cache_dir, layout.version, f"shard-{shard:03d}")
+    local = os.path.join(_cached_version(cache_dir, layout.dir), f"shard-{shard:03d}")
     if os.path.exists(os.path.join(local, COMPLETE)):
         return local
     protos = bool(manifest.n_prototypes)
@@ -67,9 +68,17 @@ def cache_root(cache_dir: str) -> str:
     return cache_dir or os.path.join(tempfile.gettempdir(), CACHE_FOLDER)
 
 
-def drop_cached(cache_dir: str, version: str) -> None:
-    """Delete a version's local copy (after the service moved off it)."""
-    shutil.rmtree(os.path.join(cache_root(cache_dir), version), ignore_errors=True)
+def _cached_version(cache_dir: str, version_dir: str) -> str:
+    """A version's folder in the cache: its name and a hash of its URI (two indexes may
+    both have a version "v1")."""
+    key = hashlib.sha256(version_dir.encode()).hexdigest()[:16]
+    return os.path.join(cache_root(cache_dir), f"{os.path.basename(version_dir)}-{key}")
+
+
+def drop_cached(cache_dir: str, version_dir: str) -> None:
+    """Delete a version's local copy (after the service moved off it; replicas that still
+    map its files keep them until they unmap them)."""
+    shutil.rmtree(_cached_version(cache_dir, version_dir), ignore_errors=True)
 
 
 class MappedSide:

@@ -29,6 +29,7 @@ from gpa_ray.index.search import CLIP_RECORD, ClipFilter, IndexSearcher
 from gpa_ray.index.store import IndexManifest, read_manifest, resolve_version
 from gpa_ray.models.factory import LoadedGPA, load_gpa_checkpoint
 from gpa_ray.models.gpa import Embeddings, GPAModel
+from gpa_ray.storage import is_s3
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +202,12 @@ class SearchService:
         """Switch to the version the index URI names now, if it differs; report both."""
         with self._lock:
             before = self.version
+            old_dir = self.searcher.shards[0].shard.layout.dir
             latest = self.latest_version()
             if latest != before:
                 self.searcher = self._load(self.uri)  # the old one is unmapped when unused
-                drop_cached(self.cfg.serve.cache_dir, before)
+                if is_s3(old_dir):
+                    drop_cached(self.cfg.serve.cache_dir, old_dir)
             return {
                 "previous_version": before,
                 "index_version": self.version,

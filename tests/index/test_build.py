@@ -100,6 +100,8 @@ def test_unit_embedder_matches_plain_loop_and_records_failures(
         "clips": len(kept),
         "texts": sum(len(r["captions"]) for r in kept),
         "failed": 1,
+        "reused": 0,
+        "deleted": 0,
         "with_audio": len(kept),
         "embed_dim": 16,
         "n_prototypes": 4,
