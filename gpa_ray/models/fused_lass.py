@@ -86,10 +86,9 @@ static inline void softmax(vf *v, int k) {
     for (int p = 0; p < k; p++) v[p] *= inverse;
 }
 
-/* v <- softmax(W softmax(v) + b) (W [k][k] row-major: nn.Linear's weight). */
-static inline void weights(vf *v, int k, const float *w, const float *b) {
+/* v <- softmax(W v + b) (W [k][k] row-major: nn.Linear's weight). */
+static inline void remap(vf *v, int k, const float *w, const float *b) {
     vf mapped[KMAX];
-    softmax(v, k);
     for (int p = 0; p < k; p++) {
         mapped[p] = splat(b[p]);
         for (int q = 0; q < k; q++) mapped[p] += w[p * k + q] * v[q];
@@ -98,42 +97,96 @@ static inline void weights(vf *v, int k, const float *w, const float *b) {
     softmax(v, k);
 }
 
-/* One LASS branch on x [KA][KT]: pool over the audio axis with (w1, b1), then over the
-   text axis with (w2, b2); transposed: the text axis first. */
-static inline vf branch(vf x[KA][KT], int transposed, const float *w1, const float *b1,
-                        const float *w2, const float *b2) {
+/* Stage-1 weights of both branches: audio[i][j] = softmax_i x[i][j] (per column j),
+   text[i][j] = softmax_j x[i][j] (per row i). Both share exp(x - pair maximum), exact
+   as long as no entry is more than 80 below its pair's maximum (prototype cosines
+   differ by at most 2); otherwise every column and row is shifted by its own maximum. */
+static inline void stage_one(vf x[KA][KT], vf audio[KA][KT], vf text[KA][KT]) {
+    vf top = x[0][0], low = x[0][0];
+    for (int i = 0; i < KA; i++)
+        for (int j = 0; j < KT; j++) {
+            top = vmax(top, x[i][j]);
+            low = -vmax(-low, -x[i][j]);
+        }
+    vi far = (top - low) > 80.0f;
+    int any_far = 0;
+    for (int l = 0; l < LANES; l++) any_far |= far[l];
+    if (any_far) {
+        vf column[KA], row[KT];
+        for (int j = 0; j < KT; j++) {
+            for (int i = 0; i < KA; i++) column[i] = x[i][j];
+            softmax(column, KA);
+            for (int i = 0; i < KA; i++) audio[i][j] = column[i];
+        }
+        for (int i = 0; i < KA; i++) {
+            for (int j = 0; j < KT; j++) row[j] = x[i][j];
+            softmax(row, KT);
+            for (int j = 0; j < KT; j++) text[i][j] = row[j];
+        }
+        return;
+    }
+    vf e[KA][KT], col_sum[KT], row_sum[KA];
+    for (int j = 0; j < KT; j++) col_sum[j] = splat(0.0f);
+    for (int i = 0; i < KA; i++) {
+        row_sum[i] = splat(0.0f);
+        for (int j = 0; j < KT; j++) {
+            e[i][j] = vexp(x[i][j] - top);
+            row_sum[i] += e[i][j];
+            col_sum[j] += e[i][j];
+        }
+    }
+    for (int j = 0; j < KT; j++) col_sum[j] = 1.0f / col_sum[j];
+    for (int i = 0; i < KA; i++) row_sum[i] = 1.0f / row_sum[i];
+    for (int i = 0; i < KA; i++)
+        for (int j = 0; j < KT; j++) {
+            audio[i][j] = e[i][j] * col_sum[j];
+            text[i][j] = e[i][j] * row_sum[i];
+        }
+}
+
+/* One LASS branch on x [KA][KT] with its stage-1 weights w0: pool over the audio axis
+   with (w1, b1), then over the text axis with (w2, b2); transposed: text axis first. */
+static inline vf branch(vf x[KA][KT], vf w0[KA][KT], int transposed, const float *w1,
+                        const float *b1, const float *w2, const float *b2) {
     int k1 = transposed ? KT : KA, k2 = transposed ? KA : KT;
     vf pooled[KMAX], v[KMAX], out = splat(0.0f);
     for (int q = 0; q < k2; q++) {
-        for (int p = 0; p < k1; p++) v[p] = transposed ? x[q][p] : x[p][q];
-        weights(v, k1, w1, b1);
+        for (int p = 0; p < k1; p++) v[p] = transposed ? w0[q][p] : w0[p][q];
+        remap(v, k1, w1, b1);
         pooled[q] = splat(0.0f);
         for (int p = 0; p < k1; p++) pooled[q] += v[p] * (transposed ? x[q][p] : x[p][q]);
     }
     for (int q = 0; q < k2; q++) v[q] = pooled[q];
-    weights(v, k2, w2, b2);
+    softmax(v, k2);
+    remap(v, k2, w2, b2);
     for (int q = 0; q < k2; q++) out += v[q] * pooled[q];
     return out;
 }
 
-/* S'_p of audio rows [a0, a1) x every text. prod is the prototype product
-   [KA * n_audio, KT * n_text] (row i * n_audio + a, column j * n_text + t); out [n_audio,
-   n_text]. wa/ba: L_a (KA x KA), wt/bt: L_t (KT x KT). */
+/* S'_p of audio rows [a0, a1) x every text. prod is the prototype product in the
+   embeddings' own layout, [n_audio * KA, n_text * KT] (row a * KA + i, column t * KT + j);
+   out [n_audio, n_text]. wa/ba: L_a (KA x KA), wt/bt: L_t (KT x KT). */
 void lass_rows(const float *prod, int64_t n_audio, int64_t n_text, int64_t a0, int64_t a1,
                const float *wa, const float *ba, const float *wt, const float *bt,
                float *out) {
-    vf x[KA][KT];
-    int64_t row = KT * n_text;
+    vf x[KA][KT], audio[KA][KT], text[KA][KT];
+    float lanes[KT][LANES];
     for (int64_t a = a0; a < a1; a++) {
         for (int64_t t0 = 0; t0 < n_text; t0 += LANES) {
             int64_t n = n_text - t0 < LANES ? n_text - t0 : LANES;
-            for (int i = 0; i < KA; i++)
-                for (int j = 0; j < KT; j++) {
-                    x[i][j] = splat(0.0f);
-                    memcpy(&x[i][j], prod + (i * n_audio + a) * row + j * n_text + t0,
-                           sizeof(float) * n);
+            for (int i = 0; i < KA; i++) {
+                const float *src = prod + ((a * KA + i) * n_text + t0) * KT;
+                if (n == LANES) {
+                    for (int l = 0; l < LANES; l++)
+                        for (int j = 0; j < KT; j++) lanes[j][l] = src[l * KT + j];
+                } else {
+                    for (int l = 0; l < LANES; l++)
+                        for (int j = 0; j < KT; j++) lanes[j][l] = l < n ? src[l * KT + j] : 0.0f;
                 }
-            vf s = branch(x, 0, wa, ba, wt, bt) + branch(x, 1, wt, bt, wa, ba);
+                for (int j = 0; j < KT; j++) memcpy(&x[i][j], lanes[j], sizeof x[i][j]);
+            }
+            stage_one(x, audio, text);
+            vf s = branch(x, audio, 0, wa, ba, wt, bt) + branch(x, text, 1, wt, bt, wa, ba);
             memcpy(out + a * n_text + t0, &s, sizeof(float) * n);
         }
     }
@@ -200,8 +253,10 @@ def lass_scores(
     library = _library(ka, kt)
     if library is None:
         raise RuntimeError("the fused LASS kernel could not be built on this machine")
-    audio = audio_prototypes.detach().float().transpose(0, 1).reshape(ka * n_audio, dim)
-    text = text_prototypes.detach().float().transpose(0, 1).reshape(kt * n_text, dim)
+    # The embeddings' own layout (a view for contiguous inputs, no copy): row a * Ka + i,
+    # column t * Kt + j. One matrix product, as `prototype_similarity_first` makes.
+    audio = audio_prototypes.detach().float().reshape(n_audio * ka, dim)
+    text = text_prototypes.detach().float().reshape(n_text * kt, dim)
     prod = (audio @ text.T).contiguous()
     params = [p.detach().float().contiguous() for p in (l_a.weight, l_a.bias, l_t.weight, l_t.bias)]
     out = torch.empty(n_audio, n_text, dtype=torch.float32)

@@ -94,3 +94,16 @@ def test_without_a_compiler_the_kernel_is_unavailable(
         fused_lass._library.cache_clear()
     assert "plain path" in caplog.text
     assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+def test_fused_equals_plain_when_similarities_are_far_apart() -> None:
+    # Unnormalised prototypes (|s_p| up to hundreds): entries more than 80 below their
+    # pair's maximum take the kernel's per-column / per-row shifted softmax instead.
+    scorer = _trained_lass(4, 4, seed=9)
+    audio, text = 20 * _prototypes(6, 4, 16, seed=10), 20 * _prototypes(35, 4, 16, seed=11)
+    with torch.inference_mode():
+        plain = scorer.score_pairs(audio, text)
+        scorer.fused = True
+        fused = scorer.score_pairs(audio, text)
+    assert float(plain.abs().max()) > 100
+    assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-4)
