@@ -79,7 +79,8 @@ class BiasJobError(RuntimeError):
 class SinkhornResult:
     """Potentials of the distributed run: g [J] (the text bias), f [G] with the query clip
     ids in the same order, QB-Norm's querybank statistics, per-round and per-actor logs;
-    `resumed_at` is the first round this run computed (1 unless it resumed)."""
+    `resumed_at` is the first round this run computed (1 unless it resumed);
+    `startup_seconds` the actors' start (process, model, rows, texts) before round 1."""
 
     g: Tensor
     f: Tensor
@@ -88,6 +89,7 @@ class SinkhornResult:
     rounds: list[dict[str, float]]
     actors: list[dict[str, Any]]
     resumed_at: int = 1
+    startup_seconds: float = 0.0
 
 
 class RoundObserver:
@@ -131,9 +133,11 @@ def _start_actors(
     texts: Embeddings,
     cfg: SinkhornConfig,
     storage_cfg: StorageConfig,
-) -> tuple[list[Any], list[int]]:
+) -> tuple[list[Any], list[int], Any]:
     """One restartable `QueryShard` per part, each asking for the memory its share needs
-    (`actor_memory_bytes`), all reading the one shared copy of the texts."""
+    (`actor_memory_bytes`), all reading the one shared copy of the texts. Returns the
+    actors, their memory requests and the texts' object ref, which the caller holds until
+    the actors are done: a restarted actor fetches it again."""
     import ray
 
     n_rows = sum(part.rows for part in parts)
@@ -152,7 +156,7 @@ def _start_actors(
         )
         actors.append(options.remote(checkpoint, storage_cfg, part, [texts_ref], n_rows, cfg))
         requests.append(memory)
-    return actors, requests
+    return actors, requests, texts_ref
 
 
 def _initial_state(cfg: SinkhornConfig, n_texts: int, rounds: RoundLog | None) -> RoundState:
@@ -211,9 +215,14 @@ def distributed_sinkhorn(
     observer = observer or RoundObserver()
     state = _initial_state(cfg, len(texts), rounds)
     parts = _query_parts(queries, n_rows, actor_count(n_rows, cfg))
-    actors, requests = _start_actors(checkpoint, parts, texts, cfg, storage_cfg or StorageConfig())
+    actors, requests, texts_ref = _start_actors(
+        checkpoint, parts, texts, cfg, storage_cfg or StorageConfig()
+    )
     g, qb, records = state.g, state.qb, list(state.records)
+    started = time.perf_counter()
     try:
+        ray.get([a.ready.remote() for a in actors])
+        startup = time.perf_counter() - started
         for round_index in range(state.round + 1, cfg.n_iter + 1):
             start = time.perf_counter()
             new_g, round_qb = _round(actors, g, round_index, cfg, observer)
@@ -244,12 +253,13 @@ def distributed_sinkhorn(
     finally:
         for actor in actors:
             ray.kill(actor)
+        del texts_ref  # held while any actor could restart and fetch it
     assert qb is not None
     for stats, request in zip(actor_stats, requests, strict=True):
         stats["memory_request_mb"] = round(request / 2**20, 1)
     query_ids = [clip for ids, _ in potentials for clip in ids]
     f = torch.cat([f_part for _, f_part in potentials])
-    return SinkhornResult(g, f, query_ids, qb, records, actor_stats, state.round + 1)
+    return SinkhornResult(g, f, query_ids, qb, records, actor_stats, state.round + 1, startup)
 
 
 # ------------------------------------------------------------------ the job
@@ -276,6 +286,7 @@ def _metadata(
         "text_block_size": sk.text_block_size,
         "memory_budget_mb": sk.memory_budget_mb,
         "resumed_at_round": result.resumed_at,
+        "actor_startup_seconds": round(result.startup_seconds, 3),
         "rounds": result.rounds,
         "actors": result.actors,
         "seconds": seconds,

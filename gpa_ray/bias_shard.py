@@ -50,9 +50,8 @@ from gpa_ray.sinkhorn import (
     QBNormStats,
     combine_column_lse,
     combine_qb_norm_statistics,
-    qb_norm_statistics,
 )
-from gpa_ray.sinkhorn_fast import column_lse_fast, row_potential_fast
+from gpa_ray.sinkhorn_fast import column_lse_fast, qb_norm_statistics_fast, row_potential_fast
 
 if TYPE_CHECKING:
     import ray
@@ -212,6 +211,7 @@ class QueryShard:
     ) -> None:
         import ray
 
+        self._cpu_start = time.process_time()
         torch.set_num_threads(torch_threads(cfg.cpus_per_actor))
         self.cfg = cfg
         self.n_rows_total = n_rows_total
@@ -221,7 +221,9 @@ class QueryShard:
         self.query_ids = table.column("clip_id").to_pylist()
         self.queries = embeddings_from_table(table)
         del table
-        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's own property reads a deprecated field
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         self._texts = self._attach_texts(shared_texts[0])
         self.texts = texts_from_shared(self._texts)
         self.budget_bytes = int(cfg.memory_budget_mb * MB)
@@ -294,10 +296,14 @@ class QueryShard:
             f_parts.append(f_block)
             partials.append(column_lse_fast(block, f_block, cfg.epsilon))
             if with_qb_norm:
-                qb_parts.append(qb_norm_statistics(block, cfg.qb_norm_beta, cfg.qb_norm_k))
+                qb_parts.append(qb_norm_statistics_fast(block, cfg.qb_norm_beta, cfg.qb_norm_k))
         self.f = torch.cat(f_parts)
         qb = combine_qb_norm_statistics(qb_parts) if with_qb_norm else None
         return combine_column_lse(partials), qb
+
+    def ready(self) -> bool:
+        """Answers once the constructor is done (the driver times the actors' start)."""
+        return True
 
     def potentials(self) -> tuple[list[str], Tensor]:
         """(query clip ids, f) of this shard after the last round."""
@@ -316,6 +322,7 @@ class QueryShard:
             "largest_block_elements": self.largest_block,
             "score_passes": self.score_passes,
             "score_seconds": round(self.score_seconds, 4),
+            "cpu_seconds": round(time.process_time() - self._cpu_start, 3),
             "scorer": self.scorer,
             "restarted": self.restarted,
             "peak_rss_mb": round(memory.get("peak", peak_rss_mb()), 1),

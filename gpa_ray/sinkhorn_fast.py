@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from gpa_ray.sinkhorn import QBNormStats
+
 
 def _shifted_exp_sum(shifted: Tensor, dim: int, epsilon: float) -> tuple[Tensor, Tensor]:
     """(max along `dim`, sum along `dim` of exp((x - max) / eps)), x = `shifted`, which is
@@ -39,3 +41,16 @@ def column_lse_fast(block_scores: Tensor, f_block: Tensor, epsilon: float) -> Te
     """This block's LSE_i((R'_ij + f_i)/eps) [J], as `gpa_ray.sinkhorn.column_lse`."""
     top, total = _shifted_exp_sum(block_scores.float() + f_block.float()[:, None], 0, epsilon)
     return top / epsilon + torch.log(total)
+
+
+def qb_norm_statistics_fast(querybank_scores: Tensor, beta: float, k: int) -> QBNormStats:
+    """QB-Norm's statistics of a block of querybank rows, as
+    `gpa_ray.sinkhorn.qb_norm_statistics`: LSE_q(beta * s_qj) [J] and the items in the
+    top-k of some row [J] (the bias job reduces them in its first round)."""
+    bank = querybank_scores.float()
+    n_gallery = bank.shape[1]
+    top = torch.topk(bank, min(k, n_gallery), dim=1).indices.reshape(-1)
+    active = torch.zeros(n_gallery, dtype=torch.bool, device=bank.device)
+    active[top] = True
+    peak, total = _shifted_exp_sum(bank * beta, 0, 1.0)
+    return QBNormStats(peak + torch.log(total), active)

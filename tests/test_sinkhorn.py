@@ -13,12 +13,13 @@ from gpa_ray.sinkhorn import (
     combine_column_lse,
     dual_softmax,
     qb_norm,
+    qb_norm_statistics,
     row_potential,
     sinkhorn_potentials,
     sinkhorn_potentials_blockwise,
     transport_plan,
 )
-from gpa_ray.sinkhorn_fast import column_lse_fast, row_potential_fast
+from gpa_ray.sinkhorn_fast import column_lse_fast, qb_norm_statistics_fast, row_potential_fast
 
 R_3X4 = [[0.9, 0.1, 0.4, 0.2], [0.8, 0.3, 0.1, 0.0], [0.7, 0.2, 0.6, 0.5]]
 
@@ -230,3 +231,13 @@ def test_fast_block_updates_run_the_same_sinkhorn() -> None:
             partials.append(column_lse_fast(block, row_potential_fast(block, g, 0.05, 40), 0.05))
         g = column_potential(combine_column_lse(partials), 0.05)
     assert torch.allclose(g, g_ref, atol=1e-6, rtol=0)
+
+
+def test_fast_qb_norm_statistics_equal_the_reference() -> None:
+    gen = torch.Generator().manual_seed(7)
+    bank = torch.rand(19, 23, generator=gen) * 2 - 1
+    for k in (1, 3):
+        ref = qb_norm_statistics(bank, beta=20.0, k=k)
+        fast = qb_norm_statistics_fast(bank, beta=20.0, k=k)
+        assert torch.allclose(fast.lse, ref.lse, atol=1e-5, rtol=0)
+        assert torch.equal(fast.active, ref.active)
