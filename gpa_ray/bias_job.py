@@ -52,7 +52,14 @@ from gpa_ray.bias_progress import (
     round_settings,
     store_embeddings,
 )
-from gpa_ray.bias_shard import QueryPart, QueryShard, actor_memory_bytes, share_texts
+from gpa_ray.bias_shard import (
+    QueryPart,
+    QueryShard,
+    ScorerWeights,
+    actor_memory_bytes,
+    share_texts,
+)
+from gpa_ray.checkpoints import read_config, read_weights
 from gpa_ray.config import Config, SinkhornConfig, StorageConfig, resolve_stage_uris
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.ray_embedding import (
@@ -127,8 +134,18 @@ def _query_parts(queries: Any, n_rows: int, n_actors: int) -> list[QueryPart]:
     return [QueryPart(rows=part.count(), blocks=tuple(part.to_arrow_refs())) for part in splits]
 
 
+def read_scorer_weights(checkpoint: str, storage_cfg: StorageConfig) -> ScorerWeights:
+    """The checkpoint's scorer, read once on the driver for every actor (a scorer without
+    weights, like mean pooling, has no entries)."""
+    gpa = read_config(checkpoint, storage_cfg).gpa
+    state, _ = read_weights(checkpoint, storage_cfg)
+    prefix = "scorer."
+    scorer_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return ScorerWeights(gpa.scorer, gpa.n_prototypes + 1, scorer_state)
+
+
 def _start_actors(
-    checkpoint: str,
+    weights: ScorerWeights,
     parts: list[QueryPart],
     texts: Embeddings,
     cfg: SinkhornConfig,
@@ -154,7 +171,7 @@ def _start_actors(
             max_restarts=cfg.actor_restarts,
             max_task_retries=-1 if cfg.actor_restarts else 0,
         )
-        actors.append(options.remote(checkpoint, storage_cfg, part, [texts_ref], n_rows, cfg))
+        actors.append(options.remote(weights, storage_cfg, part, [texts_ref], n_rows, cfg))
         requests.append(memory)
     return actors, requests, texts_ref
 
@@ -215,9 +232,9 @@ def distributed_sinkhorn(
     observer = observer or RoundObserver()
     state = _initial_state(cfg, len(texts), rounds)
     parts = _query_parts(queries, n_rows, actor_count(n_rows, cfg))
-    actors, requests, texts_ref = _start_actors(
-        checkpoint, parts, texts, cfg, storage_cfg or StorageConfig()
-    )
+    storage_cfg = storage_cfg or StorageConfig()
+    weights = read_scorer_weights(checkpoint, storage_cfg)
+    actors, requests, texts_ref = _start_actors(weights, parts, texts, cfg, storage_cfg)
     g, qb, records = state.g, state.qb, list(state.records)
     started = time.perf_counter()
     try:

@@ -42,10 +42,8 @@ from gpa_ray import storage
 from gpa_ray.config import SinkhornConfig, StorageConfig
 from gpa_ray.embedding_table import embeddings_from_table
 from gpa_ray.models import fused_lass
-from gpa_ray.models.factory import load_gpa
-from gpa_ray.models.gpa import Embeddings, GPAModel
-from gpa_ray.models.scoring import LASSScorer
-from gpa_ray.ray_embedding import torch_threads
+from gpa_ray.models.gpa import Embeddings
+from gpa_ray.models.scoring import LASSScorer, PrototypeScorer, build_scorer
 from gpa_ray.sinkhorn import (
     QBNormStats,
     combine_column_lse,
@@ -59,8 +57,37 @@ if TYPE_CHECKING:
 MB = 2**20
 
 
+@dataclasses.dataclass(frozen=True)
+class ScorerWeights:
+    """All the job needs of a GPA checkpoint: its scorer's kind, prototype count (K+1) and
+    weights. The job scores stored embeddings, R = S_g + S'_p (eq 9), and never runs the
+    towers, so the driver reads these once and every actor builds just the scorer: no
+    tower weights in its memory, no text/audio model code imported in its process."""
+
+    kind: str
+    n_prototypes: int
+    state: dict[str, Tensor]
+
+    def build(self) -> PrototypeScorer | None:
+        scorer = build_scorer(self.kind, self.n_prototypes, self.n_prototypes)
+        if scorer is not None:
+            scorer.load_state_dict(self.state)
+            scorer.eval()
+        return scorer
+
+
+def score_tile(scorer: PrototypeScorer | None, audio: Embeddings, text: Embeddings) -> Tensor:
+    """R = S_g + S'_p (eq 9) for every audio x text pair of a tile, as `GPAModel.score`."""
+    scores = audio.global_ @ text.global_.T
+    if scorer is None:
+        return scores
+    if audio.prototypes is None or text.prototypes is None:
+        raise ValueError("this GPA model scores prototypes but the embeddings have none")
+    return scores + scorer.score_pairs(audio.prototypes, text.prototypes)
+
+
 def iter_row_blocks(
-    model: GPAModel,
+    scorer: PrototypeScorer | None,
     queries: Embeddings,
     texts: Embeddings,
     block_size: int,
@@ -68,15 +95,14 @@ def iter_row_blocks(
 ) -> Iterator[Tensor]:
     """R' in row blocks [<= block_size, J], each assembled from [block, text_block] tiles, so
     at most one row block (plus one tile's scorer intermediates) is alive at a time."""
-    tiles: list[Tensor] = []
-    current = 0
-    for tile in model.iter_score_tiles(queries, texts, block_size, text_block_size):
-        if tile.audio_start != current and tiles:
-            yield torch.cat(tiles, dim=1)
-            tiles = []
-        current = tile.audio_start
-        tiles.append(tile.scores)
-    if tiles:
+    if block_size <= 0 or text_block_size <= 0:
+        raise ValueError("block sizes must be positive")
+    for a0 in range(0, len(queries), block_size):
+        audio = queries[a0 : a0 + block_size]
+        tiles = [
+            score_tile(scorer, audio, texts[t0 : t0 + text_block_size])
+            for t0 in range(0, len(texts), text_block_size)
+        ]
         yield torch.cat(tiles, dim=1)
 
 
@@ -182,10 +208,9 @@ def actor_memory_bytes(
 # ------------------------------------------------------------------ the actor
 
 
-def _use_fused_scorer(model: GPAModel) -> str:
+def _use_fused_scorer(scorer: PrototypeScorer | None) -> str:
     """Switch a LASS scorer to the fused kernel (forward-only scoring is all this job
     does); returns which scorer path scores R' here, for the job's log."""
-    scorer = model.scorer
     if not isinstance(scorer, LASSScorer):
         return "none" if scorer is None else type(scorer).__name__
     scorer.fused = True
@@ -196,13 +221,13 @@ def _use_fused_scorer(model: GPAModel) -> str:
 class QueryShard:
     """One actor's slice of the training queries and its rows of R' (cached or recomputed).
 
-    Created with its `QueryPart`, the object ref of the shared text embeddings (in a list,
-    so the constructor, not Ray, fetches it and can measure what it costs) and G, the
-    number of queries over all actors."""
+    Created with the checkpoint's `ScorerWeights`, its `QueryPart`, the object ref of the
+    shared text embeddings (in a list, so the constructor, not Ray, fetches it and can
+    measure what it costs) and G, the number of queries over all actors."""
 
     def __init__(
         self,
-        checkpoint: str,
+        weights: ScorerWeights,
         storage_cfg: StorageConfig,
         part: QueryPart,
         shared_texts: list[ray.ObjectRef],
@@ -212,11 +237,13 @@ class QueryShard:
         import ray
 
         self._cpu_start = time.process_time()
-        torch.set_num_threads(torch_threads(cfg.cpus_per_actor))
+        # One thread per whole CPU held, at least one (as `ray_embedding.torch_threads`,
+        # not imported here: that module brings the towers' model code with it).
+        torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg = cfg
         self.n_rows_total = n_rows_total
-        self.model, _ = load_gpa(checkpoint, storage_cfg, "cpu")
-        self.scorer = _use_fused_scorer(self.model)
+        self.scorer = weights.build()
+        self.scorer_path = _use_fused_scorer(self.scorer)
         table = part.load(storage_cfg)
         self.query_ids = table.column("clip_id").to_pylist()
         self.queries = embeddings_from_table(table)
@@ -269,7 +296,7 @@ class QueryShard:
         start = time.perf_counter()
         rest = self.queries[self._cached_rows :]
         for block in iter_row_blocks(
-            self.model, rest, self.texts, cfg.block_size, cfg.text_block_size
+            self.scorer, rest, self.texts, cfg.block_size, cfg.text_block_size
         ):
             self.score_seconds += time.perf_counter() - start
             self.largest_block = max(self.largest_block, block.numel())
@@ -323,7 +350,7 @@ class QueryShard:
             "score_passes": self.score_passes,
             "score_seconds": round(self.score_seconds, 4),
             "cpu_seconds": round(time.process_time() - self._cpu_start, 3),
-            "scorer": self.scorer,
+            "scorer": self.scorer_path,
             "restarted": self.restarted,
             "peak_rss_mb": round(memory.get("peak", peak_rss_mb()), 1),
             "rss_mb": round(memory.get("rss", math.nan), 1),
