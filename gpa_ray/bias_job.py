@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -74,6 +74,12 @@ from gpa_ray.sinkhorn import (
     combine_column_lse,
     combine_qb_norm_statistics,
 )
+
+if TYPE_CHECKING:
+    from ray.data import MaterializedDataset
+
+    QuerySource = MaterializedDataset | StoredEmbeddings
+    """Where the queries are: a materialised embedding Dataset or the job's stored files."""
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +132,7 @@ def actor_count(n_rows: int, cfg: SinkhornConfig) -> int:
     return min(cfg.num_actors, n_rows)
 
 
-def _query_parts(queries: Any, n_rows: int, n_actors: int) -> list[QueryPart]:
+def _query_parts(queries: QuerySource, n_rows: int, n_actors: int) -> list[QueryPart]:
     """Each actor's rows: blocks of a materialised dataset, or ranges of stored files."""
     if isinstance(queries, StoredEmbeddings):
         return queries.parts(n_actors)
@@ -209,7 +215,7 @@ def _round(
 
 def distributed_sinkhorn(
     checkpoint: str,
-    queries: Any,
+    queries: QuerySource,
     texts: Embeddings,
     cfg: SinkhornConfig,
     storage_cfg: StorageConfig | None = None,
