@@ -343,6 +343,14 @@ class SinkhornConfig:
     # budget and recomputes the others tile by tile every iteration; 0 recomputes all.
     memory_budget_mb: float = 1024.0
     cpus_per_actor: float = 0.5
+    # Each `QueryShard` asks Ray for `memory` = this overhead (torch, the loaded GPA, Ray's
+    # worker) + its queries + its cached R' rows + one row block's working set
+    # (`gpa_ray.bias_shard.actor_memory_bytes`); the text embeddings are shared through
+    # the object store, not counted per actor.
+    actor_overhead_mb: float = 1024.0
+    # How often Ray restarts a lost `QueryShard` (spot node reclaimed, OOM kill): it
+    # reloads its rows and the round in flight is retried on it. 0: a lost actor fails.
+    actor_restarts: int = 3
     # Ray Data actors that embed the captions and the training clips (CPU only).
     embed_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
 

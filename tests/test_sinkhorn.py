@@ -13,11 +13,13 @@ from gpa_ray.sinkhorn import (
     combine_column_lse,
     dual_softmax,
     qb_norm,
+    qb_norm_statistics,
     row_potential,
     sinkhorn_potentials,
     sinkhorn_potentials_blockwise,
     transport_plan,
 )
+from gpa_ray.sinkhorn_fast import column_lse_fast, qb_norm_statistics_fast, row_potential_fast
 
 R_3X4 = [[0.9, 0.1, 0.4, 0.2], [0.8, 0.3, 0.1, 0.0], [0.7, 0.2, 0.6, 0.5]]
 
@@ -197,3 +199,45 @@ def test_dual_softmax_hand_case() -> None:
     out = dual_softmax(torch.tensor([[0.5, 0.2], [0.1, 0.4]], dtype=torch.float64), 0.1)
     assert out[0].tolist() == pytest.approx([0.491006895, 0.0238405844], abs=1e-9)
     assert out[1].tolist() == pytest.approx([0.001798621, 0.3523188312], abs=1e-9)
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 1.0])
+def test_fast_block_updates_equal_the_reference(epsilon: float) -> None:
+    # The bias job's one-temporary log-sum-exp against row_potential / column_lse, on a
+    # block with a hub column and scores whose exponents / eps reach +-1e4.
+    gen = torch.Generator().manual_seed(5)
+    block = torch.rand(37, 53, generator=gen) * 3 - 1
+    block[:, 7] += 2.0
+    g = torch.randn(53, generator=gen)
+    f_ref = row_potential(block, g, epsilon, n_rows_total=1000)
+    f_fast = row_potential_fast(block, g, epsilon, n_rows_total=1000)
+    assert torch.allclose(f_fast, f_ref, atol=1e-6, rtol=0)
+    lse_ref = column_lse(block, f_ref, epsilon)
+    assert torch.allclose(column_lse_fast(block, f_ref, epsilon), lse_ref, atol=1e-4 / epsilon)
+    huge = torch.sign(torch.randn(20, 30, generator=gen)) * 500.0
+    f_huge = row_potential_fast(huge, torch.zeros(30), 0.05, 20)
+    assert torch.isfinite(f_huge).all()
+    assert torch.allclose(f_huge, row_potential(huge, torch.zeros(30), 0.05, 20), atol=1e-3)
+
+
+def test_fast_block_updates_run_the_same_sinkhorn() -> None:
+    torch.manual_seed(6)
+    r = torch.rand(40, 25) * 2 - 1
+    _, g_ref = sinkhorn_potentials(r, 0.05, 10)
+    g = torch.zeros(25)
+    for _ in range(10):
+        partials = []
+        for block in (r[:16], r[16:]):
+            partials.append(column_lse_fast(block, row_potential_fast(block, g, 0.05, 40), 0.05))
+        g = column_potential(combine_column_lse(partials), 0.05)
+    assert torch.allclose(g, g_ref, atol=1e-6, rtol=0)
+
+
+def test_fast_qb_norm_statistics_equal_the_reference() -> None:
+    gen = torch.Generator().manual_seed(7)
+    bank = torch.rand(19, 23, generator=gen) * 2 - 1
+    for k in (1, 3):
+        ref = qb_norm_statistics(bank, beta=20.0, k=k)
+        fast = qb_norm_statistics_fast(bank, beta=20.0, k=k)
+        assert torch.allclose(fast.lse, ref.lse, atol=1e-5, rtol=0)
+        assert torch.equal(fast.active, ref.active)

@@ -31,6 +31,11 @@ reducing tiny trailing axes of size K+1 (pool scoring of the bias job, evaluatio
 stage 2 of search spend most of their time here). `forward(s_p)` takes the natural
 [..., Ka, Kt] layout; `score_pairs` builds x straight from the prototypes with one matrix
 product and never makes the [A, T, Ka, Kt] layout at all.
+
+Fused path. `LASSScorer.fused = True` (set by the Sinkhorn bias job) scores forward-only
+float32 CPU pairs with `gpa_ray.models.fused_lass`, one C loop per pair instead of the
+torch ops above; it is off by default, so training, evaluation and search keep the plain
+path, which is its parity reference.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import abc
 
 import torch
 from torch import Tensor, nn
+
+from gpa_ray.models import fused_lass
 
 SCORER_KINDS = ("lass", "mean", "softmax", "none")
 
@@ -124,6 +131,9 @@ class LASSScorer(PrototypeScorer):
     learning moves it from a sensible point rather than from random weights.
     """
 
+    #: Score with the fused kernel where it applies (see `uses_fused`); off by default.
+    fused: bool = False
+
     def __init__(self, n_audio: int, n_text: int) -> None:
         super().__init__()
         self.l_a = nn.Linear(n_audio, n_audio)
@@ -131,6 +141,22 @@ class LASSScorer(PrototypeScorer):
         for layer in (self.l_a, self.l_t):
             nn.init.eye_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def uses_fused(self, audio_prototypes: Tensor, text_prototypes: Tensor) -> bool:
+        """Whether `score_pairs` takes the fused kernel for these inputs: `fused` is set, no
+        gradient is wanted, everything is float32 on CPU and the kernel builds here."""
+        tensors = (audio_prototypes, text_prototypes, self.l_a.weight)
+        return (
+            self.fused
+            and not torch.is_grad_enabled()
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and fused_lass.available(self.l_a.in_features, self.l_t.in_features)
+        )
+
+    def score_pairs(self, audio_prototypes: Tensor, text_prototypes: Tensor) -> Tensor:
+        if self.uses_fused(audio_prototypes, text_prototypes):
+            return fused_lass.lass_scores(audio_prototypes, text_prototypes, self.l_a, self.l_t)
+        return super().score_pairs(audio_prototypes, text_prototypes)
 
     def reduce_first(self, x: Tensor) -> Tensor:
         audio_first = _two_stage(x, self.l_a, self.l_t)
