@@ -21,6 +21,7 @@ CORE = (
     "gpa_ray.losses",
     "gpa_ray.metrics",
     "gpa_ray.sinkhorn",
+    "gpa_ray.sinkhorn_fast",
     "gpa_ray.bias_file",
     "gpa_ray.embedding_table",
     "gpa_ray.audio",
