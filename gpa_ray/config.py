@@ -377,7 +377,7 @@ class IndexConfig:
     output: str = "outputs/index"
     dtype: str = "float16"
     ann: str = "ivf"
-    shortlist: int = 100
+    shortlist: int = 200
     shards: int = 1
     input: str = ""
     checkpoint: str = ""

@@ -76,7 +76,7 @@ def test_text_query_equals_in_process_and_exhaustive_search(serve_app, in_proces
     for a, b in zip(served, local, strict=True):
         for key in ("score", "global_score", "prototype_score", "stage1_score"):
             assert a[key] == pytest.approx(b[key], abs=1e-5)
-    # The shortlist (100) covers the pool, so stage 2 equals exhaustive full scoring.
+    # The shortlist (200) covers the pool, so stage 2 equals exhaustive full scoring.
     (searcher,) = service.searcher.shards
     clips = searcher.shard.clips
     with torch.no_grad():
