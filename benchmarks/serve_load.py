@@ -161,7 +161,7 @@ def build_checkpoint_and_index(work: Path, n_clips: int) -> tuple[str, str]:
     from gpa_ray.config_loading import load_config
     from gpa_ray.index import store
     from gpa_ray.models.factory import build_gpa
-    from gpa_ray.testing import random_unit_embeddings, synthetic_index_clips
+    from gpa_ray.testing.synthetic import random_unit_embeddings, synthetic_index_clips
 
     cfg = load_config("debug")
     torch.manual_seed(0)
