@@ -225,9 +225,24 @@ def open_version(
 ) -> list[MappedShard]:
     """Map the shards (all, or those listed) of the version an index URI names; a version
     on S3 is copied to `cache_dir` first (empty: the temp folder)."""
-    cache_dir = cache_root(cache_dir)
     layout = resolve_version(uri, storage_cfg)
     manifest = read_manifest(layout, storage_cfg)
+    return open_shards(
+        layout, manifest, nprobe=nprobe, cache_dir=cache_dir, shards=shards, storage_cfg=storage_cfg
+    )
+
+
+def open_shards(
+    layout: IndexLayout,
+    manifest: IndexManifest,
+    *,
+    nprobe: int,
+    cache_dir: str = "",
+    shards: Sequence[int] | None = None,
+    storage_cfg: StorageConfig | None = None,
+) -> list[MappedShard]:
+    """`open_version` for a version whose manifest the caller has already read."""
+    cache_dir = cache_root(cache_dir)
     wanted = range(manifest.search.get("shards", 0)) if shards is None else shards
     return [
         MappedShard(

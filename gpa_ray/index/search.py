@@ -148,9 +148,17 @@ def merge_shards(
 ) -> list[list[dict[str, Any]]]:
     """`merge` for every query of a batch: `per_shard[s][b]` is shard s's candidates for
     query b (what each shard's searcher returns for the batch)."""
-    short = max(shortlist, k)
-    n = settings.candidates(short)
+    n, short = candidate_sizes(settings, k, shortlist)
     return [merge(parts, k, short, n) for parts in zip(*per_shard, strict=True)]
+
+
+def candidate_sizes(settings: ann.AnnSettings, k: int, shortlist: int) -> tuple[int, int]:
+    """(ANN candidates, shortlist) for a query asking for k results: the shortlist widens
+    to k, and IVF-PQ takes `refine` x it from the ANN."""
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    short = max(shortlist, k)
+    return settings.candidates(short), short
 
 
 class ShardSearcher:
@@ -178,10 +186,7 @@ class ShardSearcher:
 
     def sizes(self, k: int, shortlist: int | None = None) -> tuple[int, int]:
         """(ANN candidates, shortlist) for a query asking for k results."""
-        if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
-        short = max(shortlist or self.shortlist, k)
-        return self.settings.candidates(short), short
+        return candidate_sizes(self.settings, k, shortlist or self.shortlist)
 
     @torch.no_grad()
     def text_to_audio(

@@ -280,16 +280,10 @@ def write_shards(
         "bias": bias is not None,
     }
     for side, uris in (("clips", clip_uris), ("texts", text_uris)):
-        ids = pa.chunked_array(
-            [_read(u, [ID_COLUMN[side]], storage_cfg).column(0) for u in uris], pa.string()
-        )
-        owners = (
-            ids
-            if side == "clips"
-            else pa.chunked_array(
-                [_read(u, ["clip_id"], storage_cfg).column(0) for u in uris], pa.string()
-            )
-        )
+        columns = list(dict.fromkeys([ID_COLUMN[side], "clip_id"]))
+        tables = [_read(u, columns, storage_cfg) for u in uris]
+        ids = pa.chunked_array([t.column(ID_COLUMN[side]) for t in tables], pa.string())
+        owners = pa.chunked_array([t.column("clip_id") for t in tables], pa.string())
         plan = _SidePlan.make(ids, owners, n_shards)
         section[side] = _write_side(
             side,

@@ -55,9 +55,8 @@ from gpa_ray.serve.retriever import (
     QueryError,
     SearchService,
     TextQueryEncoder,
-    index_checkpoint,
-    index_shards,
     load_model,
+    served_manifest,
 )
 
 logger = logging.getLogger(__name__)
@@ -215,10 +214,6 @@ class SearcherDeployment:
                 self.service.search_text(e, r.k, r.where)
                 for e, r in zip(embeddings, requests, strict=True)
             ]
-
-    def search_text(self, query: Embeddings, k: int, where: ClipFilter | None) -> dict[str, Any]:
-        with self.compute.timed():
-            return self.service.search_text(query, k, where)
 
     def search_audio(
         self, query: Embeddings, k: int, use_bias: bool, where: ClipFilter | None
@@ -413,7 +408,8 @@ class RetrieverArgs(BaseModel):
 def retriever_app(cfg: Config) -> serve.Application:
     """The bound retriever application for a resolved config: one searcher deployment
     per shard of the served version (and a text encoder only when there are several)."""
-    checkpoint, n_shards = index_checkpoint(cfg), index_shards(cfg)
+    manifest = served_manifest(cfg)
+    checkpoint, n_shards = manifest.checkpoint, int(manifest.search.get("shards", 1))
     cfg_dict = dataclasses.asdict(cfg)
     s = cfg.serve
     actor = {"num_cpus": s.cpus_per_replica}

@@ -24,7 +24,7 @@ import torch
 
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.data.schema import text_id
-from gpa_ray.index.mapped import drop_cached, open_version
+from gpa_ray.index.mapped import drop_cached, open_shards
 from gpa_ray.index.search import CLIP_RECORD, ClipFilter, IndexSearcher
 from gpa_ray.index.store import IndexManifest, read_manifest, resolve_version
 from gpa_ray.models.factory import LoadedGPA, load_gpa_checkpoint
@@ -60,11 +60,6 @@ def served_manifest(cfg: Config) -> IndexManifest:
 def index_checkpoint(cfg: Config) -> str:
     """The checkpoint named by the manifest of the index version being served."""
     return served_manifest(cfg).checkpoint
-
-
-def index_shards(cfg: Config) -> int:
-    """How many shards the index version being served has (one searcher each)."""
-    return int(served_manifest(cfg).search.get("shards", 1))
 
 
 class TextQueryEncoder:
@@ -175,8 +170,9 @@ class SearchService:
         layout = resolve_version(uri, self.cfg.storage)
         manifest = read_manifest(layout, self.cfg.storage)  # checked before mapping shards
         self._check_version(manifest)
-        shards = open_version(
-            layout.dir,
+        shards = open_shards(
+            layout,
+            manifest,
             nprobe=self.cfg.index.ann_nprobe,
             cache_dir=self.cfg.serve.cache_dir,
             shards=self.shard_ids,
