@@ -1,9 +1,14 @@
 """Ray Serve deployments of the retriever and its typed application builder.
 
     HTTP -> Ingress (FastAPI, `gpa_ray.serve.api`)
-              |-> TextEncoder   @serve.batch: captions -> query embeddings
               |-> AudioEncoder  decode + preprocess per request, @serve.batch the model
-              '-> Searcher      index version in memory; two-stage search; clip records
+              |-> TextEncoder   @serve.batch: captions -> query embeddings   (S > 1 shards)
+              '-> Searcher-i    shard i of the index version mapped; two-stage search;
+                                clip records                               (S > 1 shards)
+
+A version of one shard has no TextEncoder and no Searcher: the ingress replica holds the
+`ShardServer` itself (text encoded @serve.batch, searched, answered in one replica), so a
+text query's only hop is the proxy's. Scale it by ingress replicas.
 
 Every deployment loads the GPA checkpoint that the served index was built with (read
 from the index manifest when the app is built), so queries and index live in one space.
@@ -11,7 +16,7 @@ from the index manifest when the app is built), so queries and index live in one
 Serve's default `max_ongoing_requests` (5) would cap every batch at 5: each encoder
 accepts twice its batch size, so one batch fills while the previous one runs.
 
-The Searcher polls the index URI every `serve.reload_interval_s` and switches to a newer
+Every `ShardServer` polls the index URI every `serve.reload_interval_s` and switches to a newer
 version once it loaded completely (`POST /v1/index/reload` does it at once).
 
 Errors caused by a request cross deployment boundaries as values (`Failure`), not as
@@ -172,11 +177,12 @@ class AudioEncoderDeployment:
         return _counts(self.batches)
 
 
-@serve.deployment(name="Searcher")
-class SearcherDeployment:
-    """Holds shards of the served index version (all, or `shard`); searches, answers clip
-    lookups, follows LATEST. It holds the whole GPA model for stage 2 anyway, so with one
-    shard it also encodes text queries itself (batched): one handle call per query."""
+class ShardServer:
+    """What serves shards of the served index version (all, or `shard`): searches, clip
+    lookups, following LATEST. It holds the whole GPA model for stage 2 anyway, so it also
+    encodes text queries itself (batched). With S shards each runs as a searcher
+    deployment (`SearcherDeployment`); with one shard the ingress runs it in its own
+    replica (`InProcess`), so a text query crosses no deployment boundary at all."""
 
     def __init__(self, cfg: dict[str, Any], checkpoint: str, shard: int | None = None) -> None:
         config, loaded = _replica_model(cfg, checkpoint)
@@ -258,19 +264,45 @@ class SearcherDeployment:
             return Failure("mismatch", str(exc))
 
 
+SearcherDeployment = serve.deployment(name="Searcher")(ShardServer)
+"""One shard's `ShardServer` as its own deployment (versions of several shards)."""
+
+
+class InProcess:
+    """A handle-shaped view of an object in this replica: `view.method.remote(...)` is an
+    awaitable of the method's result, as a `DeploymentHandle` call is. It lets the ingress
+    hold the one-shard `ShardServer` itself behind the same backend code."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> _InProcessMethod:
+        return _InProcessMethod(getattr(self._target, name))
+
+
+class _InProcessMethod:
+    def __init__(self, method: Any) -> None:
+        self.method = method
+
+    async def remote(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.method(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+
 class ServeBackend:
     """The API's backend on Serve: forwards to the encoder and searcher deployments.
 
-    With one shard a text query is one handle call (the searcher encodes it); with S
-    shards the query is embedded once and the ingress fans out to every shard and merges
-    (`gpa_ray.serve.fanout`)."""
+    With one shard `searchers` is the ingress's own `ShardServer` (`InProcess`): a text
+    query is encoded and searched in the ingress replica. With S shards the query is
+    embedded once by the text encoder and the ingress fans out to every shard's
+    deployment and merges (`gpa_ray.serve.fanout`)."""
 
     def __init__(
         self,
         cfg: Config,
         text: DeploymentHandle | None,
         audio: DeploymentHandle,
-        searchers: list[DeploymentHandle],
+        searchers: list[DeploymentHandle] | list[InProcess],
     ) -> None:
         self.cfg = cfg
         self.text = text
@@ -284,7 +316,7 @@ class ServeBackend:
         (results,) = merge_shards(per_shard, request.k, self.cfg.index.shortlist, self.settings)
         return {"index_version": version, "results": results}
 
-    def _owner(self, clip_id: str) -> DeploymentHandle:
+    def _owner(self, clip_id: str) -> DeploymentHandle | InProcess:
         return self.searchers[shard_of([clip_id], len(self.searchers))[0]]
 
     async def search_text(self, query: str, k: int, where: ClipFilter | None) -> dict[str, Any]:
@@ -359,8 +391,8 @@ class ServeBackend:
             compute["text_encoder"] = await self.text.compute_times.remote()
         return {
             "note": "batch sizes seen by one replica of each encoder (with one shard the "
-            "searcher encodes text); compute times of the last 1000 calls of one replica "
-            "of each deployment",
+            "ingress replica answering encodes text); compute times of the last 1000 "
+            "calls of one replica of each deployment",
             "text": text_batches,
             "audio": await self.audio.batch_sizes.remote(),
             "compute_ms": compute,
@@ -370,17 +402,20 @@ class ServeBackend:
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class IngressDeployment:
-    """The HTTP entry point: the FastAPI app of `gpa_ray.serve.api` over `ServeBackend`."""
+    """The HTTP entry point: the FastAPI app of `gpa_ray.serve.api` over `ServeBackend`.
+    Without searcher handles (a version of one shard) it serves the index itself."""
 
     def __init__(
         self,
         cfg: dict[str, Any],
+        checkpoint: str,
         text: DeploymentHandle | None,
         audio: DeploymentHandle,
-        searchers: list[DeploymentHandle],
+        searchers: list[DeploymentHandle] | None,
     ) -> None:
         self.cfg = config_from_dict(cfg)
-        self.backend = ServeBackend(self.cfg, text, audio, searchers)
+        shards = searchers if searchers else [InProcess(ShardServer(cfg, checkpoint))]
+        self.backend = ServeBackend(self.cfg, text, audio, shards)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_api(self.backend, self.cfg)
@@ -406,32 +441,33 @@ class RetrieverArgs(BaseModel):
 
 
 def retriever_app(cfg: Config) -> serve.Application:
-    """The bound retriever application for a resolved config: one searcher deployment
-    per shard of the served version (and a text encoder only when there are several)."""
+    """The bound retriever application for a resolved config. A version of one shard is
+    served by the ingress itself (plus the audio encoder); one of S shards gets a
+    searcher deployment per shard and a text encoder."""
     manifest = served_manifest(cfg)
     checkpoint, n_shards = manifest.checkpoint, int(manifest.search.get("shards", 1))
     cfg_dict = dataclasses.asdict(cfg)
     s = cfg.serve
     actor = {"num_cpus": s.cpus_per_replica}
-    text = None
+    audio = AudioEncoderDeployment.options(
+        max_ongoing_requests=2 * s.audio_batch_size, ray_actor_options=actor
+    ).bind(cfg_dict, checkpoint)
+    text, searchers = None, None
     if n_shards > 1:
         text = TextEncoderDeployment.options(
             max_ongoing_requests=2 * s.text_batch_size, ray_actor_options=actor
         ).bind(cfg_dict, checkpoint)
-    audio = AudioEncoderDeployment.options(
-        max_ongoing_requests=2 * s.audio_batch_size, ray_actor_options=actor
-    ).bind(cfg_dict, checkpoint)
-    searchers = [
-        SearcherDeployment.options(
-            name="Searcher" if n_shards == 1 else f"Searcher-{shard}",
-            max_ongoing_requests=2 * s.text_batch_size,
-            ray_actor_options=actor,
-        ).bind(cfg_dict, checkpoint, None if n_shards == 1 else shard)
-        for shard in range(n_shards)
-    ]
+        searchers = [
+            SearcherDeployment.options(
+                name=f"Searcher-{shard}",
+                max_ongoing_requests=2 * s.text_batch_size,
+                ray_actor_options=actor,
+            ).bind(cfg_dict, checkpoint, shard)
+            for shard in range(n_shards)
+        ]
     return IngressDeployment.options(
         max_ongoing_requests=8 * s.text_batch_size, ray_actor_options=actor
-    ).bind(cfg_dict, text, audio, searchers)
+    ).bind(cfg_dict, checkpoint, text, audio, searchers)
 
 
 def build_app(args: RetrieverArgs) -> serve.Application:

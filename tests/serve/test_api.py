@@ -162,7 +162,7 @@ def test_serve_config_file_fits_the_app(served_index) -> None:
     (app,) = schema.applications
     assert app.import_path == "gpa_ray.serve.app:build_app"
     names = {d.name for d in app.deployments}
-    assert names == {"Ingress", "AudioEncoder", "Searcher"}  # one shard: no TextEncoder
+    assert names == {"Ingress", "AudioEncoder"}  # one shard: the ingress searches
     assert all(d.autoscaling_config for d in app.deployments)
     args = RetrieverArgs.model_validate(app.args)
     assert args.resolve().serve.reload_interval_s == 60

@@ -94,8 +94,8 @@ def test_bad_input_never_gets_a_5xx_nor_kills_a_replica(
 ) -> None:
     url, _ = serve_app
     before = _replicas()
-    # One shard: the searcher encodes text queries itself, so no TextEncoder is deployed.
-    assert {n.split("#")[1] for n in before} == {"Ingress", "Searcher", "AudioEncoder"}
+    # One shard: the ingress encodes and searches itself; no TextEncoder, no Searcher.
+    assert {n.split("#")[1] for n in before} == {"Ingress", "AudioEncoder"}
     check_bad_requests(url)
     assert _replicas() == before
     assert requests.post(f"{url}/v1/search/text", json={"query": "rain", "k": 2}).ok
