@@ -524,6 +524,7 @@ def _summary(
         "clips_with_audio": manifest.clips_with_audio,
         "failed_clips": manifest.build.get("failed_clips", 0),
         "reused_clips": manifest.build.get("reused_clips", 0),
+        "embedded_clips": manifest.n_clips - manifest.build.get("reused_clips", 0),
         "deleted_clips": manifest.build.get("deleted_clips", 0),
         "has_bias": manifest.bias is not None,
         "units_this_run": units,

@@ -372,6 +372,7 @@ class ServeBackend:
             "shards": [s for p in parts for s in p["shards"]],
             "clips": sum(p["clips"] for p in parts),
             "texts": sum(p["texts"] for p in parts),
+            "load_s": max(p["load_s"] for p in parts),
         }
 
     async def manifest(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -167,6 +168,7 @@ class SearchService:
             )
 
     def _load(self, uri: str) -> IndexSearcher:
+        started = time.perf_counter()
         layout = resolve_version(uri, self.cfg.storage)
         manifest = read_manifest(layout, self.cfg.storage)  # checked before mapping shards
         self._check_version(manifest)
@@ -185,6 +187,7 @@ class SearchService:
             sum(len(s.clips) for s in shards),
             sum(len(s.texts) for s in shards),
         )
+        self.load_s = time.perf_counter() - started
         return IndexSearcher.from_config(shards, self.model, self.cfg.index)
 
     @property
@@ -262,6 +265,7 @@ class SearchService:
             "has_bias": self.searcher.has_bias,
             "ann": shards[0].manifest.search["ann"]["kind"],
             "shortlist": self.cfg.index.shortlist,
+            "load_s": self.load_s,
         }
 
     def manifest(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.serve.retriever import IndexMismatchError, SearchService, load_model
 from gpa_ray.testing.jobs import job_main
+from gpa_ray.testing.data import write_esc50_clip_shards
 from gpa_ray.testing.models import tiny_gpa_checkpoint
 
 
@@ -286,21 +287,25 @@ def test_a_run_that_trained_further_gets_a_new_version_that_serve_refuses(
 
 
 def test_incremental_build_embeds_only_new_clips_and_equals_a_full_rebuild(
-    esc50_clips: str, gpa_checkpoint: str, tmp_path: Path
+    ray_session, shared_data: Path, gpa_checkpoint: str, tmp_path: Path
 ) -> None:
-    rows = _rows(esc50_clips)
-    new = [rows[2]["clip_id"], rows[6]["clip_id"]]
+    # 22 real clips in two shard files; the first version leaves 2 out: the second adds
+    # 10% new clips to the 20 it can reuse.
+    write_esc50_clip_shards(str(tmp_path / "corpus"), shared_data / "esc50", 18, 4)
+    clips = str(tmp_path / "corpus" / "clips")
+    rows = _rows(clips)
+    new = [rows[2]["clip_id"], rows[19]["clip_id"]]
     (tmp_path / "new.txt").write_text("\n".join(new) + "\n")
     index = tmp_path / "index"
-    base = _args(esc50_clips, gpa_checkpoint, index)
+    base = _args(clips, gpa_checkpoint, index)
     first = run_build_index(
         _cfg(*base, f"index.delete={tmp_path / 'new.txt'}", "index.version=old")
     )
-    assert (first["clips"], first["deleted_clips"]) == (6, 2)
+    assert (first["clips"], first["deleted_clips"], first["embedded_clips"]) == (20, 2, 20)
     grown = run_build_index(_cfg(*base, f"index.reuse={index / 'old'}", "index.version=grown"))
-    assert (grown["clips"], grown["reused_clips"], grown["clips_this_run"]) == (8, 6, 8)
+    assert (grown["clips"], grown["reused_clips"], grown["embedded_clips"]) == (22, 20, 2)
     full = run_build_index(_cfg(*base, "index.version=full"))
-    assert full["reused_clips"] == 0
+    assert (full["reused_clips"], full["embedded_clips"]) == (0, 22)
     (a,), (b,) = mapped.open_version(str(index / "grown")), mapped.open_version(str(index / "full"))
     (old,) = mapped.open_version(str(index / "old"))
     for side in ("clips", "texts"):
@@ -318,9 +323,10 @@ def test_incremental_build_embeds_only_new_clips_and_equals_a_full_rebuild(
     smaller = run_build_index(
         _cfg(*base, f"index.reuse={index / 'grown'}", f"index.delete={tmp_path / 'gone.txt'}")
     )
-    assert (smaller["clips"], smaller["reused_clips"], smaller["deleted_clips"]) == (7, 7, 1)
+    assert (smaller["clips"], smaller["reused_clips"], smaller["deleted_clips"]) == (21, 21, 1)
+    assert smaller["embedded_clips"] == 0
     # Embeddings of other weights are never reused.
     other = tmp_path / "other"
     tiny_gpa_checkpoint(str(other), read_config(gpa_checkpoint), seed=5)
     with pytest.raises(IndexBuildError, match="cannot be reused"):
-        plan_build(_cfg(*_args(esc50_clips, str(other), index), f"index.reuse={index / 'full'}"))
+        plan_build(_cfg(*_args(clips, str(other), index), f"index.reuse={index / 'full'}"))
