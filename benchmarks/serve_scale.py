@@ -145,20 +145,21 @@ def _timings(run: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def replica_memory() -> dict[str, dict[str, float]]:
-    """VmRSS and anonymous resident MB of every live Serve replica, by deployment."""
-    from ray.util.state import list_actors
-
+    """VmRSS and anonymous resident MB of every Serve replica process on this machine, by
+    deployment (Ray titles a replica's process `ray::ServeReplica:<app>:<deployment>`)."""
     out = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        if not actor.class_name.startswith("ServeReplica:"):
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+            if "ServeReplica:" not in title:
+                continue
+            status = (proc / "status").read_text()
+            rollup = (proc / "smaps_rollup").read_text()
+        except (OSError, IndexError):
             continue
-        pid, name = actor.pid, actor.class_name.split(":")[-1]
-        status = Path(f"/proc/{pid}/status").read_text()
-        rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        anon = next(
-            int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Anonymous:")
-        )
+        name = title.split(":")[-1].strip()
+        rss = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS"))
+        anon = next(int(x.split()[1]) for x in rollup.splitlines() if x.startswith("Anonymous:"))
         out[name] = {"rss_mb": rss / 1024, "anonymous_mb": anon / 1024}
     return out
 

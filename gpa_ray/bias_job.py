@@ -61,6 +61,7 @@ from gpa_ray.bias_shard import (
 )
 from gpa_ray.checkpoints import read_config, read_weights
 from gpa_ray.config import Config, SinkhornConfig, StorageConfig, resolve_stage_uris
+from gpa_ray.embedding_inputs import embedding_inputs
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.ray_embedding import (
     embed_captions,
@@ -323,16 +324,14 @@ def _metadata(
 
 
 def _embedding_source(cfg: Config, checkpoint: str) -> dict[str, Any]:
-    """What the stored embeddings were computed from: a rerun must match it to reuse them."""
+    """What the stored embeddings were computed from (`gpa_ray.embedding_inputs`): a
+    rerun must match it to reuse them."""
     sk = cfg.sinkhorn
-    return {
-        "checkpoint": checkpoint,
-        "queries": sk.queries,
-        "queries_split": sk.queries_split,
-        "texts": sk.texts,
-        "texts_split": sk.texts_split,
-        "corpus": sk.corpus,
+    inputs = {
+        "queries": (sk.queries, sk.queries_split, sk.corpus),
+        "texts": (sk.texts, sk.texts_split, sk.corpus),
     }
+    return embedding_inputs(checkpoint, inputs, sk.embed_pool.batch_size, cfg.storage)
 
 
 def _embeddings(

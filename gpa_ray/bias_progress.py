@@ -13,8 +13,9 @@ written; the result equals an undisturbed run (every round is a function of g al
 
 Every file is written atomically (`gpa_ray.storage`), so a file that exists is whole. The
 query files are written by Ray tasks (one per block of the embedded dataset, retried on a
-storage error), never through the driver. A rerun whose source (checkpoint, data, splits)
-or Sinkhorn settings differ from what is stored is refused by name rather than mixed in.
+storage error), never through the driver. A rerun whose embedding inputs (weights, clip
+shards, splits, batch size: `gpa_ray.embedding_inputs`) or Sinkhorn settings differ from
+what is stored is refused by name rather than mixed in.
 """
 
 from __future__ import annotations

@@ -3,14 +3,9 @@
 Embedding the test clips and captions is the costly part of an evaluation (a Ray Data
 job on actor pools); scoring and the table are seconds. So the embeddings are written
 under `<eval.output>/embeddings/` (`clips.parquet`, `texts.parquet`, float32 in the
-`gpa_ray.embedding_table` layout) and, last, `settings.json`: what they depend on.
-
-- the checkpoint's weights (SHA-256 of `model.pt`) and its `config.yaml` (the audio
-  preprocessing the embedders apply comes from it), not its URI: a run that trained
-  further resolves to other weights;
-- the data: URI, split, corpus and every clip shard with its size;
-- the embedding batch size (batches are padded to their longest item, so it can move
-  the last float bits).
+`gpa_ray.embedding_table` layout) and, last, `settings.json`: what they depend on
+(`gpa_ray.embedding_inputs`: the checkpoint's weights and config by content, the test
+split's clip shards with their sizes, the embedding batch size).
 
 A rerun whose settings equal the stored ones loads the embeddings and runs no Ray job;
 any difference (or a missing or half-written folder) recomputes them and overwrites the
@@ -22,7 +17,6 @@ never depends on which Ray task finished first.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from typing import Any
@@ -31,9 +25,8 @@ import pyarrow as pa
 import torch
 
 from gpa_ray import storage
-from gpa_ray.checkpoints import CONFIG_FILE, weights_digest
 from gpa_ray.config import Config
-from gpa_ray.data.loaders import split_files
+from gpa_ray.embedding_inputs import embedding_inputs
 from gpa_ray.embedding_table import embedding_table, embeddings_from_table
 from gpa_ray.models.gpa import Embeddings
 
@@ -43,7 +36,7 @@ EMBEDDINGS_DIR = "embeddings"
 SETTINGS_FILE = "settings.json"
 CLIPS_FILE = "clips.parquet"
 TEXTS_FILE = "texts.parquet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,29 +54,13 @@ def embeddings_dir(cfg: Config) -> str:
     return storage.join(cfg.eval.output, EMBEDDINGS_DIR)
 
 
-def shard_sizes(files: list[str], cfg: Config) -> list[list[Any]]:
-    """[[uri, bytes], ...] of the clip shards: a re-ingest under the same URI shows."""
-    if not files:
-        return []
-    fs, _ = storage.resolve(files[0], cfg.storage)
-    infos = fs.get_file_info([storage.resolve(uri, cfg.storage)[1] for uri in files])
-    return [[uri, info.size] for uri, info in zip(files, infos, strict=True)]
-
-
 def embedding_settings(cfg: Config, checkpoint: str) -> dict[str, Any]:
     """Everything the test pool's embeddings depend on (see the module docstring)."""
     ev = cfg.eval
-    model_config = storage.read_bytes(storage.join(checkpoint, CONFIG_FILE), cfg.storage)
-    files = split_files(ev.data, ev.split, ev.corpus, cfg.storage)
+    pool = {"pool": (ev.data, ev.split, ev.corpus)}
     return {
         "format": FORMAT_VERSION,
-        "weights_sha256": weights_digest(checkpoint, cfg.storage),
-        "model_config_sha256": hashlib.sha256(model_config).hexdigest(),
-        "data": ev.data,
-        "split": ev.split,
-        "corpus": ev.corpus,
-        "shards": shard_sizes(files, cfg),
-        "batch_size": ev.embed_pool.batch_size,
+        **embedding_inputs(checkpoint, pool, ev.embed_pool.batch_size, cfg.storage),
     }
 
 
