@@ -3,7 +3,7 @@ build on Ray Data vs a plain loop.
 
     python benchmarks/serve_load.py [--clips 100000] [--requests 2000] \
         [--concurrency 1,4,8] [--malformed 0.1] [--build-clips 192] [--build-unit 16] \
-        [--out benchmarks/results]
+        [--set serve.text_batch_wait_s=0 ...] [--out benchmarks/results]
 
 1. A GPA model of the `debug` preset (the real pretrained MiniLM text tower, CNN14
    width 8, embed_dim 32, K = 3) is saved as a checkpoint, and an index of `--clips`
@@ -361,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-clips", type=int, default=192, help="0 skips the build part")
     parser.add_argument("--build-unit", type=int, default=16, help="clips per index work unit")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--set", action="append", default=[], help="a dotted config override (repeatable)"
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
@@ -391,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 "serve.reload_interval_s=0",
                 "serve.cpus_per_replica=0.25",
                 "ray.num_cpus=2",
+                *args.set,
             ],
         )
         local = in_process(cfg, checkpoint, args.in_process_queries)
