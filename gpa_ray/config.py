@@ -431,6 +431,11 @@ class ServeConfig:
     cache_dir: str = ""
     cpus_per_replica: float = 0.5
     torch_threads: int = 1
+    # A file holding the API key (never the key itself: see gpa_ray/serve/auth.py);
+    # empty: the GPA_RAY_API_KEY environment variable, else no key.
+    api_key_file: str = ""
+    # Serve on a non-loopback host without a key only when this says so explicitly.
+    allow_anonymous: bool = False
 
 
 @dataclass(frozen=True)

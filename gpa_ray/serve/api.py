@@ -38,6 +38,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from gpa_ray.config import Config
+from gpa_ray.serve.auth import api_key_gate, check_exposure, load_api_key
 from gpa_ray.serve.backend import Backend, attach_backend
 from gpa_ray.serve.errors import install_error_handlers
 from gpa_ray.serve.routes import clips, page, search, service, vectors
@@ -54,6 +55,9 @@ def create_api(backend: Backend, cfg: Config) -> FastAPI:
         description="Text-to-audio and audio-to-text search with GPA two-stage ranking.",
     )
     install_error_handlers(app)
+    key = load_api_key(cfg.serve)
+    check_exposure(cfg.serve, key)
+    app.middleware("http")(api_key_gate(key))  # outermost: refuses before a body is read
     for router in ROUTERS:
         app.include_router(router)
     attach_backend(app, backend, cfg.serve)

@@ -53,6 +53,7 @@ from gpa_ray.index.shard_files import shard_of
 from gpa_ray.models.factory import LoadedGPA
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.serve.api import create_api
+from gpa_ray.serve.auth import check_exposure, load_api_key
 from gpa_ray.serve.fanout import ShardRequest, TextQuery, gather
 from gpa_ray.serve.retriever import (
     AudioQueryEncoder,
@@ -445,6 +446,7 @@ def retriever_app(cfg: Config) -> serve.Application:
     """The bound retriever application for a resolved config. A version of one shard is
     served by the ingress itself (plus the audio encoder); one of S shards gets a
     searcher deployment per shard and a text encoder."""
+    check_exposure(cfg.serve, load_api_key(cfg.serve))  # fail here, not in each replica
     manifest = served_manifest(cfg)
     checkpoint, n_shards = manifest.checkpoint, int(manifest.search.get("shards", 1))
     cfg_dict = dataclasses.asdict(cfg)

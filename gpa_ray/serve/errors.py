@@ -12,21 +12,24 @@ is a fault of the service: a 500 that names only the exception's type.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpa_ray.serve.retriever import IndexMismatchError, QueryError
 
 logger = logging.getLogger(__name__)
 
 JSON_BODY_LIMIT = 1_000_000
-"""Bytes a text search's JSON body may declare (`Content-Length`) before it is refused."""
+"""Bytes a JSON request body may carry (declared or actually sent) before it is refused."""
+
+SELF_LIMITED_ROUTES = frozenset({"/v1/search/audio"})
+"""Routes that read their body themselves under their own limit (`read_body`)."""
 
 
 class ApiError(Exception):
@@ -94,19 +97,42 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def limit_json_body(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """Refuses a text search whose declared body is over `JSON_BODY_LIMIT` before FastAPI
-    reads and parses it."""
-    declared = request.headers.get("content-length", "")
-    if (
-        request.url.path.endswith("/v1/search/text")
-        and declared.isdigit()
-        and int(declared) > JSON_BODY_LIMIT
-    ):
-        return error_response(413, "too_large", too_large(int(declared), JSON_BODY_LIMIT))
-    return await call_next(request)
+class BodyLimit:
+    """ASGI middleware: a request body (other than the audio upload's, which its route
+    limits itself) is refused with 413 once the bytes actually received pass `limit`,
+    whether it declares a `Content-Length` or arrives chunked. The body is counted as
+    FastAPI reads it, so nothing over the limit is ever held."""
+
+    def __init__(
+        self, app: ASGIApp, limit: int = JSON_BODY_LIMIT, exempt: frozenset[str] = frozenset()
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode()
+        if declared.isdigit() and int(declared) > self.limit:
+            response = error_response(413, "too_large", too_large(int(declared), self.limit))
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # FastAPI passes an HTTPException raised while it reads the body on to
+                    # the handlers (`http_error`), which answer it in the error shape.
+                    raise StarletteHTTPException(413, too_large(received, self.limit))
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -149,7 +175,9 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 
 async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+        exc.status_code, "http_error"
+    )
     return error_response(exc.status_code, code, str(exc.detail))
 
 
@@ -159,11 +187,11 @@ async def internal_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error `app` can meet answered in the JSON error shape; the JSON body limit."""
+    """Every error `app` can meet answered in the JSON error shape; the body limit."""
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(QueryError, query_error)
     app.add_exception_handler(IndexMismatchError, index_mismatch)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
-    app.middleware("http")(limit_json_body)
+    app.add_middleware(BodyLimit, exempt=SELF_LIMITED_ROUTES)

@@ -472,6 +472,21 @@ def local_server(serve_config) -> Iterator[tuple[str, Config]]:
         yield url, cfg
 
 
+TEST_API_KEY = "test-key-5f1c9a"
+"""The key `keyed_server` is started with (a test value, in a temporary key file)."""
+
+
+@pytest.fixture(scope="module")
+def keyed_server(serve_config, tmp_path_factory) -> Iterator[str]:
+    """`local_server` with an API key (`serve.api_key_file`): every call but liveness,
+    the page and the docs needs `TEST_API_KEY`."""
+    key_file = tmp_path_factory.mktemp("secret") / "api-key"
+    key_file.write_text(TEST_API_KEY + "\n")
+    cfg = serve_config(f"serve.api_key_file={key_file}")
+    with serving(local_app(cfg), cfg.serve.port) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def local_backend(serve_config) -> LocalBackend:
     """The in-process backend over the test index (no Ray), for routes served alone."""

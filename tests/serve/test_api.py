@@ -15,8 +15,11 @@ from pydantic import ValidationError
 
 from gpa_ray import storage
 from gpa_ray.index import store
+from gpa_ray.serve.auth import ServeSecurityError
 from gpa_ray.serve.local import app_from_env
 from gpa_ray.testing.synthetic import random_unit_embeddings, synthetic_index_clips
+
+from .conftest import TEST_API_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,13 +104,16 @@ def test_page_and_api_docs(local_server) -> None:
     assert requests.get(url + "/docs").status_code == 200
 
 
-def test_health_and_version_reload(local_server, served_index) -> None:
-    url, _ = local_server
+def test_health_and_version_reload(keyed_server, served_index) -> None:
+    url, key = keyed_server, {"X-API-Key": TEST_API_KEY}
     health = requests.get(url + "/healthz").json()
     first = health["index_version"]
     assert health["status"] == "ok" and health["has_bias"] is True
     assert (health["clips"], health["texts"]) == (8, len(served_index["bias"]))
-    assert requests.get(url + "/v1/index").json()["checkpoint"] == served_index["checkpoint"]
+    assert (
+        requests.get(url + "/v1/index", headers=key).json()["checkpoint"]
+        == served_index["checkpoint"]
+    )
     root, storage_cfg = served_index["index_uri"], served_index["storage"]
     pointer = storage.read_bytes(store.latest_uri(root), storage_cfg)
     clips = synthetic_index_clips(5)
@@ -121,7 +127,7 @@ def test_health_and_version_reload(local_server, served_index) -> None:
             checkpoint=served_index["checkpoint"],
             storage_cfg=storage_cfg,
         )
-        reload = requests.post(url + "/v1/index/reload").json()
+        reload = requests.post(url + "/v1/index/reload", headers=key).json()
         assert reload == {"previous_version": first, "index_version": "v-next", "changed": True}
         assert requests.get(url + "/healthz").json()["clips"] == 5
         store.write_version(
@@ -133,7 +139,7 @@ def test_health_and_version_reload(local_server, served_index) -> None:
             checkpoint="s3://elsewhere/checkpoint",
             storage_cfg=storage_cfg,
         )
-        refused = requests.post(url + "/v1/index/reload")
+        refused = requests.post(url + "/v1/index/reload", headers=key)
         assert refused.status_code == 409
         assert (
             "built with checkpoint s3://elsewhere/checkpoint" in refused.json()["error"]["message"]
@@ -141,7 +147,7 @@ def test_health_and_version_reload(local_server, served_index) -> None:
         assert requests.get(url + "/healthz").json()["index_version"] == "v-next"
     finally:
         storage.write_bytes(store.latest_uri(root), pointer, storage_cfg)
-    back = requests.post(url + "/v1/index/reload").json()
+    back = requests.post(url + "/v1/index/reload", headers=key).json()
     assert back["index_version"] == first and back["changed"] is True
 
 
@@ -152,7 +158,7 @@ def test_local_app_from_environment(served_index, monkeypatch) -> None:
     assert "/v1/search/text" in app.openapi()["paths"]
 
 
-def test_serve_config_file_fits_the_app(served_index) -> None:
+def test_serve_config_file_fits_the_app(served_index, tmp_path: Path) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     from gpa_ray.serve.app import RetrieverArgs, build_app
@@ -170,13 +176,19 @@ def test_serve_config_file_fits_the_app(served_index) -> None:
     # the postponed string), so `serve deploy` hands the builder a RetrieverArgs.
     assert inspect.signature(build_app).parameters["args"].annotation is RetrieverArgs
     # The builder accepts the file's args (pointed at the test index here).
+    # It names a key file; without one it is refused before anything is deployed.
+    assert args.resolve().serve.host == data["http_options"]["host"] == "0.0.0.0"
+    key_file = tmp_path / "api-key"
+    key_file.write_text("k")
+    test_overrides = [
+        *args.overrides,
+        f"serve.index_uri={served_index['index_uri']}",
+        *served_index["storage_args"],
+    ]
+    with pytest.raises(ServeSecurityError, match="cannot read it"):
+        build_app(RetrieverArgs(config=args.config, overrides=test_overrides))
     test_args = RetrieverArgs(
-        config=args.config,
-        overrides=[
-            *args.overrides,
-            f"serve.index_uri={served_index['index_uri']}",
-            *served_index["storage_args"],
-        ],
+        config=args.config, overrides=[*test_overrides, f"serve.api_key_file={key_file}"]
     )
     bound = build_app(test_args)
     assert type(bound).__name__ == "Application"

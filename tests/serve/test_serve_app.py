@@ -184,3 +184,21 @@ def test_searcher_follows_latest_and_survives_a_broken_pointer(serve_app, served
     finally:
         storage.write_bytes(store.latest_uri(root), pointer, storage_cfg)
     assert _wait_for_version(url, first)["index_version"] == first
+
+
+def test_a_chunked_40_mb_body_through_serve_gets_413_and_serving_goes_on(serve_app) -> None:
+    url, _ = serve_app
+
+    def chunks() -> Iterator[bytes]:  # sent with Transfer-Encoding: chunked, no length
+        yield b'{"query": "'
+        for _ in range(40):
+            yield b"a" * (1 << 20)
+        yield b'", "k": 1}'
+
+    before = _replicas()
+    response = requests.post(
+        f"{url}/v1/search/text", data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
+    assert requests.post(f"{url}/v1/search/text", json={"query": "rain", "k": 1}).ok
+    assert _replicas() == before
