@@ -235,6 +235,8 @@ class GPAConfig:
     scorer: str = "lass"
     # "triplet" (sum, eq 11), "nt_xent" (eq 12), "info_nce" or "cwcl" (weights from the
     # text encoder's own features, detached: locked when the text tower is frozen).
+    # NT-Xent sums its two directions (as eq 12); "info_nce" is "Good, Fast, Cheap" eq 1:
+    # audio-to-text only, at scale 1 (`temperature` does not apply).
     loss: str = "triplet"
     margin: float = 0.2
     temperature: float = 0.07

@@ -165,7 +165,8 @@ def retrieval_loss(
     if kind == "nt_xent":
         return losses.nt_xent_loss(sim, gpa.temperature, **common)
     if kind == "info_nce":
-        return losses.info_nce_loss(sim, gpa.temperature, **common)
+        # Eq 1 of "Good, Fast, Cheap": audio-to-text only, scale 1 (no gpa.temperature).
+        return losses.info_nce_loss(sim, positive_index=positive, clip_ids=clip_keys)
     if kind == "cwcl":
         if text_features is None:
             raise ValueError("the cwcl loss needs the text encoder's features")
