@@ -282,6 +282,14 @@ class TrainConfig:
     seed: int = 0
     lr_step_epochs: int = 20
     lr_gamma: float = 0.1
+    # "step" (lr x lr_gamma every lr_step_epochs) or "plateau" (lr x plateau_factor after
+    # plateau_patience epochs without improvement of plateau_metric, a key of the epoch
+    # record; minimised if it ends in "loss"); see `gpa_ray.train.schedules`.
+    lr_schedule: str = "step"
+    plateau_metric: str = "train_loss"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    # Gradient-norm clip per parameter group (0: off); the DP baseline's code clips at 2.
     grad_clip: float = 1.0
     max_failures: int = 0
     # Clips to train on: an ingest output (local path or s3://); empty means `ingest.output`.

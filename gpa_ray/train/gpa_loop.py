@@ -21,7 +21,8 @@ gather, each worker contrasts within its own batch (fewer negatives; a different
 Evaluation (`evaluate`): each worker embeds its share of the validation clips and all
 their captions; the pool is gathered and every worker scores it block by block
 (`GPAModel.score_pool`) into the full table of `gpa_ray.metrics.retrieval_metrics`:
-R@1/5/10, mAP@10 and MRR in both directions (reported as `val_t2a_R@1`, ...).
+R@1/5/10, mAP@10 and MRR in both directions (reported as `val_t2a_R@1`, ...), and each
+direction's R@1 + R@5 + R@10 (`val_t2a_R_sum`: the DP baseline's checkpoint selection).
 
 `train_gpa(cfg)` runs a whole job: Ray Train over the configured clip splits, then
 `<run>/summary.json` naming the best checkpoint (by `train.checkpoint_metric`, else
@@ -293,7 +294,7 @@ class GPALoop(TrainLoop):
         local_owners = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
         caption_to_clip = gather_rows(local_owners.to(device) + offset).cpu()
         scores = net.score_pool(audio_pool, text_pool, SCORE_BLOCK).float().cpu()
-        return retrieval_metrics(scores, caption_to_clip=caption_to_clip)
+        return with_recall_sums(retrieval_metrics(scores, caption_to_clip=caption_to_clip))
 
     def _gather_pool(self, parts: list[Embeddings], device: torch.device) -> tuple[Embeddings, int]:
         """Concatenate this worker's embeddings and gather every worker's (no gradient)."""
@@ -308,6 +309,19 @@ class GPALoop(TrainLoop):
         with torch.no_grad():
             pool, offset = gather_embeddings(local)
         return pool.detach(), offset
+
+
+def with_recall_sums(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` plus `<direction>_R_sum` = R@1 + R@5 + R@10 of each direction present.
+
+    The DP baseline's code (which GPA follows) keeps the epoch with the highest validation
+    T2A R@1 + R@5 + R@10: `train.checkpoint_metric=val_t2a_R_sum` selects the same way."""
+    out = dict(metrics)
+    for direction in ("t2a", "a2t"):
+        keys = [f"{direction}_R@{k}" for k in (1, 5, 10)]
+        if all(k in metrics for k in keys):
+            out[f"{direction}_R_sum"] = sum(float(metrics[k]) for k in keys)
+    return out
 
 
 def train_gpa(cfg: Config) -> TrainResult:
