@@ -244,6 +244,12 @@ class GPAConfig:
     # gets word dropout (each word with `caption_word_dropout`) or one adjacent-word swap.
     caption_aug_share: float = 0.0
     caption_word_dropout: float = 0.15
+    # "dropout_swap" (the above) or "lexical": a misspelling, WordNet synonym or hypernym
+    # for one word (`gpa_ray.data.lexicon`). WordNet 3.0 dict folder (Debian wordnet-base)
+    # and codespell's dictionary.txt (empty: the installed codespell_lib, else Debian's).
+    caption_aug: str = "dropout_swap"
+    lexicon_wordnet: str = "/usr/share/wordnet"
+    lexicon_misspellings: str = ""
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,13 @@ from torch import Tensor, nn
 from gpa_ray import checkpoints, losses
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import Config, GPAConfig
-from gpa_ray.data.captions import augment_caption, choose_caption, draw_seed
+from gpa_ray.data.captions import (
+    CAPTION_AUGMENTATIONS,
+    augment_text,
+    choose_caption,
+    draw_seed,
+)
+from gpa_ray.data.lexicon import load_lexicon
 from gpa_ray.data.loaders import clip_key_tensor, codes_from_arrow
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.factory import build_gpa, build_tokenizer, trainable_summary
@@ -86,7 +92,7 @@ class GPACollate(ArrowBatchCollateFn):
             raise ValueError(f"clip {clip_id!r} has no captions to train on") from exc
         gpa = self.cfg.gpa
         if gpa.caption_aug_share > 0 and rng.random() < gpa.caption_aug_share:
-            text = augment_caption(text, gpa.caption_word_dropout, rng)
+            text = augment_text(gpa, text, rng)
         return text
 
     def __call__(self, table: pa.Table) -> Batch:
@@ -229,6 +235,13 @@ class GPALoop(TrainLoop):
             raise ValueError(f"unknown gpa.loss {cfg.gpa.loss!r}; choose one of {LOSSES}")
         if not 0.0 <= cfg.gpa.caption_aug_share <= 1.0:
             raise ValueError("gpa.caption_aug_share must lie in [0, 1]")
+        if cfg.gpa.caption_aug not in CAPTION_AUGMENTATIONS:
+            raise ValueError(
+                f"unknown gpa.caption_aug {cfg.gpa.caption_aug!r}; "
+                f"choose one of {CAPTION_AUGMENTATIONS}"
+            )
+        if cfg.gpa.caption_aug == "lexical" and cfg.gpa.caption_aug_share > 0:
+            load_lexicon(cfg.gpa.lexicon_wordnet, cfg.gpa.lexicon_misspellings)  # fail early
         audio_column = "codes" if cfg.audio_encoder.kind == "audioformer" else "audio"
         self.columns = ("clip_id", "captions", audio_column)
 
