@@ -94,12 +94,20 @@ class AudioConfig:
     max_seconds: float = 10.0
     length_policy: str = "crop"
     crop: str = "start"
+    # Where "pad_or_crop" puts the zeros: "end", or "center" (the clip centred, silence on
+    # both sides, as "Good, Fast, Cheap" pads to 40 s).
+    pad: str = "end"
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    """Log-mel front end with PANNs settings, plus SpecAugment for training."""
+    """Log-mel front end with PANNs settings, plus SpecAugment for training.
 
+    `scale` "linear" gives the log power of every STFT bin (n_fft / 2 + 1 of them, no mel
+    filterbank, fmin/fmax unused) for the image towers (resnet50, vit_b16), as "Good,
+    Fast, Cheap" feeds them; `gpa_ray.audio.spectrogram`."""
+
+    scale: str = "mel"
     sample_rate: int = 32000
     n_fft: int = 1024
     hop_length: int = 320
