@@ -218,6 +218,10 @@ class AudioEncoderConfig:
     # -1 trains the whole tower, 0 freezes it (projection-only transfer; the tower stays in
     # eval mode), n trains its last n blocks (see `gpa_ray.models.factory.audio_blocks`).
     trainable_layers: int = -1
+    # Layer-wise lr: the tower's blocks before its last `late_blocks` train at
+    # train.lr x `early_lr_scale` (1: one lr for all; `gpa_ray.train.param_groups`).
+    early_lr_scale: float = 1.0
+    late_blocks: int = 2
     # SpecAugment (time stretch + masks, `features.*`) on training inputs of mel towers.
     spec_augment: bool = True
     # A frozen tower remembers its outputs for up to this many distinct inputs per process

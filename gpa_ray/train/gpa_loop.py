@@ -57,6 +57,7 @@ from gpa_ray.models.factory import build_gpa, build_tokenizer, trainable_summary
 from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.train.distributed import gather_with_grad, global_loss_scale, world_size
 from gpa_ray.train.loop import Batch, TrainLoop, gather_rows, sum_across_workers
+from gpa_ray.train.param_groups import gpa_param_groups
 from gpa_ray.train.trainer import TrainResult, fit
 from gpa_ray.train.worker import unwrap
 
@@ -254,6 +255,10 @@ class GPALoop(TrainLoop):
             model.load_state_dict(checkpoints.load_model_state(start, self.cfg.storage))
         logger.info("GPA parameters: %s", trainable_summary(model))
         return model
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam; the audio tower's early blocks at a smaller lr when configured."""
+        return torch.optim.Adam(gpa_param_groups(model, self.cfg), lr=self.cfg.train.lr)
 
     def collate_fn(self, train: bool, epoch: int = 0) -> GPACollate:
         """Training draws depend on (run seed, epoch, clip) only, so they change every

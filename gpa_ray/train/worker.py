@@ -71,13 +71,18 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> list[fl
 
     Per group, not globally, so independent models trained in one run (one per
     codebook in AudioFormer pre-training) are clipped exactly as if trained alone.
+    Groups that share a `clip_group` value (one model at several learning rates,
+    `gpa_ray.train.param_groups`) are clipped together, as one.
     """
-    norms = []
-    for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
-        if params:
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-    return norms
+    joint: dict[Any, list[nn.Parameter]] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        key = ("clip_group", group["clip_group"]) if "clip_group" in group else index
+        joint.setdefault(key, []).extend(p for p in group["params"] if p.grad is not None)
+    return [
+        float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        for params in joint.values()
+        if params
+    ]
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
