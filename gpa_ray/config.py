@@ -241,6 +241,8 @@ class GPAConfig:
     """
 
     embed_dim: int = 256
+    # Global projections: "mlp" (Linear-ReLU-Linear) or "linear" (one FC layer).
+    projection: str = "mlp"
     n_prototypes: int = 3
     prototype: str = "mask"
     attention_heads: int = 1
