@@ -344,6 +344,8 @@ class SinkhornConfig:
     QB-Norm's querybank statistics (beta, k) computed in the same pass; evaluation's
     `eval.methods` picks which A2T rescorings are reported."""
 
+    # Entropic temperature: 0.05 is OUR choice, GPA gives no epsilon (swept in
+    # benchmarks/ablation_real.py --epsilons). 10 rounds: GPA section 3.1.
     epsilon: float = 0.05
     n_iter: int = 10
     # Rows of R' per block; a block is scored in [block_size, text_block_size] tiles, each

@@ -35,6 +35,7 @@ from gpa_ray.train.gpa_loop import (
     retrieval_loss,
     split_batch,
 )
+from gpa_ray.train.schedules import advance, build_scheduler
 from gpa_ray.train.worker import seed_everything
 
 LOSSES = ["triplet", "nt_xent", "info_nce", "cwcl"]
@@ -260,6 +261,10 @@ def test_train_gpa_job_on_real_esc50_clips(
         "gpa.loss=nt_xent",
         "gpa.caption_aug_share=0.2",
         "audio.max_seconds=2.0",
+        "train.lr_schedule=plateau",
+        "train.plateau_metric=val_t2a_R_sum",
+        "train.plateau_patience=0",
+        "train.checkpoint_metric=val_t2a_R_sum",
     ]
     assert job_main("train_gpa")(argv) == 0
     print(f"train_gpa debug: {time.perf_counter() - started:.1f} s")
@@ -268,6 +273,20 @@ def test_train_gpa_job_on_real_esc50_clips(
     losses = [r["train_loss"] for r in records]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert all(0.0 <= r["val_t2a_R@1"] <= 1.0 for r in records)
+    # ReduceLROnPlateau stepped on each epoch's validation R@1+R@5+R@10 (patience 0): the
+    # recorded lr of every epoch is what the rule gives for the epochs before it.
+    for r in records:
+        assert r["val_t2a_R_sum"] == pytest.approx(
+            r["val_t2a_R@1"] + r["val_t2a_R@5"] + r["val_t2a_R@10"]
+        )
+    train_cfg = TrainConfig(
+        lr=1e-3, lr_schedule="plateau", plateau_metric="val_t2a_R_sum", plateau_patience=0
+    )
+    replay = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = build_scheduler(replay, train_cfg)
+    for r in records:
+        assert r["lr"] == pytest.approx(replay.param_groups[0]["lr"])
+        advance(scheduler, r, train_cfg)
     summary = json.loads(storage.read_bytes(storage.join(run, "summary.json")))
     assert summary["best_checkpoint"] and summary["epochs"] == 4
     model, cfg = load_gpa(run)
