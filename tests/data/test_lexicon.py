@@ -5,12 +5,14 @@ the installed WordNet (Debian `wordnet-base`) too where the machine has it."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpa_ray.config import GPAConfig
+from gpa_ray.config_loading import load_config
 from gpa_ray.data.captions import augment_caption, augment_text, lexical_augment
 from gpa_ray.data.lexicon import (
     DEBIAN_WORDNET,
@@ -20,6 +22,8 @@ from gpa_ray.data.lexicon import (
     misspellings_path,
     read_misspellings,
 )
+from gpa_ray.testing.models import save_tiny_text_model
+from gpa_ray.train.gpa_loop import GPACollate
 
 LICENSE = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
 # name: (pos, lemmas, hypernym name or None)
@@ -152,3 +156,23 @@ def test_installed_wordnet() -> None:
     wordnet = WordNet(DEBIAN_WORDNET)
     assert "automobile" in wordnet.synonyms("car")
     assert "canine" in wordnet.hypernyms("dogs")
+
+
+def test_training_batches_augment_a_fifth_of_the_captions(tmp_path: Path, lexicon) -> None:
+    # The collate's own caption path with the clotho_gfc setting (share 0.2, lexical):
+    # over 1000 clips about 200 captions change (binomial sd 12.6), each by one word.
+    cfg = load_config("clotho_gfc_cnn14")
+    gpa = dataclasses.replace(
+        cfg.gpa,
+        lexicon_wordnet=str(tmp_path),
+        lexicon_misspellings=str(tmp_path / "dictionary.txt"),
+    )
+    text = dataclasses.replace(
+        cfg.text, model=save_tiny_text_model(tmp_path / "text"), allow_download=False
+    )
+    collate = GPACollate(dataclasses.replace(cfg, gpa=gpa, text=text), True, seed=5)
+    caption = "a dog barking"
+    changed = [
+        collate._caption(f"clip{i}", [caption], i) != caption for i in range(1000)
+    ]  # fmt: skip
+    assert 162 <= sum(changed) <= 238
