@@ -94,12 +94,20 @@ class AudioConfig:
     max_seconds: float = 10.0
     length_policy: str = "crop"
     crop: str = "start"
+    # Where "pad_or_crop" puts the zeros: "end", or "center" (the clip centred, silence on
+    # both sides, as "Good, Fast, Cheap" pads to 40 s).
+    pad: str = "end"
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    """Log-mel front end with PANNs settings, plus SpecAugment for training."""
+    """Log-mel front end with PANNs settings, plus SpecAugment for training.
 
+    `scale` "linear" gives the log power of every STFT bin (n_fft / 2 + 1 of them, no mel
+    filterbank, fmin/fmax unused) for the image towers (resnet50, vit_b16), as "Good,
+    Fast, Cheap" feeds them; `gpa_ray.audio.spectrogram`."""
+
+    scale: str = "mel"
     sample_rate: int = 32000
     n_fft: int = 1024
     hop_length: int = 320
@@ -210,6 +218,10 @@ class AudioEncoderConfig:
     # -1 trains the whole tower, 0 freezes it (projection-only transfer; the tower stays in
     # eval mode), n trains its last n blocks (see `gpa_ray.models.factory.audio_blocks`).
     trainable_layers: int = -1
+    # Layer-wise lr: the tower's blocks before its last `late_blocks` train at
+    # train.lr x `early_lr_scale` (1: one lr for all; `gpa_ray.train.param_groups`).
+    early_lr_scale: float = 1.0
+    late_blocks: int = 2
     # SpecAugment (time stretch + masks, `features.*`) on training inputs of mel towers.
     spec_augment: bool = True
     # A frozen tower remembers its outputs for up to this many distinct inputs per process
@@ -229,12 +241,16 @@ class GPAConfig:
     """
 
     embed_dim: int = 256
+    # Global projections: "mlp" (Linear-ReLU-Linear) or "linear" (one FC layer).
+    projection: str = "mlp"
     n_prototypes: int = 3
     prototype: str = "mask"
     attention_heads: int = 1
     scorer: str = "lass"
     # "triplet" (sum, eq 11), "nt_xent" (eq 12), "info_nce" or "cwcl" (weights from the
     # text encoder's own features, detached: locked when the text tower is frozen).
+    # NT-Xent sums its two directions (as eq 12); "info_nce" is "Good, Fast, Cheap" eq 1:
+    # audio-to-text only, at scale 1 (`temperature` does not apply).
     loss: str = "triplet"
     margin: float = 0.2
     temperature: float = 0.07
@@ -242,6 +258,12 @@ class GPAConfig:
     # gets word dropout (each word with `caption_word_dropout`) or one adjacent-word swap.
     caption_aug_share: float = 0.0
     caption_word_dropout: float = 0.15
+    # "dropout_swap" (the above) or "lexical": a misspelling, WordNet synonym or hypernym
+    # for one word (`gpa_ray.data.lexicon`). WordNet 3.0 dict folder (Debian wordnet-base)
+    # and codespell's dictionary.txt (empty: the installed codespell_lib, else Debian's).
+    caption_aug: str = "dropout_swap"
+    lexicon_wordnet: str = "/usr/share/wordnet"
+    lexicon_misspellings: str = ""
 
 
 @dataclass(frozen=True)
@@ -280,6 +302,14 @@ class TrainConfig:
     seed: int = 0
     lr_step_epochs: int = 20
     lr_gamma: float = 0.1
+    # "step" (lr x lr_gamma every lr_step_epochs) or "plateau" (lr x plateau_factor after
+    # plateau_patience epochs without improvement of plateau_metric, a key of the epoch
+    # record; minimised if it ends in "loss"); see `gpa_ray.train.schedules`.
+    lr_schedule: str = "step"
+    plateau_metric: str = "train_loss"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    # Gradient-norm clip per parameter group (0: off); the DP baseline's code clips at 2.
     grad_clip: float = 1.0
     max_failures: int = 0
     # Clips to train on: an ingest output (local path or s3://); empty means `ingest.output`.
@@ -314,6 +344,8 @@ class SinkhornConfig:
     QB-Norm's querybank statistics (beta, k) computed in the same pass; evaluation's
     `eval.methods` picks which A2T rescorings are reported."""
 
+    # Entropic temperature: 0.05 is OUR choice, GPA gives no epsilon (swept in
+    # benchmarks/ablation_real.py --epsilons). 10 rounds: GPA section 3.1.
     epsilon: float = 0.05
     n_iter: int = 10
     # Rows of R' per block; a block is scored in [block_size, text_block_size] tiles, each

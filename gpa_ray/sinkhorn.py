@@ -10,6 +10,7 @@ temperature epsilon, g initialised to 0, `n_iter` rounds of "f then g"):
     g_j = eps * log(1/J) - eps * LSE_i((R'_ij + f_i) / eps)
 
 Everything is in the log domain (log-sum-exp), so scores/eps of 1e4 stay finite in fp32.
+GPA states the 10 rounds (section 3.1) but no epsilon: the default 0.05 is our choice.
 
 Distribution: `f` for a block of rows needs only that block and `g`, and the `g` update
 needs only a column log-sum-exp per block, combined by one more log-sum-exp. So each actor

@@ -28,6 +28,7 @@ CORE = (
     "gpa_ray.models",
     "gpa_ray.data.schema",
     "gpa_ray.data.captions",
+    "gpa_ray.data.lexicon",
     "gpa_ray.data.corpora",
     "gpa_ray.data.audioset_index",
     "gpa_ray.data.synthetic_audioset",

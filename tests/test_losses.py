@@ -50,7 +50,25 @@ def loop_ce_direction(m: list[list[float]], tau: float, clips: list[int] | None)
 
 
 def loop_nt_xent(m: list[list[float]], tau: float, clips: list[int] | None = None) -> float:
-    return 0.5 * (loop_ce_direction(m, tau, clips) + loop_ce_direction(_transpose(m), tau, clips))
+    """GPA eq 12: -(1/B) (sum_i a2t_i + sum_i t2a_i), the two directions summed."""
+    return loop_ce_direction(m, tau, clips) + loop_ce_direction(_transpose(m), tau, clips)
+
+
+def loop_info_nce(audio: list[list[float]], text: list[list[float]]) -> float:
+    """Eq 1 of "Good, Fast, Cheap" from embeddings: L2-normalise, then
+    -mean_i log(exp(s_a,i . s_t,i) / sum_j exp(s_a,i . s_t,j)), scale 1, audio as anchor."""
+
+    def unit(v):
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    a = [unit(v) for v in audio]
+    t = [unit(v) for v in text]
+    total = 0.0
+    for i in range(len(a)):
+        dots = [sum(x * y for x, y in zip(a[i], t[j], strict=True)) for j in range(len(t))]
+        total += -math.log(math.exp(dots[i]) / sum(math.exp(d) for d in dots))
+    return total / len(a)
 
 
 def loop_cwcl(m, feats, tau, clips=None) -> float:
@@ -117,27 +135,61 @@ def test_triplet_sum_hand_values() -> None:
 
 def test_nt_xent_pinned() -> None:
     # Expected: loop_nt_xent(SIM, tau) run once (plain Python, rounded to 1e-10).
-    assert loop_nt_xent(SIM, 0.07) == pytest.approx(1.3678030314, abs=1e-9)
-    assert loop_nt_xent(SIM, 0.1) == pytest.approx(1.1412748758, abs=1e-9)
-    assert nt_xent_loss(_t(SIM)).item() == pytest.approx(1.3678030314, abs=1e-9)
-    assert nt_xent_loss(_t(SIM), 0.1).item() == pytest.approx(1.1412748758, abs=1e-9)
+    assert loop_nt_xent(SIM, 0.07) == pytest.approx(2.7356060628, abs=1e-9)
+    assert loop_nt_xent(SIM, 0.1) == pytest.approx(2.2825497516, abs=1e-9)
+    assert nt_xent_loss(_t(SIM)).item() == pytest.approx(2.7356060628, abs=1e-9)
+    assert nt_xent_loss(_t(SIM), 0.1).item() == pytest.approx(2.2825497516, abs=1e-9)
+
+
+def test_nt_xent_is_the_sum_of_both_directions() -> None:
+    # Eq 12 adds the a2t and t2a terms (no 1/2): on a random matrix the loss equals the
+    # sum of the two one-directional cross-entropies, each a plain loop.
+    torch.manual_seed(3)
+    m = torch.randn(4, 4, dtype=torch.float64).tolist()
+    a2t, t2a = loop_ce_direction(m, 0.07, None), loop_ce_direction(_transpose(m), 0.07, None)
+    assert nt_xent_loss(_t(m)).item() == pytest.approx(a2t + t2a, abs=1e-9)
 
 
 def test_duplicate_masking_removes_same_clip_negatives() -> None:
     # loop_nt_xent(SIM, 0.07, CLIPS): the (0,1) and (1,0) terms leave the denominators.
-    assert loop_nt_xent(SIM, 0.07, CLIPS) == pytest.approx(0.6019203321, abs=1e-9)
+    assert loop_nt_xent(SIM, 0.07, CLIPS) == pytest.approx(1.2038406642, abs=1e-9)
     masked = nt_xent_loss(_t(SIM), clip_ids=torch.tensor(CLIPS)).item()
-    assert masked == pytest.approx(0.6019203321, abs=1e-9)
+    assert masked == pytest.approx(1.2038406642, abs=1e-9)
     # Fewer negatives can only lower a softmax cross-entropy.
     assert masked < nt_xent_loss(_t(SIM)).item()
     # Distinct clip ids change nothing.
     distinct = nt_xent_loss(_t(SIM), clip_ids=torch.tensor([7, 8, 9])).item()
-    assert distinct == pytest.approx(1.3678030314, abs=1e-9)
+    assert distinct == pytest.approx(2.7356060628, abs=1e-9)
 
 
-def test_info_nce_is_nt_xent() -> None:
-    sim = torch.randn(5, 5, dtype=torch.float64)
-    assert info_nce_loss(sim, 0.05).item() == pytest.approx(nt_xent_loss(sim, 0.05).item())
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_info_nce_is_eq_1_of_good_fast_cheap(batch: int) -> None:
+    # Eq 1 from raw embeddings by a plain loop: cosine logits at scale 1, audio anchors.
+    gen = torch.Generator().manual_seed(batch)
+    audio = torch.randn(batch, 5, dtype=torch.float64, generator=gen)
+    text = torch.randn(batch, 5, dtype=torch.float64, generator=gen)
+    sim = torch.nn.functional.normalize(audio, dim=1) @ torch.nn.functional.normalize(text, dim=1).T
+    expected = loop_info_nce(audio.tolist(), text.tolist())
+    assert info_nce_loss(sim).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_info_nce_pinned_one_direction_scale_one() -> None:
+    # loop_ce_direction(SIM, 1.0, ...) run once: one direction (rows = audio), no temperature.
+    assert loop_ce_direction(SIM, 1.0, None) == pytest.approx(1.0382944607, abs=1e-9)
+    assert info_nce_loss(_t(SIM)).item() == pytest.approx(1.0382944607, abs=1e-9)
+    # The t2a direction is not part of eq 1: transposing the matrix changes the loss.
+    assert info_nce_loss(_t(SIM).T).item() != pytest.approx(1.0382944607, abs=1e-6)
+    masked = info_nce_loss(_t(SIM), clip_ids=torch.tensor(CLIPS)).item()
+    assert masked == pytest.approx(loop_ce_direction(SIM, 1.0, CLIPS), abs=1e-12)
+
+
+def test_info_nce_at_scale_one_is_bounded() -> None:
+    # Cosine logits in [-1, 1]: no batch of 16 can exceed log(1 + 15 e^2) = 4.72, the bound
+    # the info_nce docstring compares with the paper's Table 4.
+    worst = torch.full((16, 16), 1.0, dtype=torch.float64)
+    worst.fill_diagonal_(-1.0)
+    assert info_nce_loss(worst).item() == pytest.approx(math.log(1 + 15 * math.e**2), abs=1e-12)
+    assert math.log(1 + 15 * math.e**2) < 6.575
 
 
 def test_cwcl_pinned() -> None:
@@ -159,10 +211,11 @@ def test_cwcl_pinned() -> None:
 
 def test_cwcl_with_one_hot_weights_is_nt_xent() -> None:
     # Two texts with cosine -1 get cross weight (1 + (-1)) / 2 = 0: the targets are one-hot
-    # and CWCL reduces to NT-Xent.
+    # and CWCL reduces to NT-Xent (CWCL averages its two directions; eq 12 sums them).
     sim = _t([[0.9, 0.2], [0.1, 0.7]])
     feats = _t([[1.0, 0.0], [-1.0, 0.0]])
-    assert cwcl_loss(sim, feats).item() == pytest.approx(nt_xent_loss(sim).item(), abs=1e-9)
+    expected = 0.5 * nt_xent_loss(sim).item()
+    assert cwcl_loss(sim, feats).item() == pytest.approx(expected, abs=1e-9)
 
 
 def test_cwcl_targets_carry_no_gradient() -> None:
@@ -172,7 +225,7 @@ def test_cwcl_targets_carry_no_gradient() -> None:
     assert feats.grad is None and sim.grad is not None
 
 
-@pytest.mark.parametrize("name", ["triplet", "nt_xent", "cwcl"])
+@pytest.mark.parametrize("name", ["triplet", "nt_xent", "info_nce", "cwcl"])
 def test_rectangular_local_losses_average_to_the_global_loss(name: str) -> None:
     # Two "workers" with 3 local rows each against 6 global keys: the mean of their local
     # losses equals the loss of the full square matrix (every loss averages over rows).
@@ -186,6 +239,9 @@ def test_rectangular_local_losses_average_to_the_global_loss(name: str) -> None:
             return triplet_sum_loss(s, **kw)
         if name == "nt_xent":
             return nt_xent_loss(s, **kw)
+        if name == "info_nce":
+            kw.pop("sim_t2a", None)
+            return info_nce_loss(s, **kw)
         return cwcl_loss(s, feats, **kw)
 
     full = loss(sim, clip_ids=clips)

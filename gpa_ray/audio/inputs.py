@@ -13,8 +13,10 @@ Per clip, `from_waveform`:
    else `audio.crop` (default the start). With `audio.length_policy` "crop" (default)
    shorter clips keep their length: `collate` pads per batch and passes the true
    lengths, so padding never counts as audio in pooling; "pad_or_crop" zero-pads them
-   to `audio.max_seconds` first (fixed-length inputs, as PANNs train);
-3. computes the tower's input: PANNs log-mel [T, n_mels] for cnn14/resnet38/resnet50/vit,
+   to `audio.max_seconds` first (fixed-length inputs, as PANNs train), at the end or
+   around the centred clip (`audio.pad`);
+3. computes the tower's input: PANNs log-mel [T, n_mels] for cnn14/resnet38/resnet50/vit
+   (with `features.scale` "linear", the log spectrogram [T, n_fft / 2 + 1]),
    the aisfx front end [T, 96] for aisfx, token ids `[BOA] c+3 ... [EOA]` of codebook
    `audioformer.codebooks[0]` for audioformer (via EnCodec, or `from_codes`);
 4. when training, applies SpecAugment (`features.*`, if `audio_encoder.spec_augment`) to
@@ -37,8 +39,9 @@ import torch
 from torch import Tensor
 
 from gpa_ray.audio.codec import CODEC_SAMPLE_RATE, FRAME_RATE, PAD, to_token_ids
-from gpa_ray.audio.features import LogMel, SpecAugment
+from gpa_ray.audio.features import SpecAugment
 from gpa_ray.audio.io import decode_audio, fit_length, resample
+from gpa_ray.audio.spectrogram import build_frontend
 from gpa_ray.config import Config
 
 MEL_KINDS = ("cnn14", "resnet38", "resnet50", "vit", "vit_b16")
@@ -85,7 +88,7 @@ class AudioInputs:
         self._tokenizer: Any = None
         if self.family == "mel":
             self.sample_rate = cfg.features.sample_rate
-            self.frontend: torch.nn.Module = LogMel(cfg.features)
+            self.frontend: torch.nn.Module = build_frontend(cfg.features)
             self.augment = SpecAugment(cfg.features)
             self.pad_value = 10.0 * math.log10(cfg.features.log_floor)
         elif self.family == "aisfx":
@@ -127,7 +130,8 @@ class AudioInputs:
             raise AudioInputError(f"expected a non-empty mono waveform, got shape {wave.shape}")
         wave = resample(wave, int(sr), self.sample_rate)
         n_max = max(1, round(self.max_seconds * self.sample_rate))
-        wave = fit_length(wave, n_max, self.length_policy, "random" if train else self.crop, seed)
+        crop = "random" if train else self.crop
+        wave = fit_length(wave, n_max, self.length_policy, crop, seed, self.cfg.audio.pad)
         if self.family == "audioformer":
             codes = self.tokenizer.encode([wave])[0]
             return self.from_codes(codes, train=False)

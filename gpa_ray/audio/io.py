@@ -18,6 +18,7 @@ import torchaudio
 
 LENGTH_POLICIES = ("pad_or_crop", "crop", "none")
 CROP_MODES = ("start", "center", "random")
+PAD_MODES = ("end", "center")
 
 # mpg123 estimates an MP3's length from its headers; without an exact frame-count header
 # the estimate can be slightly long, so only a larger shortfall counts as truncation.
@@ -118,14 +119,18 @@ def _crop(wave: np.ndarray, n_samples: int, crop: str, seed: int) -> np.ndarray:
 
 
 def fit_length(
-    wave: np.ndarray, n_samples: int, policy: str, crop: str, seed: int = 0
+    wave: np.ndarray, n_samples: int, policy: str, crop: str, seed: int = 0, pad: str = "end"
 ) -> np.ndarray:
     """Apply a length policy so batches have a fixed shape.
 
-    `pad_or_crop`: exactly `n_samples` (zero-pad at the end or crop); `crop`: only crop
-    clips that are longer; `none`: unchanged. `crop` picks the window: `start`, `center`
-    (index time: deterministic), or `random` (training: a window drawn from `seed`).
+    `pad_or_crop`: exactly `n_samples` (zero-pad or crop); `crop`: only crop clips that
+    are longer; `none`: unchanged. `crop` picks the window: `start`, `center` (index time:
+    deterministic), or `random` (training: a window drawn from `seed`). `pad` places the
+    zeros: at the `end`, or on both sides with the clip `center`ed (the extra sample of an
+    odd count at the end), as "Good, Fast, Cheap" pads its clips to 40 s.
     """
+    if pad not in PAD_MODES:
+        raise ValueError(f"unknown pad mode {pad!r}; expected one of {PAD_MODES}")
     if policy not in LENGTH_POLICIES:
         raise ValueError(f"unknown length policy {policy!r}; expected one of {LENGTH_POLICIES}")
     if crop not in CROP_MODES:
@@ -137,7 +142,9 @@ def fit_length(
     if wave.shape[0] > n_samples:
         return _crop(wave, n_samples, crop, seed)
     if policy == "pad_or_crop" and wave.shape[0] < n_samples:
-        return np.pad(wave, (0, n_samples - wave.shape[0]))
+        missing = n_samples - wave.shape[0]
+        before = missing // 2 if pad == "center" else 0
+        return np.pad(wave, (before, missing - before))
     return wave
 
 

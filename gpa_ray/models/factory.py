@@ -86,11 +86,12 @@ def _audioformer(cfg: Config, load_weights: bool) -> nn.Module:
 
 
 def _spectrogram_vision(cfg: Config, load_weights: bool) -> nn.Module:
+    from gpa_ray.audio.spectrogram import input_bins
     from gpa_ray.models.spectrogram_vision import build_spectrogram_vision
 
     enc = cfg.audio_encoder
     kind = "vit_b16" if enc.kind in ("vit", "vit_b16") else enc.kind
-    n_mels = cfg.features.n_mels
+    n_mels = input_bins(cfg.features)  # mel bands, or linear STFT bins
     if enc.weights and not load_weights:
         from transformers import AutoConfig
 

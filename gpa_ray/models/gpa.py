@@ -80,6 +80,19 @@ class ProjectionMLP(nn.Sequential):
         super().__init__(nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim))
 
 
+PROJECTIONS = ("mlp", "linear")
+
+
+def build_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """`gpa.projection`: "mlp" (`ProjectionMLP`, GPA's and the DP baseline's) or "linear"
+    (one fully connected layer, the projection head of "Good, Fast, Cheap" section 3)."""
+    if kind == "mlp":
+        return ProjectionMLP(in_dim, out_dim)
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    raise ValueError(f"unknown gpa.projection {kind!r}; choose one of {PROJECTIONS}")
+
+
 def _feature_dim(encoder: nn.Module) -> int:
     """An encoder's feature width, from its `dim` or `out_dim` attribute."""
     for name in ("dim", "out_dim"):
@@ -116,8 +129,8 @@ class GPAModel(nn.Module):
         audio_dim = _feature_dim(audio_encoder) if audio_dim is None else audio_dim
         text_dim = _feature_dim(text_encoder) if text_dim is None else text_dim
         k, e = cfg.n_prototypes, cfg.embed_dim
-        self.audio_global_proj = ProjectionMLP(audio_dim, e)
-        self.text_global_proj = ProjectionMLP(text_dim, e)
+        self.audio_global_proj = build_projection(cfg.projection, audio_dim, e)
+        self.text_global_proj = build_projection(cfg.projection, text_dim, e)
         self.scorer = build_scorer(cfg.scorer, k + 1, k + 1)
         self.audio_prototypes: nn.Module | None = None
         self.text_prototypes: nn.Module | None = None

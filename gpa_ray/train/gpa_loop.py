@@ -21,7 +21,8 @@ gather, each worker contrasts within its own batch (fewer negatives; a different
 Evaluation (`evaluate`): each worker embeds its share of the validation clips and all
 their captions; the pool is gathered and every worker scores it block by block
 (`GPAModel.score_pool`) into the full table of `gpa_ray.metrics.retrieval_metrics`:
-R@1/5/10, mAP@10 and MRR in both directions (reported as `val_t2a_R@1`, ...).
+R@1/5/10, mAP@10 and MRR in both directions (reported as `val_t2a_R@1`, ...), and each
+direction's R@1 + R@5 + R@10 (`val_t2a_R_sum`: the DP baseline's checkpoint selection).
 
 `train_gpa(cfg)` runs a whole job: Ray Train over the configured clip splits, then
 `<run>/summary.json` naming the best checkpoint (by `train.checkpoint_metric`, else
@@ -43,13 +44,20 @@ from torch import Tensor, nn
 from gpa_ray import checkpoints, losses
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import Config, GPAConfig
-from gpa_ray.data.captions import augment_caption, choose_caption, draw_seed
+from gpa_ray.data.captions import (
+    CAPTION_AUGMENTATIONS,
+    augment_text,
+    choose_caption,
+    draw_seed,
+)
+from gpa_ray.data.lexicon import load_lexicon
 from gpa_ray.data.loaders import clip_key_tensor, codes_from_arrow
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.factory import build_gpa, build_tokenizer, trainable_summary
 from gpa_ray.models.gpa import Embeddings, GPAModel
 from gpa_ray.train.distributed import gather_with_grad, global_loss_scale, world_size
 from gpa_ray.train.loop import Batch, TrainLoop, gather_rows, sum_across_workers
+from gpa_ray.train.param_groups import gpa_param_groups
 from gpa_ray.train.trainer import TrainResult, fit
 from gpa_ray.train.worker import unwrap
 
@@ -85,7 +93,7 @@ class GPACollate(ArrowBatchCollateFn):
             raise ValueError(f"clip {clip_id!r} has no captions to train on") from exc
         gpa = self.cfg.gpa
         if gpa.caption_aug_share > 0 and rng.random() < gpa.caption_aug_share:
-            text = augment_caption(text, gpa.caption_word_dropout, rng)
+            text = augment_text(gpa, text, rng)
         return text
 
     def __call__(self, table: pa.Table) -> Batch:
@@ -165,7 +173,8 @@ def retrieval_loss(
     if kind == "nt_xent":
         return losses.nt_xent_loss(sim, gpa.temperature, **common)
     if kind == "info_nce":
-        return losses.info_nce_loss(sim, gpa.temperature, **common)
+        # Eq 1 of "Good, Fast, Cheap": audio-to-text only, scale 1 (no gpa.temperature).
+        return losses.info_nce_loss(sim, positive_index=positive, clip_ids=clip_keys)
     if kind == "cwcl":
         if text_features is None:
             raise ValueError("the cwcl loss needs the text encoder's features")
@@ -227,6 +236,13 @@ class GPALoop(TrainLoop):
             raise ValueError(f"unknown gpa.loss {cfg.gpa.loss!r}; choose one of {LOSSES}")
         if not 0.0 <= cfg.gpa.caption_aug_share <= 1.0:
             raise ValueError("gpa.caption_aug_share must lie in [0, 1]")
+        if cfg.gpa.caption_aug not in CAPTION_AUGMENTATIONS:
+            raise ValueError(
+                f"unknown gpa.caption_aug {cfg.gpa.caption_aug!r}; "
+                f"choose one of {CAPTION_AUGMENTATIONS}"
+            )
+        if cfg.gpa.caption_aug == "lexical" and cfg.gpa.caption_aug_share > 0:
+            load_lexicon(cfg.gpa.lexicon_wordnet, cfg.gpa.lexicon_misspellings)  # fail early
         audio_column = "codes" if cfg.audio_encoder.kind == "audioformer" else "audio"
         self.columns = ("clip_id", "captions", audio_column)
 
@@ -239,6 +255,10 @@ class GPALoop(TrainLoop):
             model.load_state_dict(checkpoints.load_model_state(start, self.cfg.storage))
         logger.info("GPA parameters: %s", trainable_summary(model))
         return model
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam; the audio tower's early blocks at a smaller lr when configured."""
+        return torch.optim.Adam(gpa_param_groups(model, self.cfg), lr=self.cfg.train.lr)
 
     def collate_fn(self, train: bool, epoch: int = 0) -> GPACollate:
         """Training draws depend on (run seed, epoch, clip) only, so they change every
@@ -292,7 +312,7 @@ class GPALoop(TrainLoop):
         local_owners = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
         caption_to_clip = gather_rows(local_owners.to(device) + offset).cpu()
         scores = net.score_pool(audio_pool, text_pool, SCORE_BLOCK).float().cpu()
-        return retrieval_metrics(scores, caption_to_clip=caption_to_clip)
+        return with_recall_sums(retrieval_metrics(scores, caption_to_clip=caption_to_clip))
 
     def _gather_pool(self, parts: list[Embeddings], device: torch.device) -> tuple[Embeddings, int]:
         """Concatenate this worker's embeddings and gather every worker's (no gradient)."""
@@ -307,6 +327,19 @@ class GPALoop(TrainLoop):
         with torch.no_grad():
             pool, offset = gather_embeddings(local)
         return pool.detach(), offset
+
+
+def with_recall_sums(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` plus `<direction>_R_sum` = R@1 + R@5 + R@10 of each direction present.
+
+    The DP baseline's code (which GPA follows) keeps the epoch with the highest validation
+    T2A R@1 + R@5 + R@10: `train.checkpoint_metric=val_t2a_R_sum` selects the same way."""
+    out = dict(metrics)
+    for direction in ("t2a", "a2t"):
+        keys = [f"{direction}_R@{k}" for k in (1, 5, 10)]
+        if all(k in metrics for k in keys):
+            out[f"{direction}_R_sum"] = sum(float(metrics[k]) for k in keys)
+    return out
 
 
 def train_gpa(cfg: Config) -> TrainResult:

@@ -4,7 +4,7 @@ It owns what every task shares, so each task's loop is only its forward, loss an
 metrics: seeding, device placement and DDP (`ray.train.torch.prepare_model`), resume from
 `ray.train.get_checkpoint()` (after a worker failure, or when a run with the same
 storage path and name is started again), the optimizer step with bf16 autocast on GPU
-and gradient-norm clipping per parameter group, the step LR schedule of the papers,
+and gradient-norm clipping per parameter group, the LR schedule (`train.lr_schedule`),
 evaluation, checkpoints, the metrics files and `ray.train.report`.
 
 Every worker calls `ray.train.report` exactly once per epoch (Train V2 requires equal
@@ -28,7 +28,7 @@ from torch import nn
 
 from gpa_ray import storage
 from gpa_ray.checkpoints import TrainState, load_train_checkpoint, save_train_checkpoint
-from gpa_ray.train import history
+from gpa_ray.train import history, schedules
 from gpa_ray.train.loop import TrainLoop, strided, sum_across_workers, to_device
 
 logger = logging.getLogger(__name__)
@@ -71,13 +71,18 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> list[fl
 
     Per group, not globally, so independent models trained in one run (one per
     codebook in AudioFormer pre-training) are clipped exactly as if trained alone.
+    Groups that share a `clip_group` value (one model at several learning rates,
+    `gpa_ray.train.param_groups`) are clipped together, as one.
     """
-    norms = []
-    for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
-        if params:
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-    return norms
+    joint: dict[Any, list[nn.Parameter]] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        key = ("clip_group", group["clip_group"]) if "clip_group" in group else index
+        joint.setdefault(key, []).extend(p for p in group["params"] if p.grad is not None)
+    return [
+        float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        for params in joint.values()
+        if params
+    ]
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
@@ -122,9 +127,7 @@ def train_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg.train.seed)
     model = loop.build_model()
     optimizer = loop.build_optimizer(model)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=max(1, cfg.train.lr_step_epochs), gamma=cfg.train.lr_gamma
-    )
+    scheduler = schedules.build_scheduler(optimizer, cfg.train)
     state = TrainState()
     restored = ray.train.get_checkpoint()
     if restored is not None:
@@ -170,7 +173,6 @@ def train_worker(config: dict[str, Any]) -> None:
                 sums[key] = sums.get(key, 0.0) + float(value)
             steps += 1
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "lr": lr}
         record["train_seconds"] = time.perf_counter() - started
         record["train_cpu_seconds"] = time.process_time() - cpu_started
@@ -184,6 +186,7 @@ def train_worker(config: dict[str, Any]) -> None:
             record.update({f"val_{k}": v for k, v in metrics.items()})
         record["epoch_seconds"] = time.perf_counter() - started
         record["steps_per_epoch"] = steps
+        schedules.advance(scheduler, record, cfg.train)
         state.epoch = epoch + 1
         state.history.append(record)
         _report(loop, run_uri, model, optimizer, scheduler, state, record, rank)
@@ -215,7 +218,7 @@ def _report(
     run_uri: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: schedules.Scheduler,
     state: TrainState,
     record: dict[str, Any],
     rank: int,

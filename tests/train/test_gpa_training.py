@@ -34,7 +34,9 @@ from gpa_ray.train.gpa_loop import (
     metrics_table,
     retrieval_loss,
     split_batch,
+    with_recall_sums,
 )
+from gpa_ray.train.schedules import advance, build_scheduler
 from gpa_ray.train.worker import seed_everything
 
 LOSSES = ["triplet", "nt_xent", "info_nce", "cwcl"]
@@ -91,11 +93,11 @@ def test_single_process_step_is_the_plain_loss(text_dir: str, table: object) -> 
     audio_emb, text_emb = model(audio, text)
     loss, logged = contrastive_step(model, audio_emb, text_emb, batch["clip_keys"], cfg.gpa, True)
     sim = model.score(audio_emb, text_emb)
-    # ESC-50 rows 0, 1, 2 are three different cow clips: distinct keys, so the plain loss.
-    expected = 0.5 * (
-        torch.nn.functional.cross_entropy(sim / 0.07, torch.arange(8))
-        + torch.nn.functional.cross_entropy(sim.T / 0.07, torch.arange(8))
-    )
+    # ESC-50 rows 0, 1, 2 are three different cow clips: distinct keys, so the plain loss
+    # (eq 12: the two directions summed).
+    expected = torch.nn.functional.cross_entropy(
+        sim / 0.07, torch.arange(8)
+    ) + torch.nn.functional.cross_entropy(sim.T / 0.07, torch.arange(8))
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(logged, expected.detach())
 
@@ -151,7 +153,8 @@ def test_evaluation_is_the_metrics_of_the_whole_pool(text_dir: str, table: objec
     # ...but the untrained model nearly ties every text (the first clips share one caption),
     # so ranks are compared on the same embeddings, scored as one pool of 8 x 8.
     scores = model.score(audio, text)
-    assert in_parts == pytest.approx(retrieval_metrics(scores, caption_to_clip=list(range(8))))
+    whole = with_recall_sums(retrieval_metrics(scores, caption_to_clip=list(range(8))))
+    assert in_parts == pytest.approx(whole)
     assert {"t2a_R@1", "t2a_R@5", "t2a_R@10", "t2a_mAP@10", "t2a_MRR", "a2t_R@1"} <= set(in_parts)
     table_text = metrics_table({f"val_{k}": v for k, v in in_parts.items()})
     assert table_text.splitlines()[0].split() == ["R@1", "R@5", "R@10", "mAP@10", "MRR"]
@@ -260,6 +263,10 @@ def test_train_gpa_job_on_real_esc50_clips(
         "gpa.loss=nt_xent",
         "gpa.caption_aug_share=0.2",
         "audio.max_seconds=2.0",
+        "train.lr_schedule=plateau",
+        "train.plateau_metric=val_t2a_R_sum",
+        "train.plateau_patience=0",
+        "train.checkpoint_metric=val_t2a_R_sum",
     ]
     assert job_main("train_gpa")(argv) == 0
     print(f"train_gpa debug: {time.perf_counter() - started:.1f} s")
@@ -268,6 +275,20 @@ def test_train_gpa_job_on_real_esc50_clips(
     losses = [r["train_loss"] for r in records]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert all(0.0 <= r["val_t2a_R@1"] <= 1.0 for r in records)
+    # ReduceLROnPlateau stepped on each epoch's validation R@1+R@5+R@10 (patience 0): the
+    # recorded lr of every epoch is what the rule gives for the epochs before it.
+    for r in records:
+        assert r["val_t2a_R_sum"] == pytest.approx(
+            r["val_t2a_R@1"] + r["val_t2a_R@5"] + r["val_t2a_R@10"]
+        )
+    train_cfg = TrainConfig(
+        lr=1e-3, lr_schedule="plateau", plateau_metric="val_t2a_R_sum", plateau_patience=0
+    )
+    replay = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = build_scheduler(replay, train_cfg)
+    for r in records:
+        assert r["lr"] == pytest.approx(replay.param_groups[0]["lr"])
+        advance(scheduler, r, train_cfg)
     summary = json.loads(storage.read_bytes(storage.join(run, "summary.json")))
     assert summary["best_checkpoint"] and summary["epochs"] == 4
     model, cfg = load_gpa(run)
