@@ -31,8 +31,8 @@ from gpa_ray.index.build import (
 from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.serve.retriever import IndexMismatchError, SearchService, load_model
-from gpa_ray.testing.jobs import job_main
 from gpa_ray.testing.data import write_esc50_clip_shards
+from gpa_ray.testing.jobs import job_main
 from gpa_ray.testing.models import tiny_gpa_checkpoint
 
 
