@@ -457,6 +457,9 @@ class EvalConfig:
     block_size: int = 256
     # DSL's softmax temperature (method "dual_softmax").
     dsl_temperature: float = 0.01
+    # Rank of a relevant item tied with others: "mid" (expected rank under random
+    # tie-breaking) or "pessimistic" (every tied wrong item first); `gpa_ray.metrics`.
+    ties: str = "mid"
     # Ray Data actors that embed the test clips and captions (CPU only).
     embed_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
 

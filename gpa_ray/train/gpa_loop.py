@@ -292,7 +292,7 @@ class GPALoop(TrainLoop):
         local_owners = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
         caption_to_clip = gather_rows(local_owners.to(device) + offset).cpu()
         scores = net.score_pool(audio_pool, text_pool, SCORE_BLOCK).float().cpu()
-        return retrieval_metrics(scores, caption_to_clip=caption_to_clip)
+        return retrieval_metrics(scores, caption_to_clip=caption_to_clip, ties=self.cfg.eval.ties)
 
     def _gather_pool(self, parts: list[Embeddings], device: torch.device) -> tuple[Embeddings, int]:
         """Concatenate this worker's embeddings and gather every worker's (no gradient)."""
