@@ -306,6 +306,9 @@ class TrainConfig:
     # Contrastive negatives span every worker's batch (gather with gradients); false scores
     # each worker's queries against its own batch only.
     gather_negatives: bool = True
+    # GPA training pairs per epoch: "clip" (each clip once, with one caption drawn per
+    # epoch) or "caption" (each (clip, caption) pair once, as the DP baseline's loader).
+    pairs_per_epoch: str = "clip"
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,15 @@
 
 Batches (`GPACollate`, on each worker): every clip of a clip shard becomes tower inputs
 through `gpa_ray.audio.inputs.AudioInputs` (random crop + SpecAugment when training) and
-is paired with ONE of its captions, drawn anew each epoch; a share of the captions
-(`gpa.caption_aug_share`) is augmented (`gpa_ray.data.captions`). Draws are seeded per
-(run seed, epoch, clip), never per worker, so a clip gets the same crop, masks and caption
-however the batch is split over workers. Validation batches carry every caption of
-every clip, with the clip each caption belongs to.
+is paired with ONE of its captions, drawn anew each epoch (`train.pairs_per_epoch=clip`),
+or the training stream has one row per (clip, caption) pair and each pair is seen once
+per epoch (`caption`, the DP baseline's loader: `gpa_ray.data.loaders.per_caption`); a
+share of the captions (`gpa.caption_aug_share`) is augmented (`gpa_ray.data.captions`).
+Draws are seeded per (run seed, epoch, clip[, caption index]), never per worker, so a
+pair gets the same crop, masks and caption however the batch is split over workers. Two
+captions of one clip in a global batch share its `clip_keys`, so neither is the other's
+negative. Validation batches carry every caption of every clip, with the clip each
+caption belongs to.
 
 Step (`train_step`): both towers run through the (DDP-wrapped) model; with
 `train.gather_negatives` the global embeddings AND prototypes of every worker are
@@ -44,7 +48,13 @@ from gpa_ray import checkpoints, losses
 from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.config import Config, GPAConfig
 from gpa_ray.data.captions import augment_caption, choose_caption, draw_seed
-from gpa_ray.data.loaders import clip_key_tensor, codes_from_arrow
+from gpa_ray.data.loaders import (
+    CAPTION_COLUMN,
+    CAPTION_INDEX_COLUMN,
+    clip_key_tensor,
+    codes_from_arrow,
+    per_caption,
+)
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.factory import build_gpa, build_tokenizer, trainable_summary
 from gpa_ray.models.gpa import Embeddings, GPAModel
@@ -56,13 +66,15 @@ from gpa_ray.train.worker import unwrap
 logger = logging.getLogger(__name__)
 
 LOSSES = ("triplet", "nt_xent", "info_nce", "cwcl")
+PAIRS_PER_EPOCH = ("clip", "caption")
 AUDIO_PREFIX = "audio."
 TEXT_PREFIX = "text."
 SCORE_BLOCK = 1024
 
 
 class GPACollate(ArrowBatchCollateFn):
-    """Clip-shard Arrow batch -> audio inputs, caption tokens and clip bookkeeping.
+    """Clip-shard Arrow batch (a row per clip, or per (clip, caption) pair) -> audio
+    inputs, caption tokens and clip bookkeeping.
 
     Keys: `audio.<tower kwarg>` (see `AudioInputs.collate`), `text.input_ids`,
     `text.attention_mask`, `clip_keys` [B] (int64 `clip_key` of each clip) and
@@ -77,21 +89,53 @@ class GPACollate(ArrowBatchCollateFn):
         self.inputs = AudioInputs.from_config(cfg)
         self.tokenizer = build_tokenizer(cfg)
 
-    def _caption(self, clip_id: str, captions: list[str], seed: int) -> str:
+    def _caption(
+        self, clip_id: str, captions: list[str] | None, text: str | None, seed: int
+    ) -> str:
+        """The training text of a row: its own caption (per-caption rows) or one drawn from
+        the clip's captions, augmented for a `gpa.caption_aug_share` of the rows."""
         rng = np.random.default_rng(seed)
-        try:
-            text = choose_caption(captions, rng)
-        except ValueError as exc:
-            raise ValueError(f"clip {clip_id!r} has no captions to train on") from exc
+        if text is None:
+            try:
+                text = choose_caption(captions or [], rng)
+            except ValueError as exc:
+                raise ValueError(f"clip {clip_id!r} has no captions to train on") from exc
         gpa = self.cfg.gpa
         if gpa.caption_aug_share > 0 and rng.random() < gpa.caption_aug_share:
             text = augment_caption(text, gpa.caption_word_dropout, rng)
         return text
 
+    def pair_texts(self, table: pa.Table) -> tuple[list[str], list[int], list[int]]:
+        """(texts, batch row of each text's clip, the draw seed of each row).
+
+        Training: one text per row; per-caption rows (`caption` column) keep their own and
+        draw per (clip, caption index), so a clip's five pairs get five crops and masks.
+        Validation: every caption of every clip."""
+        clip_ids = [str(c) for c in table.column("clip_id").to_pylist()]
+        if CAPTION_COLUMN in table.column_names:
+            own = table.column(CAPTION_COLUMN).to_pylist()
+            index = table.column(CAPTION_INDEX_COLUMN).to_pylist()
+            seeds = [draw_seed(self.seed, c, i) for c, i in zip(clip_ids, index, strict=True)]
+            captions: list[Any] = [None] * len(clip_ids)
+        else:
+            own = [None] * len(clip_ids)
+            seeds = [draw_seed(self.seed, clip_id) for clip_id in clip_ids]
+            captions = table.column("captions").to_pylist()
+        if self.train:
+            texts = [
+                self._caption(c, caps, text, s)
+                for c, caps, text, s in zip(clip_ids, captions, own, seeds, strict=True)
+            ]
+            return texts, list(range(len(texts))), seeds
+        if CAPTION_COLUMN in table.column_names:
+            raise ValueError("validation batches need the clips' `captions` lists")
+        texts = [text for caps in captions for text in caps or []]
+        caption_clip = [row for row, caps in enumerate(captions) for _ in caps or []]
+        return texts, caption_clip, seeds
+
     def __call__(self, table: pa.Table) -> Batch:
         clip_ids = [str(c) for c in table.column("clip_id").to_pylist()]
-        captions = table.column("captions").to_pylist()
-        seeds = [draw_seed(self.seed, clip_id) for clip_id in clip_ids]
+        texts, caption_clip, seeds = self.pair_texts(table)
         if self.inputs.needs_codes:
             codes = codes_from_arrow(table.column("codes"))
             items = [
@@ -103,15 +147,6 @@ class GPACollate(ArrowBatchCollateFn):
                 self.inputs.from_row({"clip_id": c, "audio": a}, self.train, s)
                 for c, a, s in zip(clip_ids, audio, seeds, strict=True)
             ]
-        if self.train:
-            texts = [
-                self._caption(c, caps or [], s)
-                for c, caps, s in zip(clip_ids, captions, seeds, strict=True)
-            ]
-            caption_clip = list(range(len(texts)))
-        else:
-            texts = [text for caps in captions for text in caps or []]
-            caption_clip = [row for row, caps in enumerate(captions) for _ in caps or []]
         batch: Batch = {AUDIO_PREFIX + k: v for k, v in self.inputs.collate(items).items()}
         batch.update({TEXT_PREFIX + k: v for k, v in self._tokenize(texts).items()})
         batch["clip_keys"] = clip_key_tensor(clip_ids)
@@ -227,6 +262,11 @@ class GPALoop(TrainLoop):
             raise ValueError(f"unknown gpa.loss {cfg.gpa.loss!r}; choose one of {LOSSES}")
         if not 0.0 <= cfg.gpa.caption_aug_share <= 1.0:
             raise ValueError("gpa.caption_aug_share must lie in [0, 1]")
+        if cfg.train.pairs_per_epoch not in PAIRS_PER_EPOCH:
+            raise ValueError(
+                f"unknown train.pairs_per_epoch {cfg.train.pairs_per_epoch!r}; "
+                f"choose one of {PAIRS_PER_EPOCH}"
+            )
         audio_column = "codes" if cfg.audio_encoder.kind == "audioformer" else "audio"
         self.columns = ("clip_id", "captions", audio_column)
 
@@ -239,6 +279,10 @@ class GPALoop(TrainLoop):
             model.load_state_dict(checkpoints.load_model_state(start, self.cfg.storage))
         logger.info("GPA parameters: %s", trainable_summary(model))
         return model
+
+    def train_dataset(self, dataset: Any) -> Any:
+        """One row per (clip, caption) with `train.pairs_per_epoch=caption`."""
+        return per_caption(dataset) if self.cfg.train.pairs_per_epoch == "caption" else dataset
 
     def collate_fn(self, train: bool, epoch: int = 0) -> GPACollate:
         """Training draws depend on (run seed, epoch, clip) only, so they change every
