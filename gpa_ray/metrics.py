@@ -12,11 +12,11 @@ captions i*n_caps .. (i+1)*n_caps - 1 (5 per clip in AudioCaps/Clotho). An expli
   MRR = mean of 1/rank of its first relevant caption.
 
 Relevance: a caption is relevant to its own clip. Given the caption texts
-(`caption_texts`), a caption whose text is identical to one of a clip's own captions is
-relevant to that clip too, in both directions: in a pool of templated captions (ESC-50:
-every clip of a class carries the same sentence) the other clips' copies of the sentence
-are right answers, not wrong ones, and a T2A query with that sentence is answered by every
-clip that carries it. With several relevant items T2A's mAP@10 is A2T's average precision
+(`caption_texts`, or stable int keys of them that are equal exactly for identical texts),
+a caption whose text is identical to one of a clip's own captions is relevant to that clip
+too, in both directions: in a pool of templated captions (ESC-50: every clip of a class
+carries the same sentence) the other clips' copies of the sentence are right answers, not
+wrong ones, and a T2A query with that sentence is answered by every clip that carries it. With several relevant items T2A's mAP@10 is A2T's average precision
 (it is 1/rank with one). Distinct captions (AudioCaps, Clotho) change nothing.
 
 Ties (`ties`): "mid" (default) is the expected rank under random tie-breaking. In a group
@@ -108,13 +108,15 @@ def _clip_captions(target: Tensor, n_clips: int) -> Relevance:
     return Relevance(index, valid, target.shape[0])
 
 
-def _text_groups(target: Tensor, texts: Sequence[str]) -> tuple[list[int], dict[int, set[int]]]:
+def _text_groups(
+    target: Tensor, texts: Sequence[str] | Sequence[int]
+) -> tuple[list[int], dict[int, set[int]]]:
     """(group of each caption: one per distinct text, clips owning each group)."""
     if len(texts) != target.shape[0]:
         raise ValueError(
             f"{len(texts)} caption texts for {target.shape[0]} captions in caption_to_clip"
         )
-    group_of: dict[str, int] = {}
+    group_of: dict[str | int, int] = {}
     groups = [group_of.setdefault(text, len(group_of)) for text in texts]
     owners: dict[int, set[int]] = {}
     for group, clip in zip(groups, target.tolist(), strict=True):
@@ -123,7 +125,7 @@ def _text_groups(target: Tensor, texts: Sequence[str]) -> tuple[list[int], dict[
 
 
 def a2t_relevance(
-    target: Tensor, n_clips: int, caption_texts: Sequence[str] | None = None
+    target: Tensor, n_clips: int, caption_texts: Sequence[str] | Sequence[int] | None = None
 ) -> Relevance:
     """Captions relevant to each clip: its own, plus (with texts) every caption whose text
     equals one of its own."""
@@ -139,7 +141,9 @@ def a2t_relevance(
 
 
 def t2a_relevance(
-    target: Tensor, n_clips: int | None = None, caption_texts: Sequence[str] | None = None
+    target: Tensor,
+    n_clips: int | None = None,
+    caption_texts: Sequence[str] | Sequence[int] | None = None,
 ) -> Relevance:
     """Clips relevant to each caption: its own, plus (with texts) every clip that owns a
     caption of the same text."""
@@ -201,7 +205,7 @@ def text_to_audio_ranks(
     caption_to_clip: Tensor | Sequence[int],
     block_size: int = 1024,
     ties: str = "mid",
-    caption_texts: Sequence[str] | None = None,
+    caption_texts: Sequence[str] | Sequence[int] | None = None,
 ) -> Tensor:
     """Rank (1 = best, float64) of each caption's best-ranked relevant clip.
     scores: [n_captions, n_clips]."""
@@ -213,7 +217,7 @@ def _t2a_ranks(
     caption_to_clip: Tensor | Sequence[int],
     block_size: int,
     ties: str,
-    caption_texts: Sequence[str] | None,
+    caption_texts: Sequence[str] | Sequence[int] | None,
 ) -> tuple[Tensor, Tensor]:
     target = _as_index(caption_to_clip)
     n_clips = scores.shape[1] if isinstance(scores, Tensor) else None
@@ -226,7 +230,7 @@ def audio_to_text_ranks(
     n_clips: int | None = None,
     block_size: int = 1024,
     ties: str = "mid",
-    caption_texts: Sequence[str] | None = None,
+    caption_texts: Sequence[str] | Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Ranks of each clip's relevant captions, best first. scores: [n_clips, n_captions].
 
@@ -267,7 +271,7 @@ def text_to_audio_metrics(
     ks: Sequence[int] = DEFAULT_KS,
     cutoff: int = MAP_CUTOFF,
     ties: str = "mid",
-    caption_texts: Sequence[str] | None = None,
+    caption_texts: Sequence[str] | Sequence[int] | None = None,
 ) -> dict[str, float]:
     """T2A metrics from caption-query rows [n_captions, n_clips]: R@k, mAP@cutoff, MRR."""
     ranks, valid = _t2a_ranks(scores, caption_to_clip, block_size, ties, caption_texts)
@@ -284,7 +288,7 @@ def audio_to_text_metrics(
     ks: Sequence[int] = DEFAULT_KS,
     cutoff: int = MAP_CUTOFF,
     ties: str = "mid",
-    caption_texts: Sequence[str] | None = None,
+    caption_texts: Sequence[str] | Sequence[int] | None = None,
 ) -> dict[str, float]:
     """A2T metrics from clip-query rows [n_clips, n_captions]: R@k, mAP@cutoff, MRR.
 
@@ -308,7 +312,7 @@ def retrieval_metrics(
     ks: Sequence[int] = DEFAULT_KS,
     cutoff: int = MAP_CUTOFF,
     ties: str = "mid",
-    caption_texts: Sequence[str] | None = None,
+    caption_texts: Sequence[str] | Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Both directions from one audio x text score matrix [n_clips, n_captions].
 

@@ -78,7 +78,9 @@ class GPACollate(ArrowBatchCollateFn):
 
     Keys: `audio.<tower kwarg>` (see `AudioInputs.collate`), `text.input_ids`,
     `text.attention_mask`, `clip_keys` [B] (int64 `clip_key` of each clip) and
-    `caption_clip` [n_texts] (the batch row of each caption's clip).
+    `caption_clip` [n_texts] (the batch row of each caption's clip); validation batches
+    also carry `caption_keys` [n_texts] (`clip_key` of each caption's text: equal exactly
+    for identical texts, which the metrics count as relevant to every clip carrying them).
     """
 
     def __init__(self, cfg: Config, train: bool, seed: int) -> None:
@@ -151,6 +153,8 @@ class GPACollate(ArrowBatchCollateFn):
         batch.update({TEXT_PREFIX + k: v for k, v in self._tokenize(texts).items()})
         batch["clip_keys"] = clip_key_tensor(clip_ids)
         batch["caption_clip"] = torch.tensor(caption_clip, dtype=torch.long)
+        if not self.train:
+            batch["caption_keys"] = clip_key_tensor(texts)
         return batch
 
     def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
@@ -322,6 +326,7 @@ class GPALoop(TrainLoop):
         audio_parts: list[Embeddings] = []
         text_parts: list[Embeddings] = []
         owners: list[Tensor] = []
+        text_keys: list[Tensor] = []
         n_clips = 0
         for batch in batches:
             audio, text = split_batch(batch)
@@ -329,14 +334,22 @@ class GPALoop(TrainLoop):
             if batch["caption_clip"].numel():
                 text_parts.append(net.embed_text(text))
                 owners.append(batch["caption_clip"] + n_clips)
+                text_keys.append(batch["caption_keys"])
             n_clips += len(audio_parts[-1])
         device = next(net.parameters()).device
         audio_pool, offset = self._gather_pool(audio_parts, device)
         text_pool, _ = self._gather_pool(text_parts, device)
         local_owners = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
         caption_to_clip = gather_rows(local_owners.to(device) + offset).cpu()
+        local_keys = torch.cat(text_keys) if text_keys else torch.zeros(0, dtype=torch.long)
+        caption_keys = gather_rows(local_keys.to(device)).cpu().tolist()
         scores = net.score_pool(audio_pool, text_pool, SCORE_BLOCK).float().cpu()
-        return retrieval_metrics(scores, caption_to_clip=caption_to_clip, ties=self.cfg.eval.ties)
+        return retrieval_metrics(
+            scores,
+            caption_to_clip=caption_to_clip,
+            ties=self.cfg.eval.ties,
+            caption_texts=caption_keys,
+        )
 
     def _gather_pool(self, parts: list[Embeddings], device: torch.device) -> tuple[Embeddings, int]:
         """Concatenate this worker's embeddings and gather every worker's (no gradient)."""
