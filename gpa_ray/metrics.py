@@ -16,8 +16,9 @@ Relevance: a caption is relevant to its own clip. Given the caption texts
 a caption whose text is identical to one of a clip's own captions is relevant to that clip
 too, in both directions: in a pool of templated captions (ESC-50: every clip of a class
 carries the same sentence) the other clips' copies of the sentence are right answers, not
-wrong ones, and a T2A query with that sentence is answered by every clip that carries it. With several relevant items T2A's mAP@10 is A2T's average precision
-(it is 1/rank with one). Distinct captions (AudioCaps, Clotho) change nothing.
+wrong ones, and a T2A query with that sentence is answered by every clip that carries it.
+With several relevant items T2A's mAP@10 is A2T's average precision (it is 1/rank with
+one). Distinct captions (AudioCaps, Clotho) change nothing.
 
 Ties (`ties`): "mid" (default) is the expected rank under random tie-breaking. In a group
 of g items of equal score s, r of them relevant, after P items scored above s, the j-th
@@ -192,7 +193,8 @@ def relevant_ranks(
     for rows, block in _blocks(scores, n_queries, block_size):
         if relevance.n_items is not None and block.shape[1] != relevance.n_items:
             raise ValueError(
-                f"score rows have {block.shape[1]} items, the relevance lists {relevance.n_items}"
+                f"score rows have {block.shape[1]} columns, caption_to_clip implies "
+                f"{relevance.n_items}"
             )
         index = relevance.index[rows].to(block.device)
         row_valid = relevance.valid[rows].to(block.device)

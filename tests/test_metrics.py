@@ -371,6 +371,8 @@ def test_identical_texts_are_relevant_in_both_directions() -> None:
 def test_shape_mismatch_is_reported() -> None:
     with pytest.raises(ValueError, match="caption_to_clip"):
         retrieval_metrics(torch.zeros(3, 7), n_caps=2)
+    with pytest.raises(ValueError, match="have 7 columns, caption_to_clip implies 6"):
+        audio_to_text_metrics(torch.zeros(3, 7), clip_major_caption_to_clip(3, 2))
 
 
 def loop_average_precision(scores: list[float], labels: list[int]) -> float:
