@@ -126,26 +126,26 @@ def test_unknown_pairs_per_epoch_is_refused(text_dir: str) -> None:
         GPALoop(_cfg(text_dir, pairs="pair"))
 
 
-def _write_shards(clips: pa.Table, data: str) -> None:
-    """Clip 0 and 1 in one shard, clip 2 in another (ingest layout), and a val split."""
+def _write_shards(clips: pa.Table, data: str, val: bool = False) -> None:
+    """Clip 0 and 1 in one shard, clip 2 in another (ingest layout); optionally a val split."""
     for part, rows in enumerate((clips.slice(0, 2), clips.slice(2, 1))):
         storage.write_parquet(
             storage.join(data, "clips", "esc50", "train", f"part-{part:06d}.parquet"), rows
         )
-    storage.write_parquet(
-        storage.join(data, "clips", "esc50", "val", "part-000000.parquet"), clips.slice(0, 1)
-    )
+    if val:
+        storage.write_parquet(
+            storage.join(data, "clips", "esc50", "val", "part-000000.parquet"), clips.slice(0, 1)
+        )
 
 
-def _epoch(cfg: Config) -> tuple[list[tuple[str, str]], int]:
+def _epoch(cfg: Config) -> list[tuple[str, str]]:
+    """The (clip, caption) sequence of the training dataset a run hands to Ray Train."""
     datasets = clip_datasets(GPALoop(cfg))
+    assert "val" not in datasets
     pairs: list[tuple[str, str]] = []
     for batch in datasets["train"].iter_batches(batch_format="pyarrow", batch_size=4):
-        if "caption" in batch.column_names:
-            pairs.extend(_pairs(batch))
-        else:
-            pairs.extend((c, "") for c in batch.column("clip_id").to_pylist())
-    return pairs, datasets["val"].count()
+        pairs.extend(_pairs(batch))
+    return pairs
 
 
 def test_a_caption_epoch_streams_every_pair_once_in_a_fixed_order(
@@ -153,16 +153,13 @@ def test_a_caption_epoch_streams_every_pair_once_in_a_fixed_order(
 ) -> None:
     data = str(tmp_path / "ingest")
     _write_shards(clips, data)
-    pairs, val_clips = _epoch(_cfg(text_dir, data))
+    pairs = _epoch(_cfg(text_dir, data))
     # 3 clips x 5 captions: 15 pairs, each caption exactly once.
     assert len(pairs) == 3 * N_CAPS
     assert sorted(pairs) == sorted(_all_pairs(clips))
     assert Counter(c for c, _ in pairs) == {c: N_CAPS for c in clips.column("clip_id").to_pylist()}
-    # Validation keeps one row per clip with all its captions.
-    assert val_clips == 1
-    # Same seed: the same sequence; the per-clip epoch of the same data has 3 rows.
-    assert _epoch(_cfg(text_dir, data))[0] == pairs
-    assert len(_epoch(_cfg(text_dir, data, pairs="clip"))[0]) == 3
+    # Same seed: the same sequence.
+    assert _epoch(_cfg(text_dir, data)) == pairs
 
 
 @pytest.mark.slow
@@ -172,7 +169,7 @@ def test_caption_epochs_through_ray_train_are_reproducible(
     """Two 2-worker runs of the real `fit` with one seed: 15 pairs per epoch (3 steps of 3
     per worker, against 1 with a pair per clip), bitwise-equal weights and metrics."""
     data = str(tmp_path / "ingest")
-    _write_shards(clips, data)
+    _write_shards(clips, data, val=True)
 
     def run(name: str) -> tuple[dict[str, torch.Tensor], list[dict[str, object]]]:
         cfg = _cfg(text_dir, data)
