@@ -87,12 +87,16 @@ class Relevance:
 
     @classmethod
     def from_lists(cls, rows: Sequence[Sequence[int]], n_items: int | None) -> Relevance:
-        width = max((len(r) for r in rows), default=0)
-        index = torch.zeros(len(rows), max(width, 1), dtype=torch.long)
-        valid = torch.zeros(len(rows), max(width, 1), dtype=torch.bool)
-        for q, items in enumerate(rows):
-            index[q, : len(items)] = torch.as_tensor(items, dtype=torch.long)
-            valid[q, : len(items)] = True
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        width = max(int(lengths.max()) if len(rows) else 0, 1)
+        flat = torch.tensor([item for r in rows for item in r], dtype=torch.long)
+        query = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+        slot = torch.arange(flat.shape[0]) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths
+        )
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        index[query, slot] = flat
+        valid = torch.arange(width)[None, :] < lengths[:, None]
         return cls(index, valid, n_items)
 
 
@@ -198,7 +202,9 @@ def relevant_ranks(
             )
         index = relevance.index[rows].to(block.device)
         row_valid = relevance.valid[rows].to(block.device)
-        ranks[rows] = _block_ranks(block, index, row_valid, ties).cpu()
+        # Every relevant item scans its row twice (> and ==): contiguous rows (a T2A block
+        # of R.T is a strided view) make each scan one pass over memory.
+        ranks[rows] = _block_ranks(block.contiguous(), index, row_valid, ties).cpu()
     return ranks, relevance.valid.clone()
 
 
