@@ -336,6 +336,9 @@ class TrainConfig:
     # Contrastive negatives span every worker's batch (gather with gradients); false scores
     # each worker's queries against its own batch only.
     gather_negatives: bool = True
+    # GPA training pairs per epoch: "clip" (each clip once, with one caption drawn per
+    # epoch) or "caption" (each (clip, caption) pair once, as the DP baseline's loader).
+    pairs_per_epoch: str = "clip"
 
 
 @dataclass(frozen=True)
@@ -494,6 +497,9 @@ class EvalConfig:
     block_size: int = 256
     # DSL's softmax temperature (method "dual_softmax").
     dsl_temperature: float = 0.01
+    # Rank of a relevant item tied with others: "mid" (expected rank under random
+    # tie-breaking) or "pessimistic" (every tied wrong item first); `gpa_ray.metrics`.
+    ties: str = "mid"
     # Ray Data actors that embed the test clips and captions (CPU only).
     embed_pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
 

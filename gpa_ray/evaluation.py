@@ -2,7 +2,9 @@
 
 The protocol is the DP baseline's (see `gpa_ray.metrics`): every caption of the test split
 queries all clips of the split (T2A); every clip queries all captions (A2T). Both read one
-score matrix R [clips, captions] of the GPA model (eq 9), computed in blocks.
+score matrix R [clips, captions] of the GPA model (eq 9), computed in blocks. A caption
+whose text is identical to one of a clip's own captions is relevant to that clip, and ties
+are ranked by `eval.ties` (mid-rank by default).
 
 A2T is reported under each configured method, all from the same R:
 
@@ -38,6 +40,7 @@ from gpa_ray import storage
 from gpa_ray.bias_file import BiasFileError, align_to_texts, read_bias
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.metrics import (
+    TIE_RULES,
     audio_to_text_metrics,
     audio_to_text_ranks,
     text_to_audio_metrics,
@@ -121,25 +124,33 @@ def evaluate_scores(
     methods: Sequence[str] = ("none",),
     rescoring: Rescoring | None = None,
     block_size: int = 1024,
+    ties: str = "mid",
+    caption_texts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """T2A once, A2T under every method, from R [clips, captions].
 
+    `ties` and `caption_texts` (relevance by identical text) as in `gpa_ray.metrics`.
     Returns {"rows": [one dict per table row], "curves": {row name: [R@1..R@max_k]}}.
     """
     rescoring = rescoring or Rescoring()
+    rank_options = {"ties": ties, "caption_texts": caption_texts}
     target = torch.as_tensor(caption_to_clip, dtype=torch.long)
     n_clips, n_captions = scores.shape
     t2a_k = min(MAX_CURVE_K, n_clips)
     a2t_k = min(MAX_CURVE_K, n_captions)
     t2a_scores = scores.T
-    rows = [_row("T2A", "none", text_to_audio_metrics(t2a_scores, target, block_size), "t2a")]
-    curves = {"T2A": recall_curve(text_to_audio_ranks(t2a_scores, target, block_size), t2a_k)}
+    t2a = text_to_audio_metrics(t2a_scores, target, block_size, **rank_options)
+    rows = [_row("T2A", "none", t2a, "t2a")]
+    curves = {
+        "T2A": recall_curve(
+            text_to_audio_ranks(t2a_scores, target, block_size, **rank_options), t2a_k
+        )
+    }
     for method in methods:
         a2t = rescore(scores, method, rescoring)
-        rows.append(
-            _row("A2T", method, audio_to_text_metrics(a2t, target, n_clips, block_size), "a2t")
-        )
-        ranks, valid = audio_to_text_ranks(a2t, target, n_clips, block_size)
+        metrics = audio_to_text_metrics(a2t, target, n_clips, block_size, **rank_options)
+        rows.append(_row("A2T", method, metrics, "a2t"))
+        ranks, valid = audio_to_text_ranks(a2t, target, n_clips, block_size, **rank_options)
         first = ranks[valid[:, 0], 0]
         curves[f"A2T {method}"] = recall_curve(first, a2t_k)
     return {"rows": rows, "curves": curves}
@@ -259,6 +270,8 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
     unknown = [m for m in ev.methods if m not in RESCORING_METHODS]
     if unknown:
         raise EvaluationError(f"unknown eval.methods {unknown}; choose from {RESCORING_METHODS}")
+    if ev.ties not in TIE_RULES:
+        raise EvaluationError(f"unknown eval.ties {ev.ties!r}; choose one of {TIE_RULES}")
     if not ev.checkpoint:
         raise EvaluationError("set eval.checkpoint (or sinkhorn.checkpoint) to a GPA checkpoint")
     started = time.perf_counter()
@@ -277,7 +290,10 @@ def run_evaluation(cfg: Config) -> dict[str, Any]:
     model, _ = load_gpa(checkpoint, cfg.storage, "cpu")
     with torch.inference_mode():
         scores = model.score_pool(embedded.audio, embedded.texts, ev.block_size)
-    results = evaluate_scores(scores, target, ev.methods, rescoring, ev.block_size)
+    texts = captions.column("caption").to_pylist()
+    results = evaluate_scores(
+        scores, target, ev.methods, rescoring, ev.block_size, ev.ties, caption_texts=texts
+    )
     pool = {
         "data": ev.data,
         "split": ev.split,

@@ -151,3 +151,12 @@ def test_a_partly_given_section_keeps_its_fields_defaults() -> None:
     cfg = load_config(overrides=["ingest.encode_pool.cpus_per_actor=1"])
     assert cfg.ingest.encode_pool == ActorPoolConfig(actors=2, cpus_per_actor=1.0, batch_size=8)
     assert config_from_dict(dataclasses.asdict(cfg)) == cfg
+
+
+def test_gpa_paper_presets_train_on_every_caption_pair() -> None:
+    # GPA trains "following [9]" (sec. 3.1), whose loader has one sample per (clip,
+    # caption): the paper presets say so, the other presets keep one pair per clip.
+    assert Config().train.pairs_per_epoch == "clip"
+    for name in ("clotho_gpa", "audiocaps_gpa"):
+        assert load_config(name).train.pairs_per_epoch == "caption", name
+    assert load_config("esc50_gpa").train.pairs_per_epoch == "clip"

@@ -80,9 +80,10 @@ def test_table_by_hand() -> None:
     # A2T (rows rank the 6 captions): clip 0's captions rank 1 and 4, clip 1's 1 and 2,
     #   clip 2's 2 and 4 -> R@1 = 2/3, MRR = (1 + 1 + 1/2)/3 = 0.8333,
     #   mAP@10 = ((1 + 2/4)/2 + (1 + 2/2)/2 + (1/2 + 2/4)/2)/3 = 0.75.
-    # With the bias b = 0.5 on caption 5 only (ties count against the query): clip 0's
-    #   captions rank 1 and 5 (0.5 = 0.5 tie), clip 1's 1 and 3 (0.7 = 0.7 tie), clip 2's
-    #   1 and 4 -> R@1 = 1, MRR = 1, mAP@10 = ((1 + 2/5)/2 + (1 + 2/3)/2 + (1 + 2/4)/2)/3.
+    # With the bias b = 0.5 on caption 5 only: clip 0's captions rank 1 and 5, clip 1's 1
+    #   and 2.5 (its 0.7 ties caption 5's 0.7: mid-rank; 3 with eval.ties=pessimistic),
+    #   clip 2's 1 and 4 -> R@1 = 1, MRR = 1, mAP@10 = ((1 + 2/5)/2 + (1 + 2/2.5)/2 +
+    #   (1 + 2/4)/2)/3 (pessimistic: (1 + 2/3)/2 for clip 1).
     bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.5], dtype=torch.float64)
     results = evaluate_scores(R_3X6, CAPTION_TO_CLIP, ["none", "sinkhorn"], Rescoring(bias=bias))
     t2a = _row(results, "T2A")
@@ -94,7 +95,11 @@ def test_table_by_hand() -> None:
     )
     biased = _row(results, "A2T", "sinkhorn")
     assert [biased[k] for k in ("R@1", "MRR")] == pytest.approx([1.0, 1.0])
-    assert biased["mAP@10"] == pytest.approx((0.7 + 5 / 6 + 0.75) / 3)
+    assert biased["mAP@10"] == pytest.approx((0.7 + 0.9 + 0.75) / 3)
+    pessimistic = evaluate_scores(
+        R_3X6, CAPTION_TO_CLIP, ["sinkhorn"], Rescoring(bias=bias), ties="pessimistic"
+    )
+    assert _row(pessimistic, "A2T", "sinkhorn")["mAP@10"] == pytest.approx((0.7 + 5 / 6 + 0.75) / 3)
     assert results["curves"]["T2A"] == pytest.approx([0.5, 5 / 6, 1.0])
     assert results["curves"]["A2T none"] == pytest.approx([2 / 3, 1, 1, 1, 1, 1])
     # The same numbers as the metrics module's own entry point (bias on A2T only).
@@ -262,8 +267,11 @@ def test_bias_job_then_evaluate_end_to_end_on_s3(
     captions = read_captions(esc50_pool, "test", storage_cfg=s3)
     clip_index = {c["clip_id"]: i for i, c in enumerate(clips)}
     target = torch.tensor([clip_index[c] for c in captions.column("clip_id").to_pylist()])
+    # ESC-50's templated captions: a clip's relevant captions include every copy of its
+    # sentences on other clips of its category (relevance by identical text).
+    caption_texts = captions.column("caption").to_pylist()
     with torch.inference_mode():
-        texts = model.embed_text(captions.column("caption").to_pylist())
+        texts = model.embed_text(caption_texts)
         audio = model.embed_audio(inputs.collate([inputs.from_row(c) for c in clips]))
         bank = model.embed_audio(inputs.collate([inputs.from_row(c) for c in train]))
         scores = model.score(audio, texts)
@@ -271,7 +279,7 @@ def test_bias_job_then_evaluate_end_to_end_on_s3(
     _, g = sinkhorn_potentials(querybank, 0.05, 10)
     table, _ = read_bias(bias_uri, s3)
     assert table.column("bias").to_pylist() == pytest.approx(g.tolist(), abs=1e-5)
-    expected = retrieval_metrics(scores, target, text_bias=g)
+    expected = retrieval_metrics(scores, target, text_bias=g, caption_texts=caption_texts)
     names = ("R@1", "R@5", "R@10", "mAP@10", "MRR")
     for (direction, method), prefix in (
         (("T2A", "none"), "t2a"),
@@ -284,7 +292,7 @@ def test_bias_job_then_evaluate_end_to_end_on_s3(
         ("qb_norm", qb_norm(scores, querybank, 20.0, 1)),
         ("dual_softmax", dual_softmax(scores, 0.01)),
     ):
-        reference = audio_to_text_metrics(rescored, target, len(clips))
+        reference = audio_to_text_metrics(rescored, target, len(clips), caption_texts=caption_texts)
         row = _row(report, "A2T", method)
         assert [row[n] for n in names] == pytest.approx([reference[f"a2t_{n}"] for n in names])
     assert _row(report, "A2T", "dual_softmax")["leaking"]

@@ -11,6 +11,9 @@ turns an Arrow batch into tensors:
   compute on padding), cropped to `max_len` positions, with an attention mask.
 - `labels` (list<string>) -> multi-hot rows, or class indices for single-label data.
 
+`per_caption` turns a clip stream into a (clip, caption) pair stream for training on
+every caption of every clip (`train.pairs_per_epoch=caption`).
+
 The label vocabulary comes from the training split, scanned file by file with only the
 `labels` column read, so its cost does not grow with the size of the codes or audio.
 """
@@ -98,6 +101,37 @@ def ordered(dataset: Any) -> Any:
     first, and so do float sums, batch composition and shuffles downstream."""
     dataset.context.execution_options.preserve_order = True
     return dataset
+
+
+CAPTION_COLUMN = "caption"
+CAPTION_INDEX_COLUMN = "caption_index"
+
+
+def expand_captions(table: pa.Table) -> pa.Table:
+    """One row per (clip, caption) of a clip batch, in clip order then caption order: the
+    `captions` list becomes `caption` (one text) and `caption_index` (its position in the
+    clip's list); every other column is repeated. A clip without captions is an error."""
+    captions = table.column("captions").combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(captions), 0).to_numpy(zero_copy_only=False)
+    if (lengths == 0).any():
+        clip = table.column("clip_id")[int(np.argmax(lengths == 0))].as_py()
+        raise LoaderError(f"clip {clip!r} has no captions to train on")
+    rows = np.repeat(np.arange(len(table)), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    position = (np.arange(len(rows)) - starts).astype(np.int32)
+    out = table.drop_columns(["captions"]).take(pa.array(rows, pa.int64()))
+    out = out.append_column(CAPTION_COLUMN, captions.flatten())
+    return out.append_column(CAPTION_INDEX_COLUMN, pa.array(position, pa.int32()))
+
+
+def per_caption(dataset: Any) -> Any:
+    """A clip dataset as a stream of (clip, caption) rows (`expand_captions` per block).
+
+    Streaming and order-preserving: each block becomes the expanded block in place, so the
+    row sequence is a function of the block order alone, and nothing is materialised."""
+    return dataset.map_batches(
+        expand_captions, batch_format="pyarrow", batch_size=None, zero_copy_batch=True
+    )
 
 
 @dataclasses.dataclass(frozen=True)

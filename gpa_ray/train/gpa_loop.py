@@ -2,11 +2,15 @@
 
 Batches (`GPACollate`, on each worker): every clip of a clip shard becomes tower inputs
 through `gpa_ray.audio.inputs.AudioInputs` (random crop + SpecAugment when training) and
-is paired with ONE of its captions, drawn anew each epoch; a share of the captions
-(`gpa.caption_aug_share`) is augmented (`gpa_ray.data.captions`). Draws are seeded per
-(run seed, epoch, clip), never per worker, so a clip gets the same crop, masks and caption
-however the batch is split over workers. Validation batches carry every caption of
-every clip, with the clip each caption belongs to.
+is paired with ONE of its captions, drawn anew each epoch (`train.pairs_per_epoch=clip`),
+or the training stream has one row per (clip, caption) pair and each pair is seen once
+per epoch (`caption`, the DP baseline's loader: `gpa_ray.data.loaders.per_caption`); a
+share of the captions (`gpa.caption_aug_share`) is augmented (`gpa_ray.data.captions`).
+Draws are seeded per (run seed, epoch, clip[, caption index]), never per worker, so a
+pair gets the same crop, masks and caption however the batch is split over workers. Two
+captions of one clip in a global batch share its `clip_keys`, so neither is the other's
+negative. Validation batches carry every caption of every clip, with the clip each
+caption belongs to.
 
 Step (`train_step`): both towers run through the (DDP-wrapped) model; with
 `train.gather_negatives` the global embeddings AND prototypes of every worker are
@@ -51,7 +55,13 @@ from gpa_ray.data.captions import (
     draw_seed,
 )
 from gpa_ray.data.lexicon import load_lexicon
-from gpa_ray.data.loaders import clip_key_tensor, codes_from_arrow
+from gpa_ray.data.loaders import (
+    CAPTION_COLUMN,
+    CAPTION_INDEX_COLUMN,
+    clip_key_tensor,
+    codes_from_arrow,
+    per_caption,
+)
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.factory import build_gpa, build_tokenizer, trainable_summary
 from gpa_ray.models.gpa import Embeddings, GPAModel
@@ -64,17 +74,21 @@ from gpa_ray.train.worker import unwrap
 logger = logging.getLogger(__name__)
 
 LOSSES = ("triplet", "nt_xent", "info_nce", "cwcl")
+PAIRS_PER_EPOCH = ("clip", "caption")
 AUDIO_PREFIX = "audio."
 TEXT_PREFIX = "text."
 SCORE_BLOCK = 1024
 
 
 class GPACollate(ArrowBatchCollateFn):
-    """Clip-shard Arrow batch -> audio inputs, caption tokens and clip bookkeeping.
+    """Clip-shard Arrow batch (a row per clip, or per (clip, caption) pair) -> audio
+    inputs, caption tokens and clip bookkeeping.
 
     Keys: `audio.<tower kwarg>` (see `AudioInputs.collate`), `text.input_ids`,
     `text.attention_mask`, `clip_keys` [B] (int64 `clip_key` of each clip) and
-    `caption_clip` [n_texts] (the batch row of each caption's clip).
+    `caption_clip` [n_texts] (the batch row of each caption's clip); validation batches
+    also carry `caption_keys` [n_texts] (`clip_key` of each caption's text: equal exactly
+    for identical texts, which the metrics count as relevant to every clip carrying them).
     """
 
     def __init__(self, cfg: Config, train: bool, seed: int) -> None:
@@ -85,21 +99,53 @@ class GPACollate(ArrowBatchCollateFn):
         self.inputs = AudioInputs.from_config(cfg)
         self.tokenizer = build_tokenizer(cfg)
 
-    def _caption(self, clip_id: str, captions: list[str], seed: int) -> str:
+    def _caption(
+        self, clip_id: str, captions: list[str] | None, text: str | None, seed: int
+    ) -> str:
+        """The training text of a row: its own caption (per-caption rows) or one drawn from
+        the clip's captions, augmented for a `gpa.caption_aug_share` of the rows."""
         rng = np.random.default_rng(seed)
-        try:
-            text = choose_caption(captions, rng)
-        except ValueError as exc:
-            raise ValueError(f"clip {clip_id!r} has no captions to train on") from exc
+        if text is None:
+            try:
+                text = choose_caption(captions or [], rng)
+            except ValueError as exc:
+                raise ValueError(f"clip {clip_id!r} has no captions to train on") from exc
         gpa = self.cfg.gpa
         if gpa.caption_aug_share > 0 and rng.random() < gpa.caption_aug_share:
             text = augment_text(gpa, text, rng)
         return text
 
+    def pair_texts(self, table: pa.Table) -> tuple[list[str], list[int], list[int]]:
+        """(texts, batch row of each text's clip, the draw seed of each row).
+
+        Training: one text per row; per-caption rows (`caption` column) keep their own and
+        draw per (clip, caption index), so a clip's five pairs get five crops and masks.
+        Validation: every caption of every clip."""
+        clip_ids = [str(c) for c in table.column("clip_id").to_pylist()]
+        if CAPTION_COLUMN in table.column_names:
+            own = table.column(CAPTION_COLUMN).to_pylist()
+            index = table.column(CAPTION_INDEX_COLUMN).to_pylist()
+            seeds = [draw_seed(self.seed, c, i) for c, i in zip(clip_ids, index, strict=True)]
+            captions: list[Any] = [None] * len(clip_ids)
+        else:
+            own = [None] * len(clip_ids)
+            seeds = [draw_seed(self.seed, clip_id) for clip_id in clip_ids]
+            captions = table.column("captions").to_pylist()
+        if self.train:
+            texts = [
+                self._caption(c, caps, text, s)
+                for c, caps, text, s in zip(clip_ids, captions, own, seeds, strict=True)
+            ]
+            return texts, list(range(len(texts))), seeds
+        if CAPTION_COLUMN in table.column_names:
+            raise ValueError("validation batches need the clips' `captions` lists")
+        texts = [text for caps in captions for text in caps or []]
+        caption_clip = [row for row, caps in enumerate(captions) for _ in caps or []]
+        return texts, caption_clip, seeds
+
     def __call__(self, table: pa.Table) -> Batch:
         clip_ids = [str(c) for c in table.column("clip_id").to_pylist()]
-        captions = table.column("captions").to_pylist()
-        seeds = [draw_seed(self.seed, clip_id) for clip_id in clip_ids]
+        texts, caption_clip, seeds = self.pair_texts(table)
         if self.inputs.needs_codes:
             codes = codes_from_arrow(table.column("codes"))
             items = [
@@ -111,19 +157,12 @@ class GPACollate(ArrowBatchCollateFn):
                 self.inputs.from_row({"clip_id": c, "audio": a}, self.train, s)
                 for c, a, s in zip(clip_ids, audio, seeds, strict=True)
             ]
-        if self.train:
-            texts = [
-                self._caption(c, caps or [], s)
-                for c, caps, s in zip(clip_ids, captions, seeds, strict=True)
-            ]
-            caption_clip = list(range(len(texts)))
-        else:
-            texts = [text for caps in captions for text in caps or []]
-            caption_clip = [row for row, caps in enumerate(captions) for _ in caps or []]
         batch: Batch = {AUDIO_PREFIX + k: v for k, v in self.inputs.collate(items).items()}
         batch.update({TEXT_PREFIX + k: v for k, v in self._tokenize(texts).items()})
         batch["clip_keys"] = clip_key_tensor(clip_ids)
         batch["caption_clip"] = torch.tensor(caption_clip, dtype=torch.long)
+        if not self.train:
+            batch["caption_keys"] = clip_key_tensor(texts)
         return batch
 
     def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
@@ -243,6 +282,11 @@ class GPALoop(TrainLoop):
             )
         if cfg.gpa.caption_aug == "lexical" and cfg.gpa.caption_aug_share > 0:
             load_lexicon(cfg.gpa.lexicon_wordnet, cfg.gpa.lexicon_misspellings)  # fail early
+        if cfg.train.pairs_per_epoch not in PAIRS_PER_EPOCH:
+            raise ValueError(
+                f"unknown train.pairs_per_epoch {cfg.train.pairs_per_epoch!r}; "
+                f"choose one of {PAIRS_PER_EPOCH}"
+            )
         audio_column = "codes" if cfg.audio_encoder.kind == "audioformer" else "audio"
         self.columns = ("clip_id", "captions", audio_column)
 
@@ -259,6 +303,10 @@ class GPALoop(TrainLoop):
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam; the audio tower's early blocks at a smaller lr when configured."""
         return torch.optim.Adam(gpa_param_groups(model, self.cfg), lr=self.cfg.train.lr)
+
+    def train_dataset(self, dataset: Any) -> Any:
+        """One row per (clip, caption) with `train.pairs_per_epoch=caption`."""
+        return per_caption(dataset) if self.cfg.train.pairs_per_epoch == "caption" else dataset
 
     def collate_fn(self, train: bool, epoch: int = 0) -> GPACollate:
         """Training draws depend on (run seed, epoch, clip) only, so they change every
@@ -298,6 +346,7 @@ class GPALoop(TrainLoop):
         audio_parts: list[Embeddings] = []
         text_parts: list[Embeddings] = []
         owners: list[Tensor] = []
+        text_keys: list[Tensor] = []
         n_clips = 0
         for batch in batches:
             audio, text = split_batch(batch)
@@ -305,14 +354,24 @@ class GPALoop(TrainLoop):
             if batch["caption_clip"].numel():
                 text_parts.append(net.embed_text(text))
                 owners.append(batch["caption_clip"] + n_clips)
+                text_keys.append(batch["caption_keys"])
             n_clips += len(audio_parts[-1])
         device = next(net.parameters()).device
         audio_pool, offset = self._gather_pool(audio_parts, device)
         text_pool, _ = self._gather_pool(text_parts, device)
         local_owners = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
         caption_to_clip = gather_rows(local_owners.to(device) + offset).cpu()
+        local_keys = torch.cat(text_keys) if text_keys else torch.zeros(0, dtype=torch.long)
+        caption_keys = gather_rows(local_keys.to(device)).cpu().tolist()
         scores = net.score_pool(audio_pool, text_pool, SCORE_BLOCK).float().cpu()
-        return with_recall_sums(retrieval_metrics(scores, caption_to_clip=caption_to_clip))
+        return with_recall_sums(
+            retrieval_metrics(
+                scores,
+                caption_to_clip=caption_to_clip,
+                ties=self.cfg.eval.ties,
+                caption_texts=caption_keys,
+            )
+        )
 
     def _gather_pool(self, parts: list[Embeddings], device: torch.device) -> tuple[Embeddings, int]:
         """Concatenate this worker's embeddings and gather every worker's (no gradient)."""

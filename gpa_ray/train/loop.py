@@ -65,6 +65,11 @@ class TrainLoop(abc.ABC):
         `epoch` (0-based) seeds any random draws made while collating training batches,
         so a run resumed at epoch e draws what an uninterrupted run draws there."""
 
+    def train_dataset(self, dataset: Any) -> Any:
+        """The training Ray Dataset as this task consumes it, from the clip split read in
+        its seeded block order (e.g. one row per caption); the clips themselves by default."""
+        return dataset
+
     @abc.abstractmethod
     def train_step(
         self, model: nn.Module, batch: Batch, generator: torch.Generator

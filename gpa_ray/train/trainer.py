@@ -139,7 +139,8 @@ def clip_datasets(loop: TrainLoop) -> dict[str, Any]:
     """{"train": ..., "val": ...} Ray Datasets of the configured splits (val if present).
 
     Train streams (a fresh read per epoch, its blocks in an order drawn from
-    `train.seed`: the same every epoch and after a resume; each worker's local shuffle
+    `train.seed`: the same every epoch and after a resume, then shaped by the task's
+    `TrainLoop.train_dataset`, e.g. a row per caption; each worker's local shuffle
     buffer, seeded per epoch, varies the order within it); the validation split, small by
     nature, is materialised once.
     """
@@ -147,7 +148,7 @@ def clip_datasets(loop: TrainLoop) -> dict[str, Any]:
     data = data_uri(cfg)
     read = {"corpus": cfg.train.corpus, "columns": loop.columns, "storage_cfg": cfg.storage}
     train = loaders.read_clips(data, cfg.train.train_split, **read)
-    out = {"train": train.randomize_block_order(seed=cfg.train.seed)}
+    out = {"train": loop.train_dataset(train.randomize_block_order(seed=cfg.train.seed))}
     if loaders.split_files(data, cfg.train.val_split, cfg.train.corpus, cfg.storage):
         # Read once into the object store: every worker iterates it whole every epoch.
         with _without_progress_bars():
