@@ -294,12 +294,7 @@ class FT2Loop(_ClassifierLoop):
         af = self.cfg.audioformer
         out = model(batch["input_ids"], batch["attention_mask"])
         mlc = self.mlc_loss(out.logits, batch["targets"])
-        # Every rank scores the whole global batch of views; the gather's backward sums the
-        # ranks' gradients into the local rows and DDP averages, giving the full-batch step.
-        views, _ = gather_with_grad(out.views.float())
-        keys = batch.get("clip_keys")
-        clip_keys = gather_rows(keys) if keys is not None else None
-        mpc = mpc_loss(views, af.ft2_temperature, clip_keys)
+        mpc = global_batch_mpc(out.views.float(), batch.get("clip_keys"), af.ft2_temperature)
         loss = af.ft2_alpha * mlc + (1.0 - af.ft2_alpha) * mpc
         logs = {
             "loss": float(loss.detach()),
@@ -307,6 +302,20 @@ class FT2Loop(_ClassifierLoop):
             "mpc": float(mpc.detach()),
         }
         return loss, logs
+
+
+def global_batch_mpc(views: Tensor, clip_keys: Tensor | None, temperature: float) -> Tensor:
+    """MPC (eq 8) over the global batch from this rank's views [b, V, D] and clip keys [b].
+
+    Every rank scores the whole global batch, so its value is the single-process loss;
+    the gather's backward sums the ranks' gradients into the local rows (world size x the
+    single-process row gradient) and DDP's averaging brings the parameter gradient back to
+    the full-batch step. The clip keys are gathered too, so a clip drawn on two workers is
+    not its own negative.
+    """
+    gathered, _ = gather_with_grad(views)
+    keys = gather_rows(clip_keys) if clip_keys is not None else None
+    return mpc_loss(gathered, temperature, keys)
 
 
 def finetune_loop(cfg: Config, label_space: LabelSpace) -> _ClassifierLoop:
