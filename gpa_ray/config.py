@@ -233,8 +233,8 @@ class GPAConfig:
     prototype: str = "mask"
     attention_heads: int = 1
     scorer: str = "lass"
-    # "triplet" (sum, eq 11), "nt_xent" (eq 12), "info_nce" or "cwcl" (weights from the
-    # text encoder's own features, detached: locked when the text tower is frozen).
+    # "triplet" (sum, eq 11), "nt_xent" (eq 12), "info_nce" or "cwcl" (weights from a
+    # locked copy of the text tower: its starting weights, frozen while the tower trains).
     loss: str = "triplet"
     margin: float = 0.2
     temperature: float = 0.07
