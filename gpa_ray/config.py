@@ -286,6 +286,7 @@ class TrainConfig:
     data: str = ""
     # Corpus folder under `<data>/clips/`; empty means every corpus there.
     corpus: str = ""
+    # Split folders; several train splits read as one: "balanced_train+unbalanced_train".
     train_split: str = "train"
     val_split: str = "val"
     # Rows in each worker's local shuffle buffer (0 keeps the read order).
@@ -306,6 +307,13 @@ class TrainConfig:
     # Contrastive negatives span every worker's batch (gather with gradients); false scores
     # each worker's queries against its own batch only.
     gather_negatives: bool = True
+    # Training clips: "" reads each once per epoch; "label_frequency" reads a weighted
+    # sample (as many draws as clips, clip weight = sum of 1 / label count over its
+    # labels; drawn once per seed, the same every epoch; `gpa_ray.data.weighted_sampling`).
+    sampler: str = ""
+    # Stop after this many epochs without a better checkpoint metric (the task's metric,
+    # e.g. val_mAP, or `checkpoint_metric`); 0 trains every epoch. Needs a val split.
+    early_stopping_patience: int = 0
 
 
 @dataclass(frozen=True)
