@@ -247,8 +247,8 @@ class GPAConfig:
     prototype: str = "mask"
     attention_heads: int = 1
     scorer: str = "lass"
-    # "triplet" (sum, eq 11), "nt_xent" (eq 12), "info_nce" or "cwcl" (weights from the
-    # text encoder's own features, detached: locked when the text tower is frozen).
+    # "triplet" (sum, eq 11), "nt_xent" (eq 12), "info_nce" or "cwcl" (weights from a
+    # locked copy of the text tower: its starting weights, frozen while the tower trains).
     # NT-Xent sums its two directions (as eq 12); "info_nce" is "Good, Fast, Cheap" eq 1:
     # audio-to-text only, at scale 1 (`temperature` does not apply).
     loss: str = "triplet"
@@ -316,6 +316,7 @@ class TrainConfig:
     data: str = ""
     # Corpus folder under `<data>/clips/`; empty means every corpus there.
     corpus: str = ""
+    # Split folders; several train splits read as one: "balanced_train+unbalanced_train".
     train_split: str = "train"
     val_split: str = "val"
     # Rows in each worker's local shuffle buffer (0 keeps the read order).
@@ -339,6 +340,13 @@ class TrainConfig:
     # GPA training pairs per epoch: "clip" (each clip once, with one caption drawn per
     # epoch) or "caption" (each (clip, caption) pair once, as the DP baseline's loader).
     pairs_per_epoch: str = "clip"
+    # Training clips: "" reads each once per epoch; "label_frequency" reads a weighted
+    # sample (as many draws as clips, clip weight = sum of 1 / label count over its
+    # labels; drawn once per seed, the same every epoch; `gpa_ray.data.weighted_sampling`).
+    sampler: str = ""
+    # Stop after this many epochs without a better checkpoint metric (the task's metric,
+    # e.g. val_mAP, or `checkpoint_metric`); 0 trains every epoch. Needs a val split.
+    early_stopping_patience: int = 0
 
 
 @dataclass(frozen=True)

@@ -260,42 +260,47 @@ def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor
 
 
 def mpc_loss(views: Tensor, temperature: float = 0.05, clip_ids: Tensor | None = None) -> Tensor:
-    """Multi-positive contrastive loss over codebook views (AudioFormer eq 8).
+    """Multi-positive contrastive loss over codebook views, exactly AudioFormer eq 8.
 
     `views` [B, V, D]: view 0 of clip b is the anchor (trainable C1 model), views 1..V-1 are
     the other codebooks of the same clip (frozen models; the caller detaches them). With
-    cosine similarity s and tau = 0.05, for anchor b and its positives p = 1..V-1:
+    cosine similarity s, per anchor b (the paper's Delta):
 
-        l_bp = -log( exp(s(b0, bp)/tau) / sum_{(c, v) != (b, 0)} exp(s(b0, cv)/tau) )
-        L    = mean over b and p of l_bp
+        l_b = log(1 + sum_{a != b} sum_{c=1..V} e^{s(b_1, a_c)/tau}
+                        * sum_{c=2..V} e^{-s(b_1, b_c)/tau})
+        L   = mean over b of l_b
 
-    The denominator runs over every view of every clip except the anchor itself: the other
-    positives and all V views of the other clips (negatives). The infimum is log(V - 1),
-    approached when views of a clip coincide and clips are far apart.
+    The self-pair s(b_1, b_1) is in neither sum. The product of sums factorises as
+    exp(LSE_neg + LSE_pos), so l_b = softplus(LSE_{a != b, c} s/tau + LSE_{c >= 2} -s/tau):
+    finite for any similarity and temperature. The loss tends to 0 when every view of a
+    clip coincides and clips are far apart (eq 8's infimum; a SupCon-style softmax would
+    floor at log(V - 1) instead).
 
     `clip_ids` [B] (optional) names each item's clip: the views of another item of the same
     clip (a clip drawn twice into one global batch) are the same audio, so they are left
-    out of the anchor's denominator instead of being pushed away as negatives.
+    out of the anchor's negatives. An anchor without any negative has an empty sum: 0.
     """
     if views.ndim != 3 or views.shape[1] < 2:
         raise ValueError(f"views must be [B, V >= 2, D], got {tuple(views.shape)}")
-    batch, n_views, _ = views.shape
+    batch = views.shape[0]
     unit = F.normalize(views, dim=-1)
-    anchors = unit[:, 0]
-    keys = unit.reshape(batch * n_views, -1)
-    logits = anchors @ keys.T / temperature
+    # scaled[b, a, c] = s(b_1, a_c) / tau
+    scaled = torch.einsum("bd,acd->bac", unit[:, 0], unit) / temperature
     rows = torch.arange(batch, device=views.device)
-    excluded = torch.zeros_like(logits, dtype=torch.bool)
-    excluded[rows, rows * n_views] = True
+    negative_clip = rows[:, None] != rows[None, :]
     if clip_ids is not None:
         if clip_ids.shape != (batch,):
             raise ValueError(f"clip_ids must have shape ({batch},), got {tuple(clip_ids.shape)}")
         clip_ids = clip_ids.to(views.device)
-        same_clip = (clip_ids[:, None] == clip_ids[None, :]) & (rows[:, None] != rows[None, :])
-        excluded |= same_clip.repeat_interleave(n_views, dim=1)
-    log_prob = F.log_softmax(logits.masked_fill(excluded, float("-inf")), dim=1)
-    positives = rows[:, None] * n_views + torch.arange(1, n_views, device=views.device)[None, :]
-    return -log_prob.gather(1, positives).mean()
+        negative_clip &= clip_ids[:, None] != clip_ids[None, :]
+    has_negative = negative_clip.any(dim=1)
+    negatives = scaled.masked_fill(~negative_clip[:, :, None], float("-inf")).flatten(1)
+    # Anchors without negatives would give LSE(-inf...) and NaN gradients: neutralise them.
+    negatives = torch.where(has_negative[:, None], negatives, torch.zeros_like(negatives))
+    positives = -scaled[rows, rows, 1:]
+    z = torch.logsumexp(negatives, dim=1) + torch.logsumexp(positives, dim=1)
+    per_anchor = torch.where(has_negative, F.softplus(z), torch.zeros_like(z))
+    return per_anchor.mean()
 
 
 def ft2_loss(

@@ -160,3 +160,28 @@ def test_gpa_paper_presets_train_on_every_caption_pair() -> None:
     for name in ("clotho_gpa", "audiocaps_gpa"):
         assert load_config(name).train.pairs_per_epoch == "caption", name
     assert load_config("esc50_gpa").train.pairs_per_epoch == "clip"
+
+
+def test_audioformer_preset_is_the_papers_schedule() -> None:
+    """AudioFormer 4.1/4.2: MLM 10 epochs at 1e-4 on balanced + unbalanced, no LR decay
+    named; every override in the preset's phase commands (FT1 on AS-2M in two phases) is
+    a valid key and value, so the commands cannot drift from the schema."""
+    import re
+    from importlib.resources import files
+
+    cfg = load_config("audioset_audioformer")
+    assert cfg.train.train_split == "balanced_train+unbalanced_train"
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.lr_gamma) == (10, 1e-4, 1.0)
+    assert (cfg.audioformer.mask_prob, cfg.audioformer.codebooks) == (0.25, [0, 1, 2, 3])
+    assert (cfg.audioformer.ft2_alpha, cfg.audioformer.ft2_temperature) == (0.95, 0.05)
+    text = (files("gpa_ray") / "configs" / "audioset_audioformer.yaml").read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    overrides = re.findall(r"\b((?:train|audioformer)\.[a-z_]+=\S+)", header)
+    assert "train.sampler=label_frequency" in overrides
+    assert "train.early_stopping_patience=3" in overrides
+    for override in overrides:
+        load_config("audioset_audioformer", [override.replace("s3://BUCKET", "s3://b")])
+    assert {"train.lr=1e-5", "train.epochs=10", "train.train_split=balanced_train"} <= set(
+        overrides
+    )
+    assert {"train.epochs=1", "train.train_split=unbalanced_train"} <= set(overrides)

@@ -35,6 +35,7 @@ CORE = (
     "gpa_ray.data.synthetic",
     "gpa_ray.data.work_units",
     "gpa_ray.data.failure_report",
+    "gpa_ray.data.weighted_sampling",
     "gpa_ray.index.ann",
     "gpa_ray.index.store",
     "gpa_ray.index.shard_files",

@@ -99,8 +99,10 @@ def loop_cwcl(m, feats, tau, clips=None) -> float:
 
 
 def loop_mpc(views: list[list[list[float]]], tau: float, clips: list[int] | None = None) -> float:
-    """AudioFormer eq 8 over explicit (anchor, key) loops with cosine similarity; with
-    `clips`, views of another item of the anchor's clip leave the denominator."""
+    """AudioFormer eq 8 written from the paper with plain loops over scalars: per anchor
+    clip d, log(1 + sum_{a != d} sum_{c=1..N} e^{sim(d_1, a_c)/tau} *
+    sum_{c=2..N} e^{-sim(d_1, d_c)/tau}), averaged over the batch; with `clips`, another
+    item of d's clip is not an "other audio" a."""
 
     def cos(u, v):
         return sum(a * b for a, b in zip(u, v, strict=True)) / (
@@ -108,18 +110,18 @@ def loop_mpc(views: list[list[list[float]]], tau: float, clips: list[int] | None
         )
 
     n_clips, n_views = len(views), len(views[0])
-    terms = []
-    for b in range(n_clips):
-        anchor = views[b][0]
-        denom = sum(
-            math.exp(cos(anchor, views[c][v]) / tau)
-            for c in range(n_clips)
-            for v in range(n_views)
-            if (c, v) != (b, 0) and (c == b or clips is None or clips[c] != clips[b])
+    total = 0.0
+    for d in range(n_clips):
+        anchor = views[d][0]
+        negatives = sum(
+            math.exp(cos(anchor, views[a][c]) / tau)
+            for a in range(n_clips)
+            if a != d and (clips is None or clips[a] != clips[d])
+            for c in range(n_views)
         )
-        for p in range(1, n_views):
-            terms.append(-math.log(math.exp(cos(anchor, views[b][p]) / tau) / denom))
-    return sum(terms) / len(terms)
+        positives = sum(math.exp(-cos(anchor, views[d][c]) / tau) for c in range(1, n_views))
+        total += math.log(1 + negatives * positives)
+    return total / n_clips
 
 
 def test_triplet_sum_hand_values() -> None:
@@ -341,11 +343,29 @@ VIEWS = [
 
 
 def test_mpc_pinned() -> None:
-    # Expected: loop_mpc(VIEWS, tau) run once (plain Python, rounded to 1e-10).
-    assert loop_mpc(VIEWS, 0.05) == pytest.approx(1.9331694921, abs=1e-9)
-    assert loop_mpc(VIEWS, 0.5) == pytest.approx(1.3092182967, abs=1e-9)
-    assert mpc_loss(_t(VIEWS)).item() == pytest.approx(1.9331694921, abs=1e-9)
-    assert mpc_loss(_t(VIEWS), 0.5).item() == pytest.approx(1.3092182967, abs=1e-9)
+    # Expected: loop_mpc(VIEWS, tau) run once (plain Python, rounded to 1e-10). By hand at
+    # tau = 0.5: anchor (1, 0) has negative sum 1 + e^-1.2 + e^1.414 = 5.414 and positive
+    # sum e^-1.6 + e^-1.2 = 0.503, so log(1 + 2.724) = 1.315; anchor (0, 1): 9.273 x 0.445
+    # -> log(5.127) = 1.635; mean 1.475.
+    assert loop_mpc(VIEWS, 0.05) == pytest.approx(2.2074185331, abs=1e-9)
+    assert loop_mpc(VIEWS, 0.5) == pytest.approx(1.4746219775, abs=1e-9)
+    assert mpc_loss(_t(VIEWS)).item() == pytest.approx(2.2074185331, abs=1e-9)
+    assert mpc_loss(_t(VIEWS), 0.5).item() == pytest.approx(1.4746219775, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("n_clips", "n_views", "tau", "seed"),
+    [(2, 2, 0.05, 0), (3, 4, 0.05, 1), (5, 3, 0.1, 2), (4, 2, 0.5, 3), (6, 4, 0.07, 4)],
+)
+def test_mpc_equals_eq8_loop_on_random_views(
+    n_clips: int, n_views: int, tau: float, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    views = torch.randn(n_clips, n_views, 5, dtype=torch.float64, generator=generator)
+    assert mpc_loss(views, tau).item() == pytest.approx(loop_mpc(views.tolist(), tau), rel=1e-10)
+    clips = torch.randint(0, max(2, n_clips - 1), (n_clips,), generator=generator)
+    expected = loop_mpc(views.tolist(), tau, clips.tolist())
+    assert mpc_loss(views, tau, clips).item() == pytest.approx(expected, rel=1e-10, abs=1e-15)
 
 
 # Three items; items 0 and 2 are the same clip drawn twice (views of item 2 near item 0's).
@@ -357,52 +377,63 @@ VIEWS_REPEAT = [
 
 
 def test_mpc_leaves_a_repeated_clip_out_of_the_negatives() -> None:
-    # Expected: loop_mpc(VIEWS_REPEAT, 0.5, clips) run once (plain Python, rounded to 1e-10).
-    assert loop_mpc(VIEWS_REPEAT, 0.5, [7, 8, 7]) == pytest.approx(1.3582869353, abs=1e-9)
-    assert loop_mpc(VIEWS_REPEAT, 0.5) == pytest.approx(1.8593926848, abs=1e-9)
+    # Expected: loop_mpc(VIEWS_REPEAT, 0.5[, clips]) run once (plain Python, rounded to 1e-10).
+    assert loop_mpc(VIEWS_REPEAT, 0.5, [7, 8, 7]) == pytest.approx(1.5269010033, abs=1e-9)
+    assert loop_mpc(VIEWS_REPEAT, 0.5) == pytest.approx(2.2898576024, abs=1e-9)
     views = _t(VIEWS_REPEAT)
     repeated = mpc_loss(views, 0.5, torch.tensor([7, 8, 7]))
-    assert repeated.item() == pytest.approx(1.3582869353, abs=1e-9)
+    assert repeated.item() == pytest.approx(1.5269010033, abs=1e-9)
     # Distinct clip ids change nothing: the plain eq 8.
     distinct = mpc_loss(views, 0.5, torch.tensor([1, 2, 3])).item()
     assert distinct == pytest.approx(mpc_loss(views, 0.5).item(), abs=1e-12)
-    assert distinct == pytest.approx(1.8593926848, abs=1e-9)
+    assert distinct == pytest.approx(2.2898576024, abs=1e-9)
+    # One clip everywhere: no anchor has another audio, every sum is empty, log(1) = 0,
+    # with finite gradients.
+    views.requires_grad_(True)
+    alone = mpc_loss(views, 0.5, torch.tensor([4, 4, 4]))
+    (grad,) = torch.autograd.grad(alone, views)
+    assert alone.item() == 0.0 and torch.isfinite(grad).all()
     with pytest.raises(ValueError, match="clip_ids"):
         mpc_loss(views, 0.5, torch.tensor([1, 2]))
 
 
-def test_mpc_minimum_with_identical_views_and_orthogonal_clips() -> None:
+def test_mpc_tends_to_zero_with_identical_views_and_orthogonal_clips() -> None:
     # B = 3 clips, V = 4 views; clip b's views all equal e_b. Then s_pos = 1, s_neg = 0 and
-    # every term is -log(e^(1/tau) / ((V-1) e^(1/tau) + (B-1) V)) = log(V-1 + (B-1) V e^(-1/tau)),
-    # within (B-1) V e^(-1/tau) / (V-1) ~ 5.5e-9 of the infimum log(V-1) = log 3.
-    n_clips, n_views, tau = 3, 4, 0.05
+    # every anchor's loss is log(1 + (B-1) V e^0 * (V-1) e^(-1/tau)): 0 in the limit tau -> 0
+    # (about 5e-8 at the paper's tau = 0.05), not a SupCon floor of log(V - 1).
+    n_clips, n_views = 3, 4
     views = torch.eye(3, dtype=torch.float64)[:, None, :].repeat(1, n_views, 1)
-    analytic = math.log(n_views - 1 + (n_clips - 1) * n_views * math.exp(-1 / tau))
-    best = mpc_loss(views, tau).item()
-    assert best == pytest.approx(analytic, abs=1e-12)
-    assert best == pytest.approx(math.log(3), abs=1e-8)
+    previous = math.inf
+    for tau in (0.5, 0.1, 0.05, 0.02):
+        analytic = math.log1p((n_clips - 1) * n_views * (n_views - 1) * math.exp(-1 / tau))
+        value = mpc_loss(views, tau).item()
+        assert value == pytest.approx(analytic, rel=1e-9)
+        assert value < previous
+        previous = value
+    assert mpc_loss(views, 0.05).item() < 1e-7
     # Swapping one view between clips 0 and 1 makes a positive a negative: larger loss.
     swapped = views.clone()
     swapped[0, 1], swapped[1, 1] = views[1, 1], views[0, 1]
-    assert mpc_loss(swapped, tau).item() > best + 1.0
+    assert mpc_loss(swapped, 0.05).item() > 1.0
     torch.manual_seed(0)
     for _ in range(5):
-        assert mpc_loss(torch.randn(3, 4, 3, dtype=torch.float64), tau).item() > best
+        assert mpc_loss(torch.randn(3, 4, 3, dtype=torch.float64), 0.05).item() > 1.0
 
 
 def test_mpc_finite_and_differentiable_at_extremes() -> None:
     views = torch.tensor(VIEWS) * 1e4
     views.requires_grad_(True)
-    value = mpc_loss(views)
-    (grad,) = torch.autograd.grad(value, views)
-    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    for tau in (0.05, 1e-4):
+        value = mpc_loss(views, tau)
+        (grad,) = torch.autograd.grad(value, views)
+        assert torch.isfinite(value) and torch.isfinite(grad).all()
 
 
 def test_ft2_combination() -> None:
     logits = _t([[2.0, -1.0, 0.5], [0.0, 1.0, 3.0]])
     targets = _t([[1, 0, 1], [0, 0, 1]])
-    # 0.95 * LSEP (0.2055786581, above) + 0.05 * MPC (1.9331694921, above).
-    expected = 0.95 * 0.2055786581 + 0.05 * 1.9331694921
+    # 0.95 * LSEP (0.2055786581, above) + 0.05 * MPC (2.2074185331, above).
+    expected = 0.95 * 0.2055786581 + 0.05 * 2.2074185331
     assert ft2_loss(logits, targets, _t(VIEWS)).item() == pytest.approx(expected, abs=1e-9)
     bce_mix = 0.5 * bce_loss(logits, targets) + 0.5 * mpc_loss(_t(VIEWS))
     value = ft2_loss(logits, targets, _t(VIEWS), alpha=0.5, classification="bce")

@@ -35,6 +35,7 @@ from gpa_ray import storage
 from gpa_ray.audio.codec import PAD, to_token_ids
 from gpa_ray.config import StorageConfig
 from gpa_ray.data.captions import clip_key
+from gpa_ray.data.weighted_sampling import LabelFrequencies
 
 IGNORE_LABEL = -100
 """Class index of a clip with no known label (CE ignores it; metrics drop it)."""
@@ -51,21 +52,36 @@ def shard_split(clips: str, uri: str) -> str | None:
     return parts[1] if len(parts) >= 3 else None
 
 
+SPLIT_SEPARATOR = "+"
+
+
+def split_names(split: str) -> list[str]:
+    """The splits a split setting names: one, or several joined by "+" (AudioFormer
+    pre-trains on "balanced_train+unbalanced_train"), in the order given."""
+    names = [name.strip() for name in split.split(SPLIT_SEPARATOR)]
+    if not all(names) or len(set(names)) != len(names):
+        raise LoaderError(
+            f"split setting {split!r}: name one split or several distinct ones joined by "
+            f"{SPLIT_SEPARATOR!r}"
+        )
+    return names
+
+
 def split_files(
     data: str, split: str, corpus: str = "", storage_cfg: StorageConfig | None = None
 ) -> list[str]:
-    """The parquet files of one split under an ingest output, as sorted URIs.
+    """The parquet files of a split (or of several, "a+b") under an ingest output: each
+    split's files as sorted URIs, the splits in the order named.
 
     `corpus` empty means every corpus under `<data>/clips/`.
     """
     clips = storage.join(data, "clips")
+    names = split_names(split)
     if corpus:
-        return storage.list_files(storage.join(clips, corpus, split), ".parquet", storage_cfg)
-    return [
-        uri
-        for uri in storage.list_files(clips, ".parquet", storage_cfg)
-        if shard_split(clips, uri) == split
-    ]
+        folders = [storage.join(clips, corpus, name) for name in names]
+        return [uri for f in folders for uri in storage.list_files(f, ".parquet", storage_cfg)]
+    every = storage.list_files(clips, ".parquet", storage_cfg)
+    return [uri for name in names for uri in every if shard_split(clips, uri) == name]
 
 
 def read_clips(
@@ -76,16 +92,20 @@ def read_clips(
     columns: Sequence[str] | None = None,
     storage_cfg: StorageConfig | None = None,
 ) -> Any:
-    """One split as a lazy Ray Dataset of `columns` (all if None); local path or s3://.
+    """One split (or several, "a+b") as a lazy Ray Dataset of `columns` (all if None);
+    local path or s3://.
 
     Its rows come in file order, then row order (`ordered`), however the read tasks
     finish, so every consumer sees the same sequence run after run."""
     import ray
 
-    files = split_files(data, split, corpus, storage_cfg)
-    if not files:
-        where = storage.join(data, "clips", corpus or "*", split)
-        raise LoaderError(f"no clip shards found at {where}; run ingest first")
+    files: list[str] = []
+    for name in split_names(split):
+        found = split_files(data, name, corpus, storage_cfg)
+        if not found:
+            where = storage.join(data, "clips", corpus or "*", name)
+            raise LoaderError(f"no clip shards found at {where}; run ingest first")
+        files += found
     fs, _ = storage.resolve(files[0], storage_cfg)
     paths = [storage.resolve(uri, storage_cfg)[1] for uri in files]
     dataset = ordered(ray.data.read_parquet(paths, filesystem=fs))
@@ -192,6 +212,31 @@ def scan_labels(
     if not seen:
         raise LoaderError(f"split {split!r} under {data} has no labels")
     return LabelSpace(labels=tuple(sorted(seen)), multi_label=multi_label)
+
+
+def label_frequencies(
+    data: str, split: str = "train", corpus: str = "", storage_cfg: StorageConfig | None = None
+) -> LabelFrequencies:
+    """Clips per label and clips of a split (or of several, "a+b"), streaming only its
+    `labels` column; a clip counts once per distinct label (`weighted_sampling`)."""
+    counts: dict[str, int] = {}
+    n_clips = 0
+    files = split_files(data, split, corpus, storage_cfg)
+    if not files:
+        raise LoaderError(f"no clip shards for split {split!r} under {data}")
+    for uri in files:
+        fs, path = storage.resolve(uri, storage_cfg)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["labels"], batch_size=4096):
+                column = batch.column(0)
+                n_clips += len(column)
+                pairs = pa.table(
+                    {"clip": pc.list_parent_indices(column), "label": pc.list_flatten(column)}
+                )
+                distinct = pairs.group_by(["clip", "label"]).aggregate([]).column("label")
+                for item in pc.value_counts(distinct.drop_null()).to_pylist():
+                    counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return LabelFrequencies(counts=counts, n_clips=n_clips)
 
 
 def codes_from_arrow(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:

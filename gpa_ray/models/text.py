@@ -8,6 +8,7 @@ training loops call `encode_tokens` on ready tensors.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,6 +123,18 @@ class TextEncoder(nn.Module):
         if self.frozen:
             self.backbone.eval()
         return self
+
+    def locked(self) -> TextEncoder:
+        """A frozen copy of this encoder as it is now (itself when it is already frozen).
+
+        CWCL's locked text tower: its features give the loss weights and stay fixed while
+        this encoder trains. In eval mode (no dropout) and without gradients.
+        """
+        if self.frozen:
+            return self
+        frozen = copy.deepcopy(self)
+        frozen.requires_grad_(False)
+        return frozen.eval()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Token ids and attention mask, padded to the longest text, cut at `max_length`."""

@@ -168,6 +168,25 @@ def pretrained_encoders(cfg: Config, codebooks: Sequence[int]) -> list[AudioForm
     return out
 
 
+def finetuned_start(cfg: Config) -> str | None:
+    """The checkpoint `train.init_from` names when it is an FT1 one (the previous phase
+    of a phased fine-tuning), else None (an MLM checkpoint, or none)."""
+    if not cfg.train.init_from:
+        return None
+    uri = checkpoints.resolve_checkpoint(cfg.train.init_from, "latest", cfg.storage)
+    return uri if checkpoints.read_state(uri, cfg.storage)["task"] == "ft1" else None
+
+
+def finetuning_labels(cfg: Config, scanned: LabelSpace) -> LabelSpace:
+    """The label space of a fine-tuning run: the previous FT1 phase's (its classifier's
+    outputs) when continuing one, else the one scanned from the training split."""
+    previous = finetuned_start(cfg)
+    if previous is None:
+        return scanned
+    saved = checkpoints.read_state(previous, cfg.storage)["loop"]["label_space"]
+    return LabelSpace(labels=tuple(saved["labels"]), multi_label=bool(saved["multi_label"]))
+
+
 class _ClassifierLoop(TrainLoop):
     """Shared by FT1 and FT2: labels, classification loss, classification metrics."""
 
@@ -257,6 +276,18 @@ class FT1Loop(_ClassifierLoop):
         return list(self.cfg.audioformer.codebooks[:1])
 
     def build_model(self) -> nn.Module:
+        previous = finetuned_start(self.cfg)
+        if previous is not None:
+            # A later FT1 phase (AS-2M: balanced after unbalanced): the whole classifier.
+            checkpoints.check_architecture(
+                checkpoints.read_config(previous, self.cfg.storage).audioformer,
+                self.cfg.audioformer,
+                previous,
+            )
+            encoder = AudioFormerEncoder.from_config(self.cfg.audioformer)
+            model = AudioFormerClassifier(encoder, self.label_space.n_classes)
+            model.load_state_dict(checkpoints.load_model_state(previous, self.cfg.storage))
+            return model
         (encoder,) = pretrained_encoders(self.cfg, self.codebooks)
         return AudioFormerClassifier(encoder, self.label_space.n_classes)
 
@@ -294,12 +325,7 @@ class FT2Loop(_ClassifierLoop):
         af = self.cfg.audioformer
         out = model(batch["input_ids"], batch["attention_mask"])
         mlc = self.mlc_loss(out.logits, batch["targets"])
-        # Every rank scores the whole global batch of views; the gather's backward sums the
-        # ranks' gradients into the local rows and DDP averages, giving the full-batch step.
-        views, _ = gather_with_grad(out.views.float())
-        keys = batch.get("clip_keys")
-        clip_keys = gather_rows(keys) if keys is not None else None
-        mpc = mpc_loss(views, af.ft2_temperature, clip_keys)
+        mpc = global_batch_mpc(out.views.float(), batch.get("clip_keys"), af.ft2_temperature)
         loss = af.ft2_alpha * mlc + (1.0 - af.ft2_alpha) * mpc
         logs = {
             "loss": float(loss.detach()),
@@ -307,6 +333,20 @@ class FT2Loop(_ClassifierLoop):
             "mpc": float(mpc.detach()),
         }
         return loss, logs
+
+
+def global_batch_mpc(views: Tensor, clip_keys: Tensor | None, temperature: float) -> Tensor:
+    """MPC (eq 8) over the global batch from this rank's views [b, V, D] and clip keys [b].
+
+    Every rank scores the whole global batch, so its value is the single-process loss;
+    the gather's backward sums the ranks' gradients into the local rows (world size x the
+    single-process row gradient) and DDP's averaging brings the parameter gradient back to
+    the full-batch step. The clip keys are gathered too, so a clip drawn on two workers is
+    not its own negative.
+    """
+    gathered, _ = gather_with_grad(views)
+    keys = gather_rows(clip_keys) if clip_keys is not None else None
+    return mpc_loss(gathered, temperature, keys)
 
 
 def finetune_loop(cfg: Config, label_space: LabelSpace) -> _ClassifierLoop:

@@ -65,6 +65,7 @@ from gpa_ray.data.loaders import (
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.factory import build_gpa, build_tokenizer, trainable_summary
 from gpa_ray.models.gpa import Embeddings, GPAModel
+from gpa_ray.models.text import TextEncoder
 from gpa_ray.train.distributed import gather_with_grad, global_loss_scale, world_size
 from gpa_ray.train.loop import Batch, TrainLoop, gather_rows, sum_across_workers
 from gpa_ray.train.param_groups import gpa_param_groups
@@ -289,6 +290,7 @@ class GPALoop(TrainLoop):
             )
         audio_column = "codes" if cfg.audio_encoder.kind == "audioformer" else "audio"
         self.columns = ("clip_id", "captions", audio_column)
+        self.locked_text: TextEncoder | None = None
 
     def build_model(self) -> nn.Module:
         model = build_gpa(self.cfg)
@@ -298,6 +300,9 @@ class GPALoop(TrainLoop):
             )
             model.load_state_dict(checkpoints.load_model_state(start, self.cfg.storage))
         logger.info("GPA parameters: %s", trainable_summary(model))
+        # CWCL's locked text tower: a frozen copy of the starting weights, kept beside the
+        # model (not trained, not checkpointed; a resumed worker rebuilds the same copy).
+        self.locked_text = model.text_encoder.locked() if self.cfg.gpa.loss == "cwcl" else None
         return model
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -315,12 +320,16 @@ class GPALoop(TrainLoop):
             return GPACollate(self.cfg, False, draw_seed(self.cfg.train.seed, "val"))
         return GPACollate(self.cfg, True, draw_seed(self.cfg.train.seed, "train", epoch))
 
-    def _text_features(self, net: GPAModel, text: dict[str, Tensor]) -> Tensor | None:
-        """CWCL targets come from the text tower's own features, without gradient."""
+    def text_features(self, text: dict[str, Tensor]) -> Tensor | None:
+        """CWCL's weights come from the locked text tower (see `build_model`), whatever the
+        trainable tower has learnt since; None for the other losses."""
         if self.cfg.gpa.loss != "cwcl":
             return None
+        if self.locked_text is None:
+            raise RuntimeError("the cwcl loss needs the locked text tower: call build_model first")
+        locked = self.locked_text.to(text["input_ids"].device)
         with torch.no_grad():
-            return net.text_encoder.encode_tokens(text["input_ids"], text["attention_mask"]).global_
+            return locked.encode_tokens(text["input_ids"], text["attention_mask"]).global_
 
     def train_step(
         self, model: nn.Module, batch: Batch, generator: torch.Generator
@@ -335,7 +344,7 @@ class GPALoop(TrainLoop):
             batch["clip_keys"],
             self.cfg.gpa,
             self.cfg.train.gather_negatives,
-            self._text_features(net, text),
+            self.text_features(text),
         )
         return loss, {"loss": float(logged)}
 

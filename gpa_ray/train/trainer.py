@@ -30,6 +30,7 @@ from typing import Any
 from gpa_ray import checkpoints, storage
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.data import loaders
+from gpa_ray.data.weighted_sampling import SAMPLERS, LabelFrequencySampler
 from gpa_ray.train import history
 from gpa_ray.train.loop import TrainLoop
 from gpa_ray.train.worker import train_worker
@@ -95,6 +96,11 @@ def build_trainer(loop: TrainLoop, datasets: dict[str, Any]) -> Any:
     cfg = loop.cfg
     fs, path = storage.resolve(cfg.train.storage_path, cfg.storage)
     metric, mode = checkpoint_metric(loop, "val" in datasets)
+    if cfg.train.early_stopping_patience > 0 and "val" not in datasets:
+        raise ValueError(
+            f"train.early_stopping_patience={cfg.train.early_stopping_patience} needs a "
+            f"validation split, and {cfg.train.val_split!r} has no clip shards"
+        )
     run_config = ray.train.RunConfig(
         name=cfg.train.name,
         storage_path=path,
@@ -108,7 +114,12 @@ def build_trainer(loop: TrainLoop, datasets: dict[str, Any]) -> Any:
     )
     return TorchTrainer(
         train_worker,
-        train_loop_config={"loop": loop, "run_uri": run_uri(cfg), "has_val": "val" in datasets},
+        train_loop_config={
+            "loop": loop,
+            "run_uri": run_uri(cfg),
+            "has_val": "val" in datasets,
+            "stop_metric": (metric, mode),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -147,13 +158,39 @@ def clip_datasets(loop: TrainLoop) -> dict[str, Any]:
     cfg = loop.cfg
     data = data_uri(cfg)
     read = {"corpus": cfg.train.corpus, "columns": loop.columns, "storage_cfg": cfg.storage}
-    train = loaders.read_clips(data, cfg.train.train_split, **read)
-    out = {"train": loop.train_dataset(train.randomize_block_order(seed=cfg.train.seed))}
+    train = training_clips(loop).randomize_block_order(seed=cfg.train.seed)
+    out = {"train": loop.train_dataset(train)}
     if loaders.split_files(data, cfg.train.val_split, cfg.train.corpus, cfg.storage):
         # Read once into the object store: every worker iterates it whole every epoch.
         with _without_progress_bars():
             out["val"] = loaders.read_clips(data, cfg.train.val_split, **read).materialize()
     return out
+
+
+def training_clips(loop: TrainLoop) -> Any:
+    """The training split(s) as a lazy Ray Dataset of the loop's columns; with
+    `train.sampler=label_frequency`, the weighted sample of `gpa_ray.data.weighted_sampling`
+    (the label counts are one streaming pass over the `labels` column, in the driver)."""
+    cfg = loop.cfg
+    data, split = data_uri(cfg), cfg.train.train_split
+    if cfg.train.sampler not in SAMPLERS:
+        raise ValueError(f"train.sampler {cfg.train.sampler!r}: choose one of {SAMPLERS}")
+    columns = list(loop.columns)
+    if cfg.train.sampler:
+        columns += [c for c in ("clip_id", "labels") if c not in columns]
+    read = {"corpus": cfg.train.corpus, "columns": columns, "storage_cfg": cfg.storage}
+    clips = loaders.read_clips(data, split, **read)
+    if not cfg.train.sampler:
+        return clips
+    frequencies = loaders.label_frequencies(data, split, cfg.train.corpus, cfg.storage)
+    logger.info(
+        "label-frequency sample of %d draws over %d labels",
+        frequencies.n_clips,
+        len(frequencies.counts),
+    )
+    sampler = LabelFrequencySampler(frequencies, cfg.train.seed)
+    sampled = clips.map_batches(sampler, batch_format="pyarrow", batch_size=None)
+    return sampled.select_columns(list(loop.columns))
 
 
 @contextlib.contextmanager

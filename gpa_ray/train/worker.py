@@ -5,7 +5,8 @@ metrics: seeding, device placement and DDP (`ray.train.torch.prepare_model`), re
 `ray.train.get_checkpoint()` (after a worker failure, or when a run with the same
 storage path and name is started again), the optimizer step with bf16 autocast on GPU
 and gradient-norm clipping per parameter group, the LR schedule (`train.lr_schedule`),
-evaluation, checkpoints, the metrics files and `ray.train.report`.
+evaluation, early stopping (`gpa_ray.train.early_stopping`), checkpoints, the metrics
+files and `ray.train.report`.
 
 Every worker calls `ray.train.report` exactly once per epoch (Train V2 requires equal
 counts); only world rank 0 attaches the checkpoint and writes the metrics files.
@@ -29,6 +30,7 @@ from torch import nn
 from gpa_ray import storage
 from gpa_ray.checkpoints import TrainState, load_train_checkpoint, save_train_checkpoint
 from gpa_ray.train import history, schedules
+from gpa_ray.train.early_stopping import should_stop
 from gpa_ray.train.loop import TrainLoop, strided, sum_across_workers, to_device
 
 logger = logging.getLogger(__name__)
@@ -114,7 +116,8 @@ def _mean_logs(sums: dict[str, float], count: int, keys: list[str]) -> dict[str,
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; `config` = {"loop": TrainLoop, "run_uri": str, "has_val": bool}."""
+    """Ray Train entry point; `config` = {"loop": TrainLoop, "run_uri": str, "has_val": bool,
+    "stop_metric": (metric, "max"|"min") for `train.early_stopping_patience`}."""
     import ray.train
     import ray.train.torch
 
@@ -144,7 +147,11 @@ def train_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
     generator = torch.Generator(device=device)
+    metric, mode = config.get("stop_metric", ("", "max"))
     for epoch in range(state.epoch, cfg.train.epochs):
+        if should_stop(state.history, metric, mode, cfg.train.early_stopping_patience):
+            logger.info("early stop before epoch %d: no better %s", epoch + 1, metric)
+            break
         started, cpu_started = time.perf_counter(), time.process_time()
         generator.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
         # Dropout draws from the global generators: reseeded per epoch, so a resumed

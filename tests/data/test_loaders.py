@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,12 @@ from gpa_ray.data.loaders import (
     LabelSpace,
     LoaderError,
     codes_from_arrow,
+    label_frequencies,
     pad_token_ids,
     read_clips,
     scan_labels,
     split_files,
+    split_names,
 )
 
 
@@ -131,6 +134,34 @@ def test_split_files_and_label_scan(tmp_path: Path) -> None:
         scan_labels(root, "test")
 
 
+def test_several_splits_read_as_one(tmp_path: Path) -> None:
+    # AudioFormer pre-trains on balanced + unbalanced AudioSet: "a+b" names both splits.
+    root = str(tmp_path)
+    write_corpus(root)
+    assert split_names("balanced_train+unbalanced_train") == ["balanced_train", "unbalanced_train"]
+    for bad in ("train+", "+val", "train+train"):
+        with pytest.raises(LoaderError, match=re.escape(f"split setting {bad!r}")):
+            split_names(bad)
+    both = split_files(root, "val+train")
+    assert [Path(u).parent.name for u in both] == ["val", "train", "train"]
+    assert both[1:] == split_files(root, "train") and both[:1] == split_files(root, "val")
+    assert [Path(u).parent.name for u in split_files(root, "train+val", corpus="a")] == [
+        "train",
+        "val",
+    ]
+    assert scan_labels(root, "train+val").labels == ("cat", "cow", "dog", "rain")
+    # A clip with a repeated label counts once for it.
+    storage.write_parquet(
+        f"{root}/clips/c/train/part-000003.parquet",
+        clip_table([codes_of(4, 2, 0)], [["dog", "bark", "dog"]]),
+    )
+    frequencies = label_frequencies(root, "train+val")
+    assert dict(frequencies.counts) == {"dog": 2, "cat": 1, "rain": 1, "cow": 1, "bark": 1}
+    assert frequencies.n_clips == 5
+    with pytest.raises(LoaderError, match="no clip shards"):
+        label_frequencies(root, "test")
+
+
 def test_codes_collate_builds_tensors() -> None:
     table = clip_table([codes_of(4, 3, 0), codes_of(4, 1, 9)], [["dog"], ["cat"]])
     space = LabelSpace(labels=("cat", "dog"), multi_label=False)
@@ -161,3 +192,8 @@ def test_read_clips_from_s3_through_ray_data(ray_session: None, s3_server: objec
     assert sorted(int(row[0, 1]) for row in ids) == [3, 4, 10]  # first code + 3 of each clip
     with pytest.raises(LoaderError, match="no clip shards"):
         read_clips(root, "test", storage_cfg=s3_server.storage)
+    # Several splits: one dataset, the splits' rows in the order named.
+    both = read_clips(root, "val+train", columns=["split"], storage_cfg=s3_server.storage)
+    assert [row["split"] for row in both.take_all()] == ["val", "train", "train", "train"]
+    with pytest.raises(LoaderError, match="no clip shards found at .*/test"):
+        read_clips(root, "train+test", storage_cfg=s3_server.storage)

@@ -188,3 +188,27 @@ def test_worker_exit_is_restarted_from_last_checkpoint(esc50_clips: str, tmp_pat
     assert state["resumes"] == [per_epoch]
     assert [r["epoch"] for r in state["history"]] == [1, 2, 3]
     assert state["step"] == 3 * per_epoch
+
+
+def test_phased_ft1_weighted_sample_then_early_stopping(
+    esc50_clips: str, pretrained: str, tmp_path: Path
+) -> None:
+    """The AS-2M FT1 protocol's mechanics: phase 1 on a label-frequency weighted sample,
+    phase 2 continuing phase 1's classifier (its labels) and stopping early on val mAP."""
+    finetune = job_main("finetune_audioformer")
+    runs = str(tmp_path)
+    base = ["train.finetune_stage=ft1", "audioformer.classification_loss=ce"]
+    phase1 = [f"train.init_from={pretrained}", "train.sampler=label_frequency", "train.epochs=1"]
+    assert finetune(common(esc50_clips, runs, "p1", *base, *phase1, "train.lr=1e-3")) == 0
+    # lr 0: val mAP never improves after epoch 1, so patience 1 stops before epoch 3.
+    phase2 = [f"train.init_from={storage.join(runs, 'p1')}", "train.early_stopping_patience=1"]
+    argv = common(esc50_clips, runs, "p2", *base, *phase2, "train.lr=0", "train.epochs=5")
+    assert finetune(argv) == 0
+    assert [r["epoch"] for r in history.read(storage.join(runs, "p2"))] == [1, 2]
+    p1, p2 = (checkpoints.resolve_checkpoint(storage.join(runs, n), "latest") for n in ("p1", "p2"))
+    assert checkpoints.read_state(p2)["loop"] == checkpoints.read_state(p1)["loop"]
+    first, second = checkpoints.load_model_state(p1), checkpoints.load_model_state(p2)
+    assert first.keys() == second.keys() and all(first[k].equal(second[k]) for k in first)
+    # Run again with more epochs: the stopped run's records say stop, so nothing trains.
+    assert finetune([*argv[:-1], "train.epochs=8"]) == 0
+    assert len(history.read(storage.join(runs, "p2"))) == 2

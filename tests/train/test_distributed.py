@@ -88,3 +88,65 @@ def test_single_process_is_identity() -> None:
     x = torch.ones(2, 3)
     gathered, offset = gather_with_grad(x)
     assert gathered is x and offset == 0
+
+
+TAU = 0.1
+N_VIEWS = 3
+# Clip 10 is drawn on both ranks and clip 11 twice on the second rank (with [3, 3]): the
+# gathered clip keys must keep each out of its own negatives.
+MPC_KEYS = [10, 12, 13, 10, 11, 11]
+
+
+def _mpc_inputs(proj: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global [6, V, D] views (anchor view through the trainable layer, frozen views
+    fixed) and their leaf anchor features."""
+    anchor_in = _features(6, 3).requires_grad_(True)
+    frozen = _features(6 * (N_VIEWS - 1), 4).reshape(6, N_VIEWS - 1, DIM)
+    return torch.cat([proj(anchor_in)[:, None], frozen], dim=1), anchor_in
+
+
+def _mpc_worker(rank: int, sizes: list[int], port: int, out: dict) -> None:
+    from gpa_ray.train.audioformer_loops import global_batch_mpc
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(sizes))
+    try:
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        proj = _projection()
+        views, _ = _mpc_inputs(proj)
+        keys = torch.tensor(MPC_KEYS)[rows]
+        loss = global_batch_mpc(views[rows], keys, TAU)
+        loss.backward()  # as FT2's step: no extra scale, DDP averages below
+        weight_grad = proj.weight.grad.clone()
+        dist.all_reduce(weight_grad)
+        weight_grad /= len(sizes)
+        out[rank] = (loss.detach(), weight_grad)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [[3, 3], [4, 2]])
+def test_mpc_over_two_ranks_matches_single_process(sizes: list[int]) -> None:
+    from gpa_ray.losses import mpc_loss
+    from gpa_ray.train.audioformer_loops import global_batch_mpc
+
+    proj = _projection()
+    views, _ = _mpc_inputs(proj)
+    reference = mpc_loss(views, TAU, torch.tensor(MPC_KEYS))
+    reference.backward()
+    # The simple path of the loop itself is the plain loss on one process.
+    single = global_batch_mpc(views.detach(), torch.tensor(MPC_KEYS), TAU)
+    assert single.item() == pytest.approx(reference.item(), abs=1e-12)
+    unaware = mpc_loss(views.detach(), TAU)
+    assert abs(unaware.item() - reference.item()) > 1e-3  # the keys matter here
+
+    manager = mp.Manager()
+    out = manager.dict()
+    port = free_loopback_ports(1)[0]
+    mp.spawn(_mpc_worker, args=(sizes, port, out), nprocs=len(sizes), join=True)
+
+    for r in range(len(sizes)):
+        loss, weight_grad = out[r]
+        assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+        torch.testing.assert_close(weight_grad, proj.weight.grad, atol=1e-6, rtol=1e-5)

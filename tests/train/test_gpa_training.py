@@ -20,6 +20,7 @@ import torch
 from gpa_ray import storage
 from gpa_ray.config import Config, TrainConfig
 from gpa_ray.data.captions import clip_key
+from gpa_ray.losses import cwcl_weights
 from gpa_ray.metrics import retrieval_metrics
 from gpa_ray.models.factory import load_gpa
 from gpa_ray.models.gpa import Embeddings
@@ -100,6 +101,59 @@ def test_single_process_step_is_the_plain_loss(text_dir: str, table: object) -> 
     ) + torch.nn.functional.cross_entropy(sim.T / 0.07, torch.arange(8))
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(logged, expected.detach())
+
+
+def test_cwcl_weights_come_from_a_locked_copy_of_the_text_tower(
+    text_dir: str, table: object
+) -> None:
+    """CWCL (appendix A.3.2, "locking the text model works best"): the text tower trains,
+    its frozen copy gives w_ij and stays at the starting weights through optimizer steps."""
+    cfg = _cfg(text_dir, loss="cwcl")
+    cfg = dataclasses.replace(
+        cfg,
+        text=dataclasses.replace(cfg.text, pooling="mean"),
+        train=dataclasses.replace(cfg.train, lr=0.01),
+    )
+    assert cfg.text.trainable_layers == -1
+    loop = GPALoop(cfg)
+    torch.manual_seed(0)
+    model = loop.build_model().train()
+    locked = loop.locked_text
+    assert locked is not None and locked is not model.text_encoder
+    assert not any(p.requires_grad for p in locked.parameters())
+    start = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
+    optimizer = loop.build_optimizer(model)
+    batch = loop.collate_fn(True)(table)
+    for _ in range(3):
+        loss, _ = loop.train_step(model, batch, torch.Generator())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = model.text_encoder.state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert all(torch.equal(v, start[k]) for k, v in locked.state_dict().items())
+    # The step's weights are the locked tower's features, not the trained tower's.
+    audio, text = split_batch(batch)
+    with torch.no_grad():
+        audio_emb, text_emb = model(audio, text)
+        ids, mask = text["input_ids"], text["attention_mask"]
+        locked_features = locked.encode_tokens(ids, mask).global_
+        trained_features = model.text_encoder.encode_tokens(ids, mask).global_
+    torch.testing.assert_close(loop.text_features(text), locked_features)
+    assert not torch.allclose(locked_features, trained_features, atol=1e-4)
+    locked_w, trained_w = cwcl_weights(locked_features), cwcl_weights(trained_features)
+    assert (locked_w - trained_w).abs().max() > 1e-4
+    loss, _ = loop.train_step(model, batch, torch.Generator())
+    step = [model, audio_emb, text_emb, batch["clip_keys"], cfg.gpa, True]
+    expected, _ = contrastive_step(*step, locked_features)
+    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-6, rtol=1e-6)
+    # The two weightings give losses 4e-5 apart here: well outside the 1e-6 above.
+    unlocked, _ = contrastive_step(*step, trained_features)
+    assert abs(float(unlocked.detach()) - float(expected.detach())) > 1e-5
+    # A tower that is frozen anyway is its own locked copy (no second one in memory).
+    frozen_cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, trainable_layers=0))
+    frozen_loop = GPALoop(frozen_cfg)
+    assert frozen_loop.build_model().text_encoder is frozen_loop.locked_text
 
 
 def test_training_batches(text_dir: str, table: object) -> None:

@@ -202,3 +202,39 @@ def test_ft2_step_equals_library_loss_on_one_process() -> None:
     unaware = ft2_loss(out.logits, batch["targets"], out.views, 0.95, 0.05, "ce")
     assert abs(float(loss.detach()) - float(unaware.detach())) > 1e-6
     assert logs["loss"] == pytest.approx(0.95 * logs["mlc"] + 0.05 * logs["mpc"], rel=1e-5)
+
+
+def test_early_stopping_rule() -> None:
+    from gpa_ray.train.early_stopping import epochs_since_best, should_stop
+
+    maps = [0.2, 0.3, 0.3, 0.25, 0.31, 0.1, float("nan")]
+    records = [{"epoch": i + 1, "val_mAP": v} for i, v in enumerate(maps)]
+    # Best so far after each epoch: 0.2, 0.3, 0.3 (a tie is no gain), 0.3, 0.31, 0.31, 0.31.
+    since = [epochs_since_best(records[: n + 1], "val_mAP", "max") for n in range(len(maps))]
+    assert since == [0, 0, 1, 2, 0, 1, 2]
+    assert [should_stop(records[: n + 1], "val_mAP", "max", 2) for n in range(7)] == [
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
+    assert not should_stop(records, "val_mAP", "max", 0)  # 0: off
+    assert not should_stop([], "val_mAP", "max", 1)
+    losses = [{"val_loss": v} for v in (1.0, 0.5, 0.7)]
+    assert epochs_since_best(losses, "val_loss", "min") == 1
+    assert epochs_since_best([{"other": 1.0}], "val_mAP", "max") == 1  # absent: no gain
+    with pytest.raises(ValueError, match="mode"):
+        epochs_since_best(records, "val_mAP", "best")
+
+
+def test_early_stopping_needs_a_validation_split(ray_session: None) -> None:
+    import ray
+
+    cfg = load_config("debug", ["train.early_stopping_patience=2"])
+    with pytest.raises(ValueError, match="early_stopping_patience=2 needs a validation split"):
+        build_trainer(MLMLoop(cfg), {"train": ray.data.range(4)})
+    trainer = build_trainer(MLMLoop(cfg), {"train": ray.data.range(4), "val": ray.data.range(2)})
+    assert trainer.train_loop_config["stop_metric"] == ("val_mlm_accuracy", "max")
