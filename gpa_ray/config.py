@@ -210,7 +210,8 @@ class AudioEncoderConfig:
     # -1 trains the whole tower, 0 freezes it (projection-only transfer; the tower stays in
     # eval mode), n trains its last n blocks (see `gpa_ray.models.factory.audio_blocks`).
     trainable_layers: int = -1
-    # SpecAugment (time stretch + masks, `features.*`) on training inputs of mel towers.
+    # SpecAugment (time stretch + masks, `features.*`) on training inputs of mel towers;
+    # cnn14/resnet38 mask inside the tower after bn0 (as PANNs), not while fully frozen.
     spec_augment: bool = True
     # A frozen tower remembers its outputs for up to this many distinct inputs per process
     # (0: off), so projection-only training pays one tower pass per clip, not per epoch.
