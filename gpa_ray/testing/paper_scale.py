@@ -8,8 +8,8 @@ this machine forces, each change logged:
 
 - CPU, one process, torch on `threads` threads (`train.use_gpu=false`, one worker; with
   one worker the cross-worker gather is the identity);
-- the per-worker batch cut to `batch_size` (2 by default, the smallest batch with
-  in-batch negatives);
+- the per-worker batch cut to `batch_size` (`CPU_BATCH`: 2 for GPA, the smallest batch
+  with in-batch negatives; 1 for AudioFormer MLM, which does not fit at 2);
 - weights that cannot be had here are random: the text tower `bert-base-uncased` is
   built from its architecture (`BERT_BASE_UNCASED`, a `transformers` config) with random
   weights and the bert-base-uncased WordPiece vocabulary that ships with
@@ -51,6 +51,9 @@ from gpa_ray.testing.data import shared_data_dir
 logger = logging.getLogger(__name__)
 
 PAPER_PRESETS = ("audiocaps_gpa", "clotho_gpa", "audioset_audioformer")
+CPU_BATCH = {"audiocaps_gpa": 2, "clotho_gpa": 2, "audioset_audioformer": 1}
+"""Per-worker batch that fits this 23 GB machine: AudioFormer MLM (4 x 86M-parameter
+RoFormers, fp32 Adam, eager attention over 752 tokens) passed 22 GB at batch 2."""
 BERT_BASE_UNCASED: dict[str, Any] = {
     "model_type": "bert",
     "vocab_size": 30522,
