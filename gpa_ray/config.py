@@ -222,7 +222,8 @@ class AudioEncoderConfig:
     # train.lr x `early_lr_scale` (1: one lr for all; `gpa_ray.train.param_groups`).
     early_lr_scale: float = 1.0
     late_blocks: int = 2
-    # SpecAugment (time stretch + masks, `features.*`) on training inputs of mel towers.
+    # SpecAugment (time stretch + masks, `features.*`) on training inputs of mel towers;
+    # cnn14/resnet38 mask inside the tower after bn0 (as PANNs), not while fully frozen.
     spec_augment: bool = True
     # A frozen tower remembers its outputs for up to this many distinct inputs per process
     # (0: off), so projection-only training pays one tower pass per clip, not per epoch.

@@ -20,7 +20,9 @@ Per clip, `from_waveform`:
    the aisfx front end [T, 96] for aisfx, token ids `[BOA] c+3 ... [EOA]` of codebook
    `audioformer.codebooks[0]` for audioformer (via EnCodec, or `from_codes`);
 4. when training, applies SpecAugment (`features.*`, if `audio_encoder.spec_augment`) to
-   the spectrogram, seeded by `seed`.
+   the spectrogram, seeded by `seed`: time stretch and masks for resnet50/vit/aisfx
+   (stripes set to 0 in the input's scale), time stretch only for cnn14/resnet38, whose
+   masks the tower applies after its input batch norm (`MASKED_IN_TOWER`).
 
 `collate` pads a list of per-clip dicts to a batch whose keys are the tower's keyword
 arguments (`logmel`/`spec` + `lengths`, or `input_ids` + `attention_mask`), which
@@ -48,6 +50,10 @@ MEL_KINDS = ("cnn14", "resnet38", "resnet50", "vit", "vit_b16")
 """Towers fed with PANNs log-mel (`gpa_ray.audio.features.LogMel`)."""
 KINDS = (*MEL_KINDS, "aisfx", "audioformer")
 """Every `audio_encoder.kind`."""
+MASKED_IN_TOWER = ("cnn14", "resnet38")
+"""Towers that draw SpecAugment's stripes themselves, on the output of `bn0` (PANNs, and the
+DP baseline GPA follows: masked bins become 0 = the per-bin mean after normalisation, see
+`gpa_ray.models.audio_cnn.StripeMasks`); here their inputs are only time stretched."""
 WAVEFORM_POLICIES = ("crop", "pad_or_crop")
 """`audio.length_policy` values (see `gpa_ray.audio.io.fit_length`)."""
 MIN_FRAMES = {"mel": 32, "aisfx": 8}
@@ -89,7 +95,10 @@ class AudioInputs:
         if self.family == "mel":
             self.sample_rate = cfg.features.sample_rate
             self.frontend: torch.nn.Module = build_frontend(cfg.features)
-            self.augment = SpecAugment(cfg.features)
+            feats = cfg.features
+            if kind in MASKED_IN_TOWER:
+                feats = dataclasses.replace(feats, time_masks=0, freq_masks=0)
+            self.augment = SpecAugment(feats)
             self.pad_value = 10.0 * math.log10(cfg.features.log_floor)
         elif self.family == "aisfx":
             from gpa_ray.models.aisfx_cnn import (

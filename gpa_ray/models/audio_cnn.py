@@ -1,40 +1,39 @@
 """PANNs CNN14 and ResNet38 audio encoders on log-mel input.
 
 The networks follow Kong et al., "PANNs: Large-Scale Pretrained Audio Neural Networks"
-(the `audioset_tagging_cnn` code): a BatchNorm over mel bins (`bn0`), conv blocks of two
-3x3 conv + BN + ReLU followed by 2x2 average pooling, and a final block without pooling.
-Parameter names are PANNs' own (`bn0`, `conv_block1.conv1.weight`, `resnet.layer2.0.
-downsample.1.weight`, ...) so the official AudioSet checkpoints load into these modules.
+(the `audioset_tagging_cnn` code, `pytorch/models.py`): a BatchNorm over mel bins
+(`bn0`), SpecAugment stripes on its output when training, then conv blocks of two 3x3
+conv + BN + ReLU followed by 2x2 average pooling (CNN14), or a conv block, a [3, 4, 6, 3]
+basic-block ResNet with average-pooling downsampling and a 2048-wide conv block
+(ResNet38, GPA's audio tower). Parameter names are PANNs' own (`bn0`,
+`conv_block1.conv1.weight`, `resnet.layer2.0.downsample.1.weight`, `conv_block_after1.*`)
+so the published AudioSet checkpoints load strictly into these modules
+(`gpa_ray.models.panns_checkpoint`).
 
 What differs from PANNs, and why:
 - The waveform front end (`spectrogram_extractor`, `logmel_extractor`) is not part of the
   module: log-mel is computed once by `gpa_ray.audio.features` (PANNs settings) so every
   encoder shares it, and it can be computed where the data lives.
-- The two classifier layers (`fc1`, `fc_audioset`) are dropped: retrieval needs the frame
-  sequence after frequency pooling ([B, T', C], the GPA audio frames) and the PANNs
-  clip vector mean_t + max_t of that sequence (the global feature). Loading an official
-  checkpoint therefore reports those keys as unexpected.
+- The two classifier layers (`fc1`, `fc_audioset`) are dropped, as GPA section 2.2 says:
+  retrieval needs the frame sequence after frequency pooling ([B, T', C], the GPA audio
+  frames) and the PANNs clip vector mean_t + max_t of that sequence (the global
+  feature). Loading a published checkpoint drops exactly those keys and the front end's.
 - With `lengths`, padded frames are excluded from the mean and max, so a short clip in a
-  padded batch gets the same global feature as alone. Without `lengths` this is exactly
-  PANNs' pooling.
-- A `width` multiplier scales every channel count (64 = paper scale, so CNN14 ends at
-  32 * width = 2048 channels); tiny widths make CPU tests fast with the same code path.
+  padded batch gets the same global feature as alone, and time stripes are drawn inside
+  the clip's own frames. Without `lengths` this is exactly PANNs' pooling and masking.
+- A `width` multiplier scales every channel count (64 = paper scale, so both networks end
+  at 32 * width = 2048 channels); tiny widths make CPU tests fast with the same code path.
 """
 
 from __future__ import annotations
-
-import io
-import logging
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpa_ray.config import StorageConfig
+from gpa_ray.config import FeaturesConfig, StorageConfig
 from gpa_ray.models.outputs import EncoderOutput
-
-log = logging.getLogger(__name__)
+from gpa_ray.models.panns_checkpoint import load_panns_weights
 
 PAPER_WIDTH = 64
 DOWNSAMPLE = 32
@@ -169,15 +168,73 @@ def masked_mean_max(frames: Tensor, mask: Tensor) -> Tensor:
     return mean + maxed
 
 
+def draw_stripe(total: int, max_width: int) -> tuple[int, int]:
+    """(start, width) of one stripe as torchlibrosa's `DropStripes` draws it: width uniform
+    in [0, max_width), start uniform in [0, total - width), from torch's global generator
+    (which the training worker reseeds per epoch, as for dropout). The width is capped
+    below `total` so a short clip still keeps a frame."""
+    width = int(torch.randint(0, max(1, min(max_width, total)), (1,)))
+    start = int(torch.randint(0, total - width, (1,)))
+    return start, width
+
+
+class StripeMasks(nn.Module):
+    """PANNs' SpecAugmentation, applied by the tower to the output of `bn0` in training.
+
+    Per example, `time_masks` stripes of frames and then `freq_masks` stripes of mel bins
+    are set to 0, which after `bn0` is each bin's mean (the masked value carries no
+    information and no level), as in PANNs and the DP baseline that GPA follows. PANNs
+    uses 2 time stripes below 64 frames and 2 frequency stripes below 8 bins (the
+    `features.*` defaults). In eval mode, and in a fully frozen tower (which
+    `AudioTower` keeps in eval mode), the input passes unchanged. No parameters.
+    """
+
+    def __init__(self, time_masks: int, time_width: int, freq_masks: int, freq_width: int) -> None:
+        super().__init__()
+        self.time_masks = time_masks
+        self.time_width = time_width
+        self.freq_masks = freq_masks
+        self.freq_width = freq_width
+
+    @classmethod
+    def from_features(cls, cfg: FeaturesConfig) -> StripeMasks:
+        return cls(cfg.time_masks, cfg.time_mask_width, cfg.freq_masks, cfg.freq_mask_width)
+
+    def keep_mask(self, shape: torch.Size, lengths: Tensor | None) -> Tensor:
+        """A [B, 1, T, M] tensor of 1 (kept) and 0 (masked), time stripes inside each
+        clip's `lengths` frames; drawn in torchlibrosa's order (time for every example,
+        then frequency for every example)."""
+        batch, _, frames, n_mels = shape
+        keep = torch.ones(batch, 1, frames, n_mels)
+        for b in range(batch):
+            valid = frames if lengths is None else min(max(int(lengths[b]), 1), frames)
+            for _ in range(self.time_masks):
+                start, width = draw_stripe(valid, self.time_width)
+                keep[b, :, start : start + width, :] = 0.0
+        for b in range(batch):
+            for _ in range(self.freq_masks):
+                start, width = draw_stripe(n_mels, self.freq_width)
+                keep[b, :, :, start : start + width] = 0.0
+        return keep
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        if not self.training or (self.time_masks == 0 and self.freq_masks == 0):
+            return x
+        return x * self.keep_mask(x.shape, lengths).to(device=x.device, dtype=x.dtype)
+
+
 class PannsEncoder(nn.Module):
     """Shared front and back of the PANNs encoders; subclasses define `trunk`.
 
     Input: log-mel [B, T, n_mels] (time first, as `gpa_ray.audio.features.LogMel` gives it).
     Output: `EncoderOutput` with frames [B, T // 32, 32 * width], their mask, and the
-    global mean+max pooled feature [B, 32 * width].
+    global mean+max pooled feature [B, 32 * width]. `masks` (SpecAugment after `bn0`,
+    training only) is off when None.
     """
 
-    def __init__(self, n_mels: int, width: int, dropout: float) -> None:
+    def __init__(
+        self, n_mels: int, width: int, dropout: float, masks: StripeMasks | None = None
+    ) -> None:
         super().__init__()
         self.n_mels = n_mels
         self.width = width
@@ -185,6 +242,7 @@ class PannsEncoder(nn.Module):
         self.out_dim = 32 * width
         self.bn0 = nn.BatchNorm2d(n_mels)
         init_bn(self.bn0)
+        self.spec_augmenter = masks
 
     def trunk(self, x: Tensor) -> Tensor:
         """[B, 1, T, M] normalised log-mel -> [B, C, T // 32, M // 32] feature map."""
@@ -200,6 +258,8 @@ class PannsEncoder(nn.Module):
             )
         x = logmel.unsqueeze(1)  # [B, 1, T, M]
         x = self.bn0(x.transpose(1, 3)).transpose(1, 3)  # BatchNorm over mel bins
+        if self.spec_augmenter is not None:
+            x = self.spec_augmenter(x, lengths)
         x = self.trunk(x)
         frames = x.mean(dim=3).transpose(1, 2)  # frequency mean -> [B, T', C]
         mask = frame_mask(lengths, logmel.shape[1], frames.shape[1], frames.shape[0])
@@ -210,8 +270,14 @@ class PannsEncoder(nn.Module):
 class Cnn14(PannsEncoder):
     """PANNs CNN14: six conv blocks, widths w, 2w, 4w, 8w, 16w, 32w (w = 64 in the paper)."""
 
-    def __init__(self, n_mels: int = 64, width: int = PAPER_WIDTH, dropout: float = 0.2) -> None:
-        super().__init__(n_mels, width, dropout)
+    def __init__(
+        self,
+        n_mels: int = 64,
+        width: int = PAPER_WIDTH,
+        dropout: float = 0.2,
+        masks: StripeMasks | None = None,
+    ) -> None:
+        super().__init__(n_mels, width, dropout, masks)
         widths = [1, width, 2 * width, 4 * width, 8 * width, 16 * width, 32 * width]
         for i in range(6):
             self.add_module(f"conv_block{i + 1}", ConvBlock(widths[i], widths[i + 1]))
@@ -227,8 +293,14 @@ class Cnn14(PannsEncoder):
 class ResNet38(PannsEncoder):
     """PANNs ResNet38: a conv block, a [3, 4, 6, 3] basic-block ResNet, a 2048-wide block."""
 
-    def __init__(self, n_mels: int = 64, width: int = PAPER_WIDTH, dropout: float = 0.2) -> None:
-        super().__init__(n_mels, width, dropout)
+    def __init__(
+        self,
+        n_mels: int = 64,
+        width: int = PAPER_WIDTH,
+        dropout: float = 0.2,
+        masks: StripeMasks | None = None,
+    ) -> None:
+        super().__init__(n_mels, width, dropout, masks)
         self.conv_block1 = ConvBlock(1, width)
         self.resnet = ResNetTrunk(width)
         self.conv_block_after1 = ConvBlock(8 * width, 32 * width)
@@ -246,63 +318,19 @@ class ResNet38(PannsEncoder):
 AUDIO_CNNS: dict[str, type[PannsEncoder]] = {"cnn14": Cnn14, "resnet38": ResNet38}
 
 
-def read_state_dict(
-    source: str | Mapping[str, Tensor], storage_cfg: StorageConfig | None = None
-) -> dict[str, Tensor]:
-    """A state dict from a mapping, or from a checkpoint at a local path or URI.
-
-    Official PANNs checkpoints wrap the weights as `{"model": state_dict, ...}`; plain
-    state dicts (as `torch.save(model.state_dict())` writes) are accepted as they are.
-    Loading uses `weights_only=True`: a checkpoint is data, never code.
-    """
-    if isinstance(source, Mapping):
-        obj: object = source
-    else:
-        from gpa_ray import storage
-
-        data = storage.read_bytes(source, storage_cfg=storage_cfg)
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint does not hold a state dict (got {type(obj).__name__})")
-    return dict(obj)
-
-
-def load_panns_weights(
-    model: PannsEncoder,
-    source: str | Mapping[str, Tensor],
-    strict: bool = False,
-    storage_cfg: StorageConfig | None = None,
-) -> tuple[list[str], list[str]]:
-    """Load PANNs-named weights into `model`; returns (missing_keys, unexpected_keys).
-
-    `strict=False` (the default) is for official PANNs checkpoints, whose front-end
-    buffers and classifier (`spectrogram_extractor.*`, `logmel_extractor.*`, `fc1.*`,
-    `fc_audioset.*`) have no place here; both lists are logged so a wrong file (nothing
-    matched) is visible. A shape mismatch (e.g. another `width`) always raises.
-    """
-    state = read_state_dict(source, storage_cfg)
-    result = model.load_state_dict(state, strict=strict)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    if missing:
-        log.warning("audio CNN weights: %d missing keys: %s", len(missing), missing)
-    if unexpected:
-        log.info("audio CNN weights: %d unused keys: %s", len(unexpected), unexpected)
-    return missing, unexpected
-
-
 def build_audio_cnn(
     kind: str,
     n_mels: int = 64,
     width: int = PAPER_WIDTH,
     weights: str = "",
     storage_cfg: StorageConfig | None = None,
+    masks: StripeMasks | None = None,
 ) -> PannsEncoder:
-    """Build `cnn14` or `resnet38`; `weights` is an optional checkpoint path/URI."""
+    """Build `cnn14` or `resnet38`; `weights` is an optional checkpoint path/URI, loaded
+    strictly (`gpa_ray.models.panns_checkpoint.load_panns_weights`)."""
     if kind not in AUDIO_CNNS:
         raise ValueError(f"unknown audio CNN {kind!r}; choose one of {sorted(AUDIO_CNNS)}")
-    model = AUDIO_CNNS[kind](n_mels=n_mels, width=width)
+    model = AUDIO_CNNS[kind](n_mels=n_mels, width=width, masks=masks)
     if weights:
-        load_panns_weights(model, weights, strict=False, storage_cfg=storage_cfg)
+        load_panns_weights(model, weights, storage_cfg=storage_cfg)
     return model

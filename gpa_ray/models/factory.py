@@ -8,7 +8,10 @@ Audio towers (`audio_encoder.kind`) and where their weights come from (`weights`
 reference: nothing is ever downloaded implicitly):
 
 - `cnn14`, `resnet38`: PANNs CNNs on log-mel (`features.n_mels` bins), width
-  `audio_encoder.width`; `weights` a PANNs checkpoint path/URI (official files load).
+  `audio_encoder.width`; `weights` a PANNs checkpoint path/URI, loaded strictly (the
+  published files load; any other key set fails, `gpa_ray.models.panns_checkpoint`).
+  With `audio_encoder.spec_augment` they mask their `bn0` output in training
+  (`features.time_masks`, ...; `gpa_ray.models.audio_cnn.StripeMasks`).
 - `aisfx`: the aiSFX sound-effects CNN on its own 96-band front end; `weights`
   `pkg:aisfx` (or `pretrained`) loads the checkpoint shipped in the installed package,
   any other path/URI a plain state dict.
@@ -63,7 +66,7 @@ AISFX_PACKAGE_WEIGHTS = ("pkg:aisfx", "pretrained")
 
 def _aisfx(cfg: Config, load_weights: bool) -> nn.Module:
     from gpa_ray.models.aisfx_cnn import AisfxCNN, load_aisfx_state_dict
-    from gpa_ray.models.audio_cnn import read_state_dict
+    from gpa_ray.models.panns_checkpoint import read_state_dict
 
     enc = cfg.audio_encoder
     model = AisfxCNN(width=enc.width)
@@ -107,13 +110,15 @@ def build_audio_encoder(cfg: Config, load_weights: bool = True) -> AudioTower:
     """The audio tower `audio_encoder.kind`, with its weights and freezing policy."""
     enc = cfg.audio_encoder
     if enc.kind in ("cnn14", "resnet38"):
-        from gpa_ray.models.audio_cnn import AUDIO_CNNS, load_panns_weights
+        from gpa_ray.models.audio_cnn import AUDIO_CNNS, StripeMasks
+        from gpa_ray.models.panns_checkpoint import load_panns_weights
 
+        masks = StripeMasks.from_features(cfg.features) if enc.spec_augment else None
         model: nn.Module = AUDIO_CNNS[enc.kind](
-            n_mels=cfg.features.n_mels, width=enc.width, dropout=enc.dropout
+            n_mels=cfg.features.n_mels, width=enc.width, dropout=enc.dropout, masks=masks
         )
         if load_weights and enc.weights:
-            load_panns_weights(model, enc.weights, strict=False, storage_cfg=cfg.storage)
+            load_panns_weights(model, enc.weights, storage_cfg=cfg.storage)
     elif enc.kind == "aisfx":
         model = _aisfx(cfg, load_weights)
     elif enc.kind == "audioformer":

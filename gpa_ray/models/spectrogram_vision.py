@@ -16,6 +16,10 @@ How a log-mel [B, T, M] becomes an image, and why:
   transferring image weights to audio); `"deltas"` stacks log-mel, delta and delta-delta
   (torchaudio `compute_deltas`), which adds temporal slope information for models
   trained from scratch.
+- SpecAugment is not applied here: `gpa_ray.audio.inputs.AudioInputs` masks (and time
+  stretches) the input spectrogram before this `bn0`, setting stripes to 0 in the input's
+  own scale, as the study augments the spectrogram image itself. (The PANNs towers mask
+  after their `bn0` instead, `gpa_ray.models.audio_cnn.StripeMasks`.)
 
 Frames and global features:
 - ResNet: the last feature map [B, C, M/32, T/32] averaged over frequency -> [B, T/32, C]

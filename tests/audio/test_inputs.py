@@ -88,7 +88,7 @@ def test_training_crop_is_random_per_seed_and_reproducible() -> None:
 
 
 def test_spec_augment_only_when_training() -> None:
-    inputs = AudioInputs.from_config(_cfg(max_seconds=2.0))
+    inputs = AudioInputs.from_config(_cfg("resnet50", max_seconds=2.0))
     wave = _tone(2.0, 32000)
     clean = inputs.from_waveform(wave, 32000)["logmel"]
     assert torch.equal(inputs.from_waveform(wave, 32000, seed=3)["logmel"], clean)
@@ -96,8 +96,27 @@ def test_spec_augment_only_when_training() -> None:
     assert augmented.shape == clean.shape and not torch.equal(augmented, clean)
     # Masks write exact zeros; a tone with noise has no exact-zero log-mel values.
     assert (clean == 0).sum() == 0 and (augmented == 0).sum() > 0
-    no_aug = AudioInputs.from_config(_cfg(max_seconds=2.0, spec_augment=False))
+    no_aug = AudioInputs.from_config(_cfg("resnet50", max_seconds=2.0, spec_augment=False))
     assert torch.equal(no_aug.from_waveform(wave, 32000, train=True, seed=3)["logmel"], clean)
+
+
+@pytest.mark.parametrize("kind", ["cnn14", "resnet38"])
+def test_panns_towers_inputs_are_only_time_stretched(kind: str) -> None:
+    """CNN14 / ResNet38 mask after their bn0 (tests/models/test_audio_cnn.py): their
+    training inputs carry no 0 dB stripes, only the time stretch, and none without it."""
+    wave = _tone(2.0, 32000)
+    inputs = AudioInputs.from_config(_cfg(kind, max_seconds=2.0))
+    clean = inputs.from_waveform(wave, 32000)["logmel"]
+    for seed in range(5):
+        augmented = inputs.from_waveform(wave, 32000, train=True, seed=seed)["logmel"]
+        assert (augmented == 0).sum() == 0
+    assert not torch.equal(augmented, clean)  # stretched
+    cfg = _cfg(kind, max_seconds=2.0)
+    no_stretch = dataclasses.replace(
+        cfg, features=dataclasses.replace(cfg.features, time_stretch_min=1, time_stretch_max=1)
+    )
+    inputs = AudioInputs.from_config(no_stretch)
+    assert torch.equal(inputs.from_waveform(wave, 32000, train=True, seed=3)["logmel"], clean)
 
 
 def test_short_clips_are_not_padded_until_collate() -> None:

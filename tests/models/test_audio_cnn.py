@@ -2,22 +2,66 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import io
+import pickle
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from gpa_ray import storage
 from gpa_ray.models.audio_cnn import (
     Cnn14,
     ResNet38,
+    StripeMasks,
     build_audio_cnn,
+    draw_stripe,
     frame_mask,
-    load_panns_weights,
 )
+from gpa_ray.models.panns_checkpoint import load_panns_weights
+from gpa_ray.pretrained import WeightsUnavailableError
 from gpa_ray.testing.models import tiny_audio_cnn
 
 KINDS = ["cnn14", "resnet38"]
+PANNS_ONLY_TENSORS = {
+    "spectrogram_extractor.stft.conv_real.weight": torch.zeros(513, 1, 1024),
+    "spectrogram_extractor.stft.conv_imag.weight": torch.zeros(513, 1, 1024),
+    "logmel_extractor.melW": torch.zeros(513, 64),
+    "fc1.weight": torch.zeros(256, 256),
+    "fc1.bias": torch.zeros(256),
+    "fc_audioset.weight": torch.zeros(527, 256),
+    "fc_audioset.bias": torch.zeros(527),
+}
+"""What a published PANNs state dict holds beyond the tower (shapes at width 8)."""
+
+
+def published_checkpoint(state: dict) -> dict:
+    """The structure of the published PANNs files (`audioset_tagging_cnn/pytorch/main.py`):
+    the state dict under `model`, the iteration, and the balanced sampler's state."""
+    rng = np.random.default_rng(0)
+    return {
+        "iteration": 540000,
+        "model": state,
+        "sampler": {
+            "indexes_per_class": [rng.permutation(20).astype(np.int64) for _ in range(3)],
+            "queue": [2, 0, 1],
+            "pointers_of_classes": [4, 0, 7],
+        },
+    }
+
+
+def _rename_pickled_module(path: Path, old: bytes, new: bytes) -> None:
+    """Rewrite a torch zip checkpoint with a module name changed in its pickle."""
+    with zipfile.ZipFile(path) as source:
+        entries = [(info.filename, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for name, data in entries:
+            target.writestr(name, data.replace(old + b"\n", new + b"\n"))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -106,38 +150,134 @@ def test_state_dict_round_trip_strict(kind: str, tmp_path) -> None:
     path = tmp_path / "weights.pt"
     torch.save(source.state_dict(), path)
     target = tiny_audio_cnn(kind, seed=2).eval()
-    missing, unexpected = load_panns_weights(target, str(path), strict=True)
-    assert missing == [] and unexpected == []
+    assert load_panns_weights(target, str(path)) == []
     logmel = torch.randn(2, 64, 32)
     torch.testing.assert_close(target(logmel).global_, source(logmel).global_)
 
 
-def test_official_checkpoint_layout_reports_unused_keys(tmp_path) -> None:
-    source = tiny_audio_cnn("cnn14", n_mels=64, seed=3)
+@pytest.mark.parametrize("kind", KINDS)
+def test_published_checkpoint_structure_loads_with_weights_only(kind: str, tmp_path) -> None:
+    """The published files: {"model": PANNs state dict (front end and fc1 / fc_audioset
+    included), "iteration": int, "sampler": the balanced sampler's state (int64 arrays)}."""
+    source = tiny_audio_cnn(kind, n_mels=64, seed=3)
     state = dict(source.state_dict())
-    extra = {
-        "spectrogram_extractor.stft.conv_real.weight": torch.zeros(513, 1, 1024),
-        "logmel_extractor.melW": torch.zeros(513, 64),
-        "fc1.weight": torch.zeros(256, 256),
-        "fc1.bias": torch.zeros(256),
-        "fc_audioset.weight": torch.zeros(527, 256),
-        "fc_audioset.bias": torch.zeros(527),
-    }
-    path = tmp_path / "Cnn14_mAP=0.431.pth"
-    torch.save({"model": {**state, **extra}, "iteration": 1000}, path)
-    model = build_audio_cnn("cnn14", n_mels=64, width=8)
-    missing, unexpected = load_panns_weights(model, str(path))
-    assert missing == []
-    assert sorted(unexpected) == sorted(extra)
+    path = tmp_path / f"{kind}_mAP=0.43.pth"
+    torch.save(published_checkpoint({**state, **PANNS_ONLY_TENSORS}), path)
+    with pytest.raises(pickle.UnpicklingError):  # the sampler state needs numpy's globals
+        torch.load(path, weights_only=True)
+    model = build_audio_cnn(kind, n_mels=64, width=8, weights=str(path))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state[name])
+    assert load_panns_weights(build_audio_cnn(kind, n_mels=64, width=8), str(path)) == sorted(
+        PANNS_ONLY_TENSORS
+    )
+
+
+def test_checkpoint_written_by_numpy_1_loads(tmp_path) -> None:
+    """The published files were pickled under numpy 1 (`numpy.core.multiarray`)."""
+    state = tiny_audio_cnn("resnet38", n_mels=64, seed=5).state_dict()
+    path = tmp_path / "ResNet38_mAP=0.434.pth"
+    torch.save(published_checkpoint(dict(state)), path)
+    _rename_pickled_module(path, b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert "numpy.core.multiarray._reconstruct" in get_unsafe_globals_in_checkpoint(path)
+    model = build_audio_cnn("resnet38", n_mels=64, width=8, weights=str(path))
+    torch.testing.assert_close(model.state_dict()["bn0.weight"], state["bn0.weight"])
+
+
+def test_wrong_key_set_fails_naming_missing_and_unexpected_keys(tmp_path) -> None:
+    path = tmp_path / "Cnn14_mAP=0.431.pth"
+    torch.save(published_checkpoint(dict(tiny_audio_cnn("cnn14", n_mels=64).state_dict())), path)
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_audio_cnn("resnet38", n_mels=64, width=8, weights=str(path))
+    message = str(info.value)
+    assert str(path) in message and "does not fit ResNet38" in message
+    assert "missing keys [" in message and "resnet.layer1.0.conv1.weight" in message
+    assert "unexpected keys [" in message and "conv_block2.conv1.weight" in message
+
+
+def test_one_renamed_key_is_named(tmp_path) -> None:
+    state = dict(tiny_audio_cnn("resnet38", n_mels=64).state_dict())
+    state["resnet.layer1.0.conv1.weights"] = state.pop("resnet.layer1.0.conv1.weight")
+    path = tmp_path / "renamed.pth"
+    torch.save(published_checkpoint(state), path)
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_audio_cnn("resnet38", n_mels=64, width=8, weights=str(path))
+    assert "1 missing keys [resnet.layer1.0.conv1.weight]" in str(info.value)
+    assert "1 unexpected keys [resnet.layer1.0.conv1.weights]" in str(info.value)
 
 
 def test_width_mismatch_fails_loudly(tmp_path) -> None:
     path = tmp_path / "w8.pt"
     torch.save(tiny_audio_cnn("cnn14").state_dict(), path)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(
+        WeightsUnavailableError,
+        match=r"w8.pt' does not fit Cnn14: \d+ size mismatches \[conv_block1.conv1.weight: "
+        r"file \(8, 1, 3, 3\) vs model \(16, 1, 3, 3\)",
+    ):
         build_audio_cnn("cnn14", n_mels=32, width=16, weights=str(path))
+
+
+def test_unloadable_files_raise_the_weights_error_naming_the_file(tmp_path) -> None:
+    state = dict(tiny_audio_cnn("cnn14").state_dict())
+    code = tmp_path / "with_code.pth"  # a global outside the allowed numpy ones
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-3)}, code)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    bare = tmp_path / "list.pth"
+    torch.save([1, 2], bare)
+    cases = [
+        (code, "weights_only=True"),
+        (garbage, "weights_only=True"),
+        (bare, "does not hold a state dict"),
+        (tmp_path / "absent.pth", "cannot be read"),
+    ]
+    for path, reason in cases:
+        with pytest.raises(WeightsUnavailableError, match=reason) as info:
+            build_audio_cnn("cnn14", weights=str(path))
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_spec_augment_masks_are_zero_after_bn0(kind: str) -> None:
+    """In training the first conv block sees bn0's output with stripes of exact zeros,
+    which is each mel bin's batch mean after bn0; elsewhere exactly bn0's output. In
+    eval mode nothing is masked."""
+    torch.manual_seed(0)
+    model = build_audio_cnn(kind, n_mels=64, width=8, masks=StripeMasks(2, 24, 2, 8)).train()
+    seen: list[torch.Tensor] = []
+    model.conv_block1.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    logmel = 20.0 * torch.randn(4, 96, 64) - 40.0  # dB-like: no value near 0
+    reference_bn0 = copy.deepcopy(model.bn0)
+    model(logmel)
+    after_bn0 = reference_bn0(logmel.unsqueeze(1).transpose(1, 3)).transpose(1, 3)
+    # 0 after bn0 is the per-bin mean (batch statistics, identity affine at init).
+    torch.testing.assert_close(after_bn0.mean(dim=(0, 1, 2)), torch.zeros(64), atol=1e-5, rtol=0)
+    masked = seen[0] == 0
+    assert masked.any() and (after_bn0[masked] != 0).all()
+    assert torch.equal(seen[0][~masked], after_bn0[~masked])
+    for b in range(4):  # whole stripes: masked cells fill full frames or full bins
+        cells = masked[b, 0]
+        rows, cols = cells.all(dim=1), cells.all(dim=0)
+        assert torch.equal(cells, rows[:, None] | cols[None, :])
+    model.eval()
+    model(logmel)
+    eval_bn0 = model.bn0(logmel.unsqueeze(1).transpose(1, 3)).transpose(1, 3)
+    assert torch.equal(seen[1], eval_bn0)
+
+
+def test_stripes_follow_torchlibrosa_and_stay_inside_the_clip() -> None:
+    """Width uniform in [0, max) and start in [0, total - width) as torchlibrosa draws
+    them; time stripes of a shorter clip in a padded batch stay in its own frames."""
+    torch.manual_seed(1)
+    draws = [draw_stripe(100, 64) for _ in range(3000)]
+    assert {w for _, w in draws} == set(range(64))
+    assert all(s >= 0 and s + w < 100 for s, w in draws)
+    masks = StripeMasks(2, 64, 2, 8)
+    for _ in range(200):
+        keep = masks.keep_mask(torch.Size([2, 1, 96, 64]), torch.tensor([96, 40]))
+        full_frames = (keep[1, 0] == 0).all(dim=1)
+        assert not full_frames[40:].any()
+    assert StripeMasks(0, 64, 0, 8).train()(logmel := torch.randn(1, 1, 40, 64)) is logmel
 
 
 @pytest.mark.s3

