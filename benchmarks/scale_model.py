@@ -72,8 +72,13 @@ from gpa_ray.testing.cluster import descendant_pids
 MB = 2**20
 INDEX_UNIT_CLIPS = 8
 N_ITER = 10
+LOCAL_CPUS = 2
+LOCAL_RAY = {"address": "local", "num_cpus": LOCAL_CPUS, "object_store_memory_mb": 1536}
+OBJECT_STORE_FREE = 0.7
+"""Share of a node's memory left to actors: Ray gives its object store 30% by default."""
 SIZES = {
     "default": {
+        "ingest_unit_clips": 8,
         "ingest_codes": [16, 32, 64, 128],
         "ingest_no_codes": [24, 48, 96, 192],
         "index": [24, 48, 96, 192],
@@ -81,6 +86,7 @@ SIZES = {
         "manifest": [50_000, 100_000, 200_000, 400_000],
     },
     "quick": {
+        "ingest_unit_clips": 2,
         "ingest_codes": [2, 4, 6, 8],
         "ingest_no_codes": [4, 8, 12, 16],
         "index": [4, 8, 12, 16],
@@ -88,7 +94,8 @@ SIZES = {
         "manifest": [5_000, 10_000, 20_000, 40_000],
     },
 }
-"""Clips (ingest, index), (G, J) (bias) and rows (manifest) of each measured point."""
+"""Clips (ingest, index), (G, J) (bias) and rows (manifest) of each measured point, and
+the clips of an ingest work unit (`ingest.rows_per_commit`)."""
 WAVCAPS = {
     "clips": 403_050,
     "mean_duration_s": 67.59,
@@ -160,7 +167,7 @@ class WorkerPeaks(Sampler):
         }
 
 
-def measured(run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], WorkerPeaks]:
+def measured(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """`run()` under `WorkerPeaks`, with its wall time, CPU time (driver + workers) and the
     load average at its start."""
     load = os.getloadavg()[0]
@@ -170,7 +177,7 @@ def measured(run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], WorkerP
     wall = time.perf_counter() - started
     cpu = time.process_time() - cpu0 - peaks.own_cpu_s + peaks.worker_cpu_s()
     point = {**out, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), **peaks.as_dict()}
-    return {**point, "load_average_1min_at_start": round(load, 2)}, peaks
+    return {**point, "load_average_1min_at_start": round(load, 2)}
 
 
 def fit_line(n: list[float], y: list[float]) -> dict[str, Any]:
@@ -190,12 +197,12 @@ def fit_line(n: list[float], y: list[float]) -> dict[str, Any]:
     }
 
 
-def stage(item: str, points: list[dict[str, Any]], cpu_key: str = "cpu_s") -> dict[str, Any]:
-    """A stage's points and its wall and CPU lines over `n` (the count of `item`s)."""
+def stage(item: str, points: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stage's points and its wall (and CPU) lines over `n`, the count of `item`s."""
     n = [p["n"] for p in points]
     out = {"item": item, "points": points, "fit_wall_s": fit_line(n, [p["wall_s"] for p in points])}
-    if all(cpu_key in p for p in points):
-        out["fit_cpu_s"] = fit_line(n, [p[cpu_key] for p in points])
+    if all("cpu_s" in p for p in points):
+        out["fit_cpu_s"] = fit_line(n, [p["cpu_s"] for p in points])
     return out
 
 
@@ -234,9 +241,11 @@ def _ingest_cfg(corpus: Path, output: Path, codes: bool, rows_per_commit: int) -
     )
 
 
-def ingest_stage(work: Path, runs: list[tuple[str, int]]) -> tuple[dict[str, Any], Path]:
-    """`run_ingest` for each (variant, clips) in `runs`, in that order; also returns the
-    largest codes-free output (the index stage's clips)."""
+def ingest_stage(
+    work: Path, runs: list[tuple[str, int]], unit_clips: int
+) -> tuple[dict[str, Any], Path]:
+    """`run_ingest` for each (variant, clips) in `runs`, in that order, in units of
+    `unit_clips`; also returns the largest codes-free output (the index stage's clips)."""
     points: dict[str, list[dict[str, Any]]] = {}
     largest = max((clips for name, clips in runs if name == "ingest_no_codes"), default=0)
     for name, clips in runs:
@@ -244,7 +253,7 @@ def ingest_stage(work: Path, runs: list[tuple[str, int]]) -> tuple[dict[str, Any
         if not corpus.exists():
             make_corpus(corpus, clips, 1)
         output = work / f"{name}-{clips}"
-        cfg = _ingest_cfg(corpus, output, name == "ingest_codes", max(2, min(clips // 8, 8)))
+        cfg = _ingest_cfg(corpus, output, name == "ingest_codes", unit_clips)
         run = ray_pipeline(cfg, WorkerPeaks)
         run.update(n=run["audio_seconds"], encoder_peak_rss_mb=role_peak_mb(run, "UnitEncoder"))
         points.setdefault(name, []).append(run)
@@ -399,7 +408,7 @@ def index_stage(work: Path, sizes: list[int], ingest_output: Path) -> dict[str, 
                 "index.embed_pool.cpus_per_actor=0.5",
             ]
         )
-        point, _ = measured(lambda cfg=cfg: _index_summary(run_build_index(cfg)))
+        point = measured(lambda cfg=cfg: _index_summary(run_build_index(cfg)))
         point.update(
             n=point["clips"],
             steady_clips_per_s=steady_commit_rate(output, "clips"),
@@ -426,7 +435,7 @@ def bias_stage(work: Path, sizes: list[tuple[int, int]]) -> dict[str, Any]:
     points = []
     for queries, n_texts in sizes:
         problem = Sizes(queries, n_texts, 3, 1024)
-        job, _ = measured(lambda p=problem: run_job(p, checkpoint, cfg, texts(p)))
+        job = measured(lambda p=problem: run_job(p, checkpoint, cfg, texts(p)))
         job.pop("g")
         job.update(
             n=queries * n_texts,
@@ -558,10 +567,6 @@ def on_cpu_workers(
     }
 
 
-OBJECT_STORE_FREE = 0.7
-"""Share of a node's memory left to actors: Ray gives its object store 30% by default."""
-
-
 def _per_item(fit_stage: dict[str, Any], extra_cpu_s: float = 0.0) -> dict[str, float]:
     """A stage's fitted cost per item: CPU seconds, core-seconds from the wall line (x the
     2 CPUs of the local Ray), and the fixed wall cost."""
@@ -570,10 +575,6 @@ def _per_item(fit_stage: dict[str, Any], extra_cpu_s: float = 0.0) -> dict[str, 
         "wall_core_s": fit_stage["fit_wall_s"]["per_item"] * LOCAL_CPUS + extra_cpu_s,
         "fixed_s": fit_stage["fit_wall_s"]["fixed"],
     }
-
-
-LOCAL_CPUS = 2
-LOCAL_RAY = {"address": "local", "num_cpus": LOCAL_CPUS, "object_store_memory_mb": 1536}
 
 
 def projection(stages: dict[str, Any], nodes: dict[str, Any]) -> dict[str, Any]:
@@ -657,65 +658,35 @@ def _bias_projection(
     return result
 
 
-ASSUMPTIONS = [
-    {
-        "what": "CPU seconds per item and the fixed cost of each stage",
-        "kind": "measured here",
-        "how": "least-squares lines over four or more sizes on 2 vCPUs of an AMD EPYC",
-    },
-    {
-        "what": "a node's vCPU does the CPU work of one vCPU here per second",
-        "kind": "assumed",
-        "how": "m5.4xlarge vCPUs are hyperthreads: if a busy pair gives ~0.6x each, times grow "
-        "by 1/0.6",
-    },
-    {
-        "what": "linear scaling over all vCPUs of all nodes, one single-thread actor per vCPU",
-        "kind": "assumed",
-        "how": "no shared bottleneck (S3 bandwidth, the driver, Ray's "
-        "scheduler); the autoscaler's node start-up is not included",
-    },
-    {
-        "what": "the fixed cost (actor start, model load) is paid once, as here",
-        "kind": "assumed",
-        "how": "actors start in parallel",
-    },
-    {
-        "what": "memory per worker",
-        "kind": "measured here",
-        "how": "the stage's actors' peak RSS (VmHWM); flat over the measured sizes (see "
-        "worker_growth), so taken as constant at the projected sizes",
-    },
-    {
-        "what": "node memory and the share actors may use",
-        "kind": "assumed",
-        "how": "AWS's instance specifications; 70%, since Ray's object store takes 30% by default",
-    },
-    {
-        "what": "an embedding of a 10-s crop",
-        "kind": "measured here",
-        "how": "CPU s per 5-s ESC-50 clip in the index build + the model's extra time for 10 s "
-        "over 5 s (one thread, in process); decoding longer files (WavCaps: 67.59 s mean) "
-        "is not included",
-    },
-    {
-        "what": "the bias job keeps every R' row",
-        "kind": "assumed",
-        "how": "sinkhorn.memory_budget_mb set to rows x J x 4 B, as in the measured runs; "
-        "its embedding stage is the embedding cost per 10-s clip",
-    },
-    {
-        "what": "AudioSet ingest planning",
-        "kind": "measured here",
-        "how": "manifest + unit plan per row, serial on the head node, from local CSVs (S3 "
-        "listing and reads not measured)",
-    },
-    {
-        "what": "GPU nodes",
-        "kind": "not projected",
-        "how": "nothing runs on a GPU here: the gpu_worker nodes (A10G) are left out",
-    },
-]
+ASSUMPTIONS = {
+    "measured here": [
+        "CPU seconds per item and the fixed cost of every stage: least-squares lines over "
+        "four or more sizes on the 2 vCPUs of this machine (shared with other work)",
+        "memory per worker: the stage's actors' peak RSS (VmHWM), flat over the measured "
+        "sizes (worker_growth), so taken as constant at the projected sizes",
+        "embedding a 10-s crop: CPU s per 5-s ESC-50 clip in the index build + the model's "
+        "extra time for 10 s over 5 s (one thread, in process); decoding longer files "
+        "(WavCaps: 67.59 s mean) is not included",
+        "AudioSet planning: manifest + unit plan per row, serial on the head node, from "
+        "local CSVs (listing and reading them on S3 is not measured)",
+    ],
+    "assumed": [
+        "a node's vCPU does the CPU work of one vCPU here per second (m5.4xlarge vCPUs are "
+        "hyperthreads: if a busy pair gives 0.6x each, the times grow by 1/0.6)",
+        "linear scaling over every actor of every node, one single-thread actor per vCPU "
+        "(fewer when their memory does not fit): no shared bottleneck (S3 bandwidth, the "
+        "driver, Ray's scheduler); the autoscaler's node start-up is not included",
+        "the fixed cost (actor start, model load) is paid once, as here: actors start in parallel",
+        "node memory from AWS's instance specifications; actors may use 70% of it (Ray's "
+        "object store takes 30% by default)",
+        "the bias job keeps every R' row (sinkhorn.memory_budget_mb = rows x J x 4 B per "
+        "actor), as in the measured runs; its embedding stage costs the embedding per "
+        "10-s clip",
+    ],
+    "not projected": [
+        "GPU nodes: nothing runs on a GPU here, so the gpu_worker nodes (A10G) are left out",
+    ],
+}
 
 
 # ------------------------------------------------------------------ output
@@ -738,8 +709,12 @@ def plot(stages: dict[str, Any], path: Path) -> None:
 
     panels = {t: [s for s in names if s in stages] for t, names in PANELS.items()}
     panels = {t: names for t, names in panels.items() if names}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (title, names) in zip(axes[0], panels.items(), strict=True):
+    columns = min(2, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.6 * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, names) in zip(axes.flat, panels.items(), strict=False):
         for name in names:
             points = stages[name]["points"]
             n = np.array([p["n"] for p in points], dtype=float)
@@ -756,10 +731,10 @@ def plot(stages: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("N")
-        ax.set_ylabel("seconds")
-        ax.legend(fontsize=6)
-    fig.suptitle("measured points and fitted fixed + per-item lines (benchmarks/scale_model.py)")
+        ax.set_xlabel(f"N ({stages[names[0]]['item'].replace('_', ' ')}s)")
+        ax.set_ylabel("seconds (wall: circles, CPU: squares)")
+        ax.legend(fontsize=7)
+    fig.suptitle("scale model: measured points and fitted fixed + per-item lines", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -872,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = interleaved(sizes)
             if "ingest" not in wanted:  # only the index stage's clips
                 runs = [("ingest_no_codes", max(sizes["ingest_no_codes"]))]
-            ingests, largest = ingest_stage(work, runs)
+            ingests, largest = ingest_stage(work, runs, sizes["ingest_unit_clips"])
             stages.update(ingests)
             if "index" in wanted:
                 stages["index"] = index_stage(work, sizes["index"], largest)
