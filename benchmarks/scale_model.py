@@ -620,42 +620,45 @@ def projection(stages: dict[str, Any], nodes: dict[str, Any]) -> dict[str, Any]:
         }
         out["cpu_s_per_10s_clip"] = per_clip
     if "bias" in stages:
-        out["bias_1m_x_100k"] = _bias_projection(stages, nodes, out.get("cpu_s_per_10s_clip"))
+        bias = _bias_projection(stages["bias"], nodes)
+        if "index" in stages:
+            embedding = on_cpu_workers(nodes, bias["queries"], per_clip, worker_mb)
+            bias["embedding_stage"] = {
+                "what": "the job's embedding of its 1M query clips (10-s crops) and 100k "
+                "captions, at the index build's cost per clip (which embeds one caption "
+                "per clip: 0.9M captions more than needed)",
+                **embedding,
+            }
+            bias["wall_h_with_embedding"] = round(bias["wall_h"] + embedding["wall_h"], 3)
+        out["bias_1m_x_100k"] = bias
     return out
 
 
-def _bias_projection(
-    stages: dict[str, Any], nodes: dict[str, Any], per_clip: dict[str, float] | None
-) -> dict[str, Any]:
+def _bias_projection(bias: dict[str, Any], nodes: dict[str, Any]) -> dict[str, Any]:
     """G = 1M x J = 100k on every vCPU of the cpu_worker fleet, every R' row cached (as
     measured); memory per actor from the fitted actor memory model."""
     from gpa_ray.bias_shard import actor_memory_bytes
 
-    bias = stages["bias"]
-    queries, n_texts, width = 1_000_000, 100_000, 1 + bias["dims"]["K"] + 1
+    queries, n_texts, prototypes, dim = 1_000_000, 100_000, bias["dims"]["K"] + 1, 1024
     node = nodes["types"]["cpu_worker"]
-    actors = node["max_workers"] * node["cpus"]
-    rows = math.ceil(queries / actors)
-    cfg = SinkhornConfig(memory_budget_mb=rows * n_texts * 4 / MB + 1, block_size=128)
-    formula = actor_memory_bytes(rows, n_texts, width - 1, bias["dims"]["D"], cfg)
+    rows = math.ceil(queries / (node["max_workers"] * node["cpus"]))
+    cfg = SinkhornConfig(memory_budget_mb=rows * n_texts * 4 / MB + 1)
+    formula = actor_memory_bytes(rows, n_texts, prototypes, dim, cfg)
     worker_mb = bias["actor_memory"]["fixed_mb"] + (formula / MB - cfg.actor_overhead_mb)
-    shared_mb = n_texts * width * bias["dims"]["D"] * 4 / MB
+    shared_mb = n_texts * (1 + prototypes) * dim * 4 / MB
     job = on_cpu_workers(
         nodes, float(queries) * n_texts, _per_item(bias), worker_mb, shared_per_node_mb=shared_mb
     )
-    result = {
+    return {
         "job": "Sinkhorn bias G = 1M x J = 100k (K = 3, D = 1024, 10 rounds), every R' row "
         "cached: sinkhorn.rows_per_actor "
         f"{rows}, sinkhorn.memory_budget_mb {math.ceil(cfg.memory_budget_mb)}",
         **job,
+        "queries": queries,
+        "texts": n_texts,
         "rows_per_actor": rows,
         "shared_texts_per_node_mb": round(shared_mb, 1),
     }
-    if per_clip is not None:
-        embed_s = queries * per_clip["cpu_s"] / actors
-        result["embedding_stage_h"] = round(embed_s / 3600, 3)
-        result["wall_h_with_embedding"] = round(result["wall_h"] + embed_s / 3600, 3)
-    return result
 
 
 ASSUMPTIONS = {
