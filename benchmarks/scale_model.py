@@ -104,9 +104,13 @@ WAVCAPS = {
     "(Mei et al. 2023, arXiv:2303.17395): 403,050 clips, mean 67.59 s; neither "
     "/work/shared/papers nor DESIGN.md gives the figure",
 }
-INSTANCE_MEMORY_GB = {"m5.2xlarge": 32, "m5.4xlarge": 64, "g5.2xlarge": 32}
-"""Memory of the instance types `cluster.yaml` names (AWS's published specifications;
-the file itself gives only their CPUs and GPUs)."""
+INSTANCE_SPECS = {
+    "m5.2xlarge": {"memory_gb": 32, "network_gbps_up_to": 10},
+    "m5.4xlarge": {"memory_gb": 64, "network_gbps_up_to": 10},
+    "g5.2xlarge": {"memory_gb": 32, "network_gbps_up_to": 10},
+}
+"""Memory and network of the instance types `cluster.yaml` names (AWS's published
+specifications; the file itself gives only their CPUs and GPUs)."""
 
 
 # ------------------------------------------------------------------ measuring
@@ -426,8 +430,6 @@ def _index_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 def bias_stage(work: Path, sizes: list[tuple[int, int]]) -> dict[str, Any]:
     """`bias_job.run_job` at each G x J (K = 3, D = 1024, every R' row cached)."""
-    from gpa_ray.bias_shard import actor_memory_bytes
-
     checkpoint = scorer_checkpoint(work / "bias-model", Sizes(0, 0, 3, 1024))
     cfg = SinkhornConfig(
         epsilon=EPSILON, n_iter=N_ITER, num_actors=2, cpus_per_actor=1.0, memory_budget_mb=64 * 1024
@@ -444,35 +446,48 @@ def bias_stage(work: Path, sizes: list[tuple[int, int]]) -> dict[str, Any]:
             wall_s=job["seconds"],
             cpu_with_query_generation_s=job["cpu_s"],
             cpu_s=job["cpu_seconds"],
-            actor_formula_mb=[
-                round(
-                    (actor_memory_bytes(r, n_texts, 4, 1024, cfg) - cfg.actor_overhead_mb * MB)
-                    / MB,
-                    1,
-                )
-                for r in job["rows_per_actor"]
-            ],
         )
         points.append(job)
         print(f"bias {queries} x {n_texts}: {json.dumps(_brief(job))}", flush=True)
-    gaps = [
-        peak - formula
-        for p in points
-        for peak, formula in zip(p["actor_peak_rss_mb"], p["actor_formula_mb"], strict=True)
-    ]
-    fixed = float(np.mean(gaps))
-    memory = {
-        "model": "actor peak RSS = fixed + the terms of gpa_ray.bias_shard.actor_memory_bytes "
-        "without its configured actor_overhead_mb (queries, cached R' rows, row block, tile)",
-        "fixed_mb": round(fixed, 1),
-        "residuals_mb": [round(g - fixed, 1) for g in gaps],
-    }
     return {
         **stage("score_pair", points),
         "dims": {"K": 3, "D": 1024},
         "n_iter": N_ITER,
         "sinkhorn": dataclasses.asdict(cfg),
-        "actor_memory": memory,
+    }
+
+
+def _actor_terms_mb(rows: int, n_texts: int, cfg: SinkhornConfig) -> tuple[float, float]:
+    """(its queries, the rest without the configured overhead) of
+    `bias_shard.actor_memory_bytes` for a K = 3, D = 1024 actor, in MB."""
+    from gpa_ray.bias_shard import actor_memory_bytes
+
+    queries = rows * (1 + 4) * 1024 * 4 / MB
+    formula = actor_memory_bytes(rows, n_texts, 4, 1024, cfg) / MB - cfg.actor_overhead_mb
+    return queries, formula - queries
+
+
+def actor_memory_model(bias: dict[str, Any]) -> dict[str, Any]:
+    """The bias actors' measured peak RSS as fixed + k x their queries' bytes + the rest of
+    `actor_memory_bytes` (cached R' rows, row block, tile) at face value, fixed and k by
+    least squares. k > 1: the formula counts the queries once, while an actor holds more
+    than one copy of them at its peak (the loaded table and the tensors)."""
+    cfg = SinkhornConfig(**{k: v for k, v in bias["sinkhorn"].items() if k != "embed_pool"})
+    queries, rest, peaks = [], [], []
+    for point in bias["points"]:
+        for rows, peak in zip(point["rows_per_actor"], point["actor_peak_rss_mb"], strict=True):
+            q, r = _actor_terms_mb(rows, point["texts"], cfg)
+            queries.append(q)
+            rest.append(r)
+            peaks.append(peak)
+    fit = fit_line(queries, [peak - r for peak, r in zip(peaks, rest, strict=True)])
+    return {
+        "model": "actor peak RSS = fixed + k x queries + (cached R' rows + row block + tile "
+        "of gpa_ray.bias_shard.actor_memory_bytes)",
+        "fixed_mb": round(fit["fixed"], 1),
+        "k_queries": round(fit["per_item"], 3),
+        "residuals_mb": [round(r, 1) for r in fit["residuals"]],
+        "largest_cached_mb": max(max(p["actor_cached_mb"]) for p in bias["points"]),
     }
 
 
@@ -519,7 +534,7 @@ def node_types(path: Path = REPO / "cluster.yaml") -> dict[str, Any]:
             "max_workers": node.get("max_workers", 0),
             "spot": node["node_config"].get("InstanceMarketOptions", {}).get("MarketType")
             == "spot",
-            "memory_gb": INSTANCE_MEMORY_GB.get(instance),
+            **INSTANCE_SPECS.get(instance, {}),
         }
     return {"file": "cluster.yaml", "max_workers": spec["max_workers"], "types": types}
 
@@ -591,15 +606,21 @@ def projection(stages: dict[str, Any], nodes: dict[str, Any]) -> dict[str, Any]:
         for name in ("ingest_codes", "ingest_no_codes"):
             ingest = stages[name]
             worker_mb = max(p["encoder_peak_rss_mb"] for p in ingest["points"])
-            job = on_cpu_workers(
-                nodes, rows * 10.0, _per_item(ingest), worker_mb, serial_s=planning_s
-            )
+            audio_s = rows * 10.0
+            job = on_cpu_workers(nodes, audio_s, _per_item(ingest), worker_mb, serial_s=planning_s)
+            source = input_bytes_per_audio_s(max(p["clips"] for p in ingest["points"]))
             out[f"audioset_2m_{name.removeprefix('ingest_')}"] = {
                 "job": f"AudioSet-2M ingest ({'with' if name == 'ingest_codes' else 'without'} "
                 "codes): 2M clips x 10 s = 20M audio-seconds",
                 **job,
                 "manifest_planning_s": round(planning_s, 1),
                 "driver_peak_rss_mb": round(driver_mb, 1),
+                "input_bytes_per_audio_s": round(source),
+                "input_tb": round(audio_s * source / 1e12, 2),
+                "node_network_gbps_up_to": nodes["types"]["cpu_worker"].get("network_gbps_up_to"),
+                "input_mb_per_s_per_node": round(
+                    audio_s * source / (job["wall_h"] * 3600) / job["nodes"] / 1e6, 1
+                ),
             }
     if "index" in stages:
         index = stages["index"]
@@ -634,18 +655,27 @@ def projection(stages: dict[str, Any], nodes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def input_bytes_per_audio_s(clips: int) -> float:
+    """Source bytes per audio-second of the first `clips` ESC-50 clips the ingest read
+    (44.1 kHz 16-bit mono WAV): what every node reads from storage per audio-second."""
+    from gpa_ray.testing.data import esc50_records, shared_data_dir
+
+    esc = shared_data_dir() / "esc50"
+    records = esc50_records(esc)[:clips]
+    return sum((esc / "audio" / r["filename"]).stat().st_size for r in records) / (5.0 * clips)
+
+
 def _bias_projection(bias: dict[str, Any], nodes: dict[str, Any]) -> dict[str, Any]:
     """G = 1M x J = 100k on every vCPU of the cpu_worker fleet, every R' row cached (as
     measured); memory per actor from the fitted actor memory model."""
-    from gpa_ray.bias_shard import actor_memory_bytes
-
-    queries, n_texts, prototypes, dim = 1_000_000, 100_000, bias["dims"]["K"] + 1, 1024
+    queries, n_texts = 1_000_000, 100_000
     node = nodes["types"]["cpu_worker"]
     rows = math.ceil(queries / (node["max_workers"] * node["cpus"]))
     cfg = SinkhornConfig(memory_budget_mb=rows * n_texts * 4 / MB + 1)
-    formula = actor_memory_bytes(rows, n_texts, prototypes, dim, cfg)
-    worker_mb = bias["actor_memory"]["fixed_mb"] + (formula / MB - cfg.actor_overhead_mb)
-    shared_mb = n_texts * (1 + prototypes) * dim * 4 / MB
+    memory = actor_memory_model(bias)
+    query_mb, rest_mb = _actor_terms_mb(rows, n_texts, cfg)
+    worker_mb = memory["fixed_mb"] + memory["k_queries"] * query_mb + rest_mb
+    shared_mb = n_texts * (1 + bias["dims"]["K"] + 1) * bias["dims"]["D"] * 4 / MB
     job = on_cpu_workers(
         nodes, float(queries) * n_texts, _per_item(bias), worker_mb, shared_per_node_mb=shared_mb
     )
@@ -657,7 +687,9 @@ def _bias_projection(bias: dict[str, Any], nodes: dict[str, Any]) -> dict[str, A
         "queries": queries,
         "texts": n_texts,
         "rows_per_actor": rows,
+        "cached_mb_per_actor": round(rows * n_texts * 4 / MB, 1),
         "shared_texts_per_node_mb": round(shared_mb, 1),
+        "actor_memory_model": memory,
     }
 
 
@@ -755,7 +787,7 @@ def worker_growth(stages: dict[str, Any]) -> dict[str, float]:
         if name in stages:
             points = stages[name]["points"]
             out[name] = round(points[-1][key] / max(points[0][key], 1e-9), 3)
-    if "bias" in stages:
+    if "bias" in stages:  # its actors' share grows with G here (2 actors)
         points = stages["bias"]["points"]
         out["bias"] = round(
             max(points[-1]["actor_peak_rss_mb"]) / max(points[0]["actor_peak_rss_mb"]), 3
@@ -825,10 +857,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (about 2 minutes)")
     parser.add_argument("--stages", default="manifest,ingest,index,bias")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--project",
+        metavar="JSON",
+        help="measure nothing: derive the projection again from a stored scale_model.json",
+    )
     parser.add_argument("--tower-timing", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tower_timing:
         print(json.dumps(tower_timing(args.tower_timing)))
+        return 0
+    if args.project:
+        write(summarised(json.loads(Path(args.project).read_text())), Path(args.out))
         return 0
     from gpa_ray.jobs_cli import init_ray
     from gpa_ray.testing.services import loopback_ray_env
@@ -858,11 +898,9 @@ def main(argv: list[str] | None = None) -> int:
             stages["bias"] = bias_stage(work, sizes["bias"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    nodes = node_types()
-    projected = projection(stages, nodes)
     result = {
         "mode": mode,
-        "sizes": {k: v for k, v in sizes.items()},
+        "sizes": dict(sizes),
         "machine": _machine(),
         "local_ray_cpus": LOCAL_CPUS,
         "load_average": {"start": load_start, "end": os.getloadavg()},
@@ -874,18 +912,32 @@ def main(argv: list[str] | None = None) -> int:
             "compute per audio-second is the real model's",
         },
         "stages": stages,
+    }
+    write(summarised(result), Path(args.out))
+    return 0
+
+
+def summarised(result: dict[str, Any]) -> dict[str, Any]:
+    """A run's measurements with what is derived from them: memory growth, the nodes of
+    `cluster.yaml`, the projection, its assumptions and the headline figures."""
+    stages = result["stages"]
+    nodes = node_types()
+    projected = projection(stages, nodes)
+    return {
+        **result,
         "worker_growth": worker_growth(stages),
         "nodes": nodes,
         "projection": projected,
         "assumptions": ASSUMPTIONS,
         "headline": headline(stages, projected),
     }
-    out = Path(args.out)
+
+
+def write(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale_model.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(stages, out / "scale_model.png")
+    plot(result["stages"], out / "scale_model.png")
     print(json.dumps(result["headline"], indent=2))
-    return 0
 
 
 if __name__ == "__main__":
