@@ -3,6 +3,8 @@ as fixed + per-item cost, and projected onto the node types of `cluster.yaml`.
 
     python benchmarks/scale_model.py [--quick] [--stages ingest,index,bias,manifest] \
         [--out benchmarks/results]
+    python benchmarks/scale_model.py --project benchmarks/results/scale_model.json
+        (measures nothing: derives the projection again from a stored run)
 
 Stages, each run at four or more sizes (`--quick`: tiny ones, about 2 minutes):
 
@@ -26,7 +28,10 @@ Stages, each run at four or more sizes (`--quick`: tiny ones, about 2 minutes):
 - the Sinkhorn bias per score pair: `benchmarks/bias_job.py`'s `run_job` (two
   `QueryShard` actors at 1 CPU, 10 rounds, every R' row cached) on its random unit-norm
   embeddings, K = 3, D = 1024, G x J from 2k x 512 to 16k x 2k; its embedding stage
-  is excluded (the index stage measures embedding).
+  is excluded (the index stage measures embedding). The actors' peak RSS is fitted as
+  fixed + k x their queries' bytes + the other terms of `actor_memory_bytes` (the cached
+  R' rows, which the actors report, the row block, the tile), which gives the memory of
+  an actor at 1M x 100k.
 - the manifest + unit plan per row: `benchmarks/manifest_scale.py`'s `measure` (a fresh
   process per size, the Arrow reader, the AudioSet preset's units of 64) on generated
   AudioSet-style CSVs of 50k to 400k rows.
@@ -35,8 +40,10 @@ Per point: wall time, CPU seconds (driver plus Ray worker processes, sampled fro
 the bias job's actors report their own), peak RSS of the driver and of every Ray worker
 process (VmHWM from /proc/<pid>/status, reset when the point starts: `WorkerPeaks`), the
 load average. Per stage: least-squares lines wall = fixed + per-item x N and the same for
-CPU seconds, with residuals. The projection uses the CPU seconds per item (other work on
-this shared machine stretches wall time more than CPU time) and states what it assumes.
+CPU seconds, with residuals. The projection onto the largest `cpu_worker` fleet (one
+single-thread actor per vCPU, fewer where their memory does not fit) uses the CPU seconds
+per item (other work on this shared machine stretches wall time far more than CPU time;
+the wall line's figure is given beside it) and lists what it measured and what it assumes.
 Writes `<out>/scale_model.json` and `<out>/scale_model.png` (log-log, one panel per stage).
 Linux only.
 """
