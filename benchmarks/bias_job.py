@@ -109,11 +109,11 @@ def texts(sizes: Sizes) -> Embeddings:
     return random_embeddings(sizes.texts, sizes, TEXT_SEED)
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) so a phase's peak can be read on its own
-    (Linux: writing 5 to /proc/self/clear_refs)."""
+def reset_peak_rss(pid: int | str = "self") -> bool:
+    """Reset a process's peak RSS (VmHWM) so a phase's peak can be read on its own
+    (Linux: writing 5 to /proc/<pid>/clear_refs; allowed for a process of the same user)."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
     except OSError:
         return False
     return True
@@ -121,11 +121,23 @@ def _reset_peak_rss() -> bool:
 
 def _status_mb(field: str) -> float:
     """A memory field of /proc/self/status in MB: VmRSS (now) or VmHWM (peak since the
-    last `_reset_peak_rss`, else since the process began)."""
+    last `reset_peak_rss`, else since the process began)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024.0
     return peak_rss_mb()
+
+
+def scorer_checkpoint(directory: Path, sizes: Sizes) -> str:
+    """A GPA checkpoint under `directory` whose LASS scorer has the problem's K and D (a
+    tiny GPA: its towers are never run, only its scorer touches the embeddings)."""
+    run_cfg = tiny_gpa_run_config(
+        save_tiny_text_model(directory / "text"),
+        gpa=GPAConfig(embed_dim=sizes.dim, n_prototypes=sizes.prototypes, scorer="lass"),
+    )
+    checkpoint = str(directory / "gpa")
+    tiny_gpa_checkpoint(checkpoint, run_cfg)
+    return checkpoint
 
 
 # ------------------------------------------------------------------ (b) and (c): one process
@@ -253,7 +265,7 @@ def query_dataset(sizes: Sizes) -> Any:
 def run_job(sizes: Sizes, checkpoint: str, cfg: SinkhornConfig, text: Embeddings) -> dict[str, Any]:
     """(a): the distributed job on the materialised queries; wall time and peak RSS."""
     queries = query_dataset(sizes)
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     rss_before = _status_mb("VmRSS")
     start = time.perf_counter()
     result = distributed_sinkhorn(checkpoint, queries, text, cfg)
@@ -314,12 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
 
     with tempfile.TemporaryDirectory(prefix="bias-bench-") as tmp:
-        run_cfg = tiny_gpa_run_config(
-            save_tiny_text_model(Path(tmp) / "text"),
-            gpa=GPAConfig(embed_dim=args.dim, n_prototypes=args.prototypes, scorer="lass"),
-        )
-        checkpoint = str(Path(tmp) / "gpa")
-        tiny_gpa_checkpoint(checkpoint, run_cfg)
+        checkpoint = scorer_checkpoint(Path(tmp), sizes)
         job_cfg = SinkhornConfig(
             epsilon=EPSILON,
             n_iter=args.n_iter,

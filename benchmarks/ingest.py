@@ -66,10 +66,12 @@ MB = 1024 * 1024
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A memory field of /proc/<pid>/status in bytes: VmRSS (now) or VmHWM (peak); 0 for a
+    process that has gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -115,8 +117,8 @@ class Sampler:
             cpu = _cpu_seconds(pid)
             self._cpu_start.setdefault(pid, cpu)
             self._cpu_last[pid] = max(self._cpu_last.get(pid, 0.0), cpu)
-        driver = _rss_bytes(me)
-        workers = sum(_rss_bytes(p) for p in pids)
+        driver = rss_bytes(me)
+        workers = sum(rss_bytes(p) for p in pids)
         self.driver = max(self.driver, driver)
         if workers > self.workers:
             self.workers, self.n_workers = workers, len(pids)
@@ -194,11 +196,12 @@ def plain_loop(cfg: Config, part: int = 0, parts: int = 1) -> dict[str, Any]:
     }
 
 
-def ray_pipeline(cfg: Config) -> dict[str, Any]:
-    """(b): `run_ingest` on the running Ray, sampling memory and CPU time."""
+def ray_pipeline(cfg: Config, sampler_class: type[Sampler] = Sampler) -> dict[str, Any]:
+    """(b): `run_ingest` on the running Ray, sampling memory and CPU time (with
+    `sampler_class`, a `Sampler` or a subclass that records more)."""
     load = _load()
     driver_cpu0 = time.process_time()
-    with Sampler() as sampler:
+    with sampler_class() as sampler:
         summary = run_ingest(cfg)
     assert summary["clips_failed"] == 0, summary
     audio_s = summary["this_run"]["audio_seconds"]
@@ -212,6 +215,7 @@ def ray_pipeline(cfg: Config) -> dict[str, Any]:
             Path(cfg.ingest.output) / "_commits", "audio_seconds"
         ),
         "audio_seconds_per_cpu_s": round(audio_s / cpu, 2),
+        "cpu_s": round(cpu, 2),
         **sampler.as_dict(),
         "load_average_1min_at_start": load,
     }
