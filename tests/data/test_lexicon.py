@@ -173,6 +173,6 @@ def test_training_batches_augment_a_fifth_of_the_captions(tmp_path: Path, lexico
     collate = GPACollate(dataclasses.replace(cfg, gpa=gpa, text=text), True, seed=5)
     caption = "a dog barking"
     changed = [
-        collate._caption(f"clip{i}", [caption], i) != caption for i in range(1000)
+        collate._caption(f"clip{i}", [caption], None, i) != caption for i in range(1000)
     ]  # fmt: skip
     assert 162 <= sum(changed) <= 238
