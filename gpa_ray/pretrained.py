@@ -172,7 +172,7 @@ def _resolve_remote(uri: str, storage_cfg: StorageConfig | None, root: Path) -> 
         staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=root))
         try:
             for rel, file_uri in files.items():
-                dest = staging / rel
+                dest = cache_path(staging, rel, uri)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(storage.read_bytes(file_uri, storage_cfg))
             (staging / _COMPLETE_MARKER).write_text(uri)
@@ -190,6 +190,19 @@ def _resolve_remote(uri: str, storage_cfg: StorageConfig | None, root: Path) -> 
             "storage settings (endpoint, credentials)"
         ) from exc
     return str(_cached_entry(target))
+
+
+def cache_path(folder: Path, key: str, uri: str) -> Path:
+    """Where the object `key` (relative to `uri`) is copied inside `folder`. S3 keys may
+    hold `..` or start with `/`; one that would land outside `folder` is refused rather
+    than written over another file of the node."""
+    dest = (folder / key).resolve()
+    if not key or not dest.is_relative_to(folder.resolve()):
+        raise WeightsUnavailableError(
+            f"model reference {uri!r}: object key {key!r} would be copied outside the "
+            f"cache folder {folder}; refusing it (rename the object)"
+        )
+    return dest
 
 
 def _cached_entry(target: Path) -> Path:

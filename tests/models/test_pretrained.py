@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gpa_ray import storage
-from gpa_ray.pretrained import WeightsUnavailableError, resolve_model_ref
+from gpa_ray.pretrained import WeightsUnavailableError, cache_path, resolve_model_ref
 
 
 def test_pkg_with_get_model_path_uses_it() -> None:
@@ -119,3 +119,12 @@ def test_s3_single_file_and_missing_uri(s3_server, tmp_path: Path) -> None:
     missing = s3_server.uri("models", "nothing-here")
     with pytest.raises(WeightsUnavailableError, match="nothing found"):
         resolve_model_ref(missing, s3_server.storage, cache_dir=tmp_path)
+
+
+def test_object_keys_that_would_escape_the_cache_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "cache" / "abc"
+    folder.mkdir(parents=True)
+    assert cache_path(folder, "sub/model.pt", "s3://b/m") == (folder / "sub/model.pt").resolve()
+    for key in ("../outside.pt", "sub/../../outside.pt", "/etc/passwd", ""):
+        with pytest.raises(WeightsUnavailableError, match="outside the cache folder"):
+            cache_path(folder, key, "s3://b/m")
