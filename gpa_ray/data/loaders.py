@@ -21,7 +21,7 @@ The label vocabulary comes from the training split, scanned file by file with on
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -192,12 +192,10 @@ class LabelSpace:
         )
 
 
-def scan_labels(
-    data: str, split: str = "train", corpus: str = "", storage_cfg: StorageConfig | None = None
-) -> LabelSpace:
-    """Build the label space from one split, streaming only its `labels` column."""
-    seen: set[str] = set()
-    multi_label = False
+def _label_columns(
+    data: str, split: str, corpus: str, storage_cfg: StorageConfig | None
+) -> Iterator[pa.Array]:
+    """The `labels` column of a split's clip shards, batch by batch (nothing else is read)."""
     files = split_files(data, split, corpus, storage_cfg)
     if not files:
         raise LoaderError(f"no clip shards for split {split!r} under {data}")
@@ -205,10 +203,19 @@ def scan_labels(
         fs, path = storage.resolve(uri, storage_cfg)
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(columns=["labels"], batch_size=4096):
-                column = batch.column(0)
-                counts = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-                multi_label = multi_label or bool((counts != 1).any())
-                seen.update(v for v in pc.unique(column.flatten()).to_pylist() if v is not None)
+                yield batch.column(0)
+
+
+def scan_labels(
+    data: str, split: str = "train", corpus: str = "", storage_cfg: StorageConfig | None = None
+) -> LabelSpace:
+    """Build the label space from one split, streaming only its `labels` column."""
+    seen: set[str] = set()
+    multi_label = False
+    for column in _label_columns(data, split, corpus, storage_cfg):
+        counts = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        multi_label = multi_label or bool((counts != 1).any())
+        seen.update(v for v in pc.unique(column.flatten()).to_pylist() if v is not None)
     if not seen:
         raise LoaderError(f"split {split!r} under {data} has no labels")
     return LabelSpace(labels=tuple(sorted(seen)), multi_label=multi_label)
@@ -221,21 +228,12 @@ def label_frequencies(
     `labels` column; a clip counts once per distinct label (`weighted_sampling`)."""
     counts: dict[str, int] = {}
     n_clips = 0
-    files = split_files(data, split, corpus, storage_cfg)
-    if not files:
-        raise LoaderError(f"no clip shards for split {split!r} under {data}")
-    for uri in files:
-        fs, path = storage.resolve(uri, storage_cfg)
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(columns=["labels"], batch_size=4096):
-                column = batch.column(0)
-                n_clips += len(column)
-                pairs = pa.table(
-                    {"clip": pc.list_parent_indices(column), "label": pc.list_flatten(column)}
-                )
-                distinct = pairs.group_by(["clip", "label"]).aggregate([]).column("label")
-                for item in pc.value_counts(distinct.drop_null()).to_pylist():
-                    counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    for column in _label_columns(data, split, corpus, storage_cfg):
+        n_clips += len(column)
+        pairs = pa.table({"clip": pc.list_parent_indices(column), "label": pc.list_flatten(column)})
+        distinct = pairs.group_by(["clip", "label"]).aggregate([]).column("label")
+        for item in pc.value_counts(distinct.drop_null()).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
     return LabelFrequencies(counts=counts, n_clips=n_clips)
 
 
