@@ -41,6 +41,8 @@ from gpa_ray.config import Config
 from gpa_ray.serve.auth import api_key_gate, check_exposure, load_api_key
 from gpa_ray.serve.backend import Backend, attach_backend
 from gpa_ray.serve.errors import install_error_handlers
+from gpa_ray.serve.openapi_limits import document_limits
+from gpa_ray.serve.retriever import served_manifest
 from gpa_ray.serve.routes import clips, page, search, service, vectors
 
 ROUTERS = (search.router, vectors.router, clips.router, service.router, page.router)
@@ -61,21 +63,6 @@ def create_api(backend: Backend, cfg: Config) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     attach_backend(app, backend, cfg.serve)
-    _document_default_k(app, cfg.serve.default_k)
+    manifest = served_manifest(cfg)  # the index's E and K+1, for the vector search's schema
+    document_limits(app, cfg.serve, manifest.embed_dim, manifest.n_prototypes)
     return app
-
-
-def _document_default_k(app: FastAPI, default_k: int) -> None:
-    """State in the OpenAPI schema that the audio search's `?k=` defaults to
-    `serve.default_k`: a module-level route cannot put a per-app value in its signature,
-    so it declares None and falls back to the config's value itself."""
-    schema = app.openapi()  # generated now; FastAPI keeps it in app.openapi_schema
-    for param in schema["paths"]["/v1/search/audio"]["post"]["parameters"]:
-        if param["name"] == "k":
-            declared = param["schema"]  # {"anyOf": [integer, null], "description", "title"}
-            param["schema"] = {
-                "type": "integer",
-                "description": declared["description"],
-                "default": default_k,
-                "title": declared["title"],
-            }

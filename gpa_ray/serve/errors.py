@@ -178,7 +178,9 @@ async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
         exc.status_code, "http_error"
     )
-    return error_response(exc.status_code, code, str(exc.detail))
+    response = error_response(exc.status_code, code, str(exc.detail))
+    response.headers.update(exc.headers or {})  # e.g. 405's `Allow` (RFC 9110 section 15.5.6)
+    return response
 
 
 async def internal_error(_: Request, exc: Exception) -> JSONResponse:

@@ -43,6 +43,8 @@ def test_k_defaults_to_the_configured_default(
     (k,) = [p for p in operation["parameters"] if p["name"] == "k"]
     assert k["schema"] == {
         "type": "integer",
+        "minimum": 1,
+        "maximum": cfg.serve.max_k,
         "description": "how many captions to return",
         "default": 3,
         "title": "K",

@@ -9,21 +9,22 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Query
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError, model_validator
 
 from gpa_ray.index.search import ClipFilter
 from gpa_ray.serve.errors import ApiError
 
 
 class SearchFilter(BaseModel):
-    """Which clips a search may return (every field optional; lists match any value)."""
+    """Which clips a search may return (every field optional; lists match any value;
+    `min_duration_s` may not exceed `max_duration_s`)."""
 
     model_config = ConfigDict(extra="forbid")
     corpus: list[str] = Field(default_factory=list, description="corpus names, e.g. esc50")
     split: list[str] = Field(default_factory=list, description="splits, e.g. test")
     labels: list[str] = Field(default_factory=list, description="clips with any of these labels")
-    min_duration_s: float | None = Field(None, ge=0, description="shortest clip, seconds")
-    max_duration_s: float | None = Field(None, ge=0, description="longest clip, seconds")
+    min_duration_s: StrictFloat | None = Field(None, ge=0, description="shortest clip, seconds")
+    max_duration_s: StrictFloat | None = Field(None, ge=0, description="longest clip, seconds")
 
     @model_validator(mode="after")
     def _ordered(self) -> SearchFilter:

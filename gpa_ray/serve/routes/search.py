@@ -10,11 +10,12 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from gpa_ray.config import ServeConfig
 from gpa_ray.serve.backend import BackendDep, ServeConfigDep
 from gpa_ray.serve.errors import REQUEST_ERRORS, ApiError, media_type, read_body, too_large
+from gpa_ray.serve.openapi_limits import BLANK, WholeNumber
 from gpa_ray.serve.routes.clips import audio_url
 from gpa_ray.serve.routes.filters import FilterQueryDep, SearchFilter
 
@@ -31,7 +32,7 @@ class TextSearchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     query: StrictStr = Field(description="what the sound should be, in words")
-    k: StrictInt | None = Field(None, description="how many clips (1..max_k; default_k if unset)")
+    k: WholeNumber | None = Field(None, description="how many clips (1..max_k; default_k if unset)")
     filter: SearchFilter | None = Field(None, description="only clips whose metadata match")
 
 
@@ -40,7 +41,7 @@ class BatchTextSearchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     queries: list[StrictStr] = Field(description="the queries", min_length=1)
-    k: StrictInt | None = Field(None, description="how many clips per query")
+    k: WholeNumber | None = Field(None, description="how many clips per query")
     filter: SearchFilter | None = Field(None, description="only clips whose metadata match")
 
 
@@ -121,16 +122,17 @@ def check_k(k: int, serve_cfg: ServeConfig) -> None:
 
 
 def _check_query(query: str, serve_cfg: ServeConfig) -> str:
-    """The query without surrounding blanks, if it is text the encoder can take."""
-    text = query.strip()
-    if not text:
-        raise ApiError(422, "empty_query", "query is empty: send a few words describing a sound")
-    if len(text) > serve_cfg.max_query_chars:
+    """The query without surrounding blanks, if it is text the encoder can take (the
+    rules the OpenAPI schema states: `gpa_ray.serve.openapi_limits`)."""
+    if len(query) > serve_cfg.max_query_chars:
         raise ApiError(
             422,
             "query_too_long",
-            f"query is {len(text)} characters long; the limit is {serve_cfg.max_query_chars}",
+            f"query is {len(query)} characters long; the limit is {serve_cfg.max_query_chars}",
         )
+    text = query.strip(BLANK)
+    if not text:
+        raise ApiError(422, "empty_query", "query is empty: send a few words describing a sound")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

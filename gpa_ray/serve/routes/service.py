@@ -26,7 +26,14 @@ async def index_manifest(backend: BackendDep) -> dict[str, Any]:
     return await backend.manifest()
 
 
-@router.post("/v1/index/reload", responses={409: {"model": ErrorResponse}})
+@router.post(
+    "/v1/index/reload",
+    responses={
+        401: {"model": ErrorResponse, "description": "a key is set and the request has none"},
+        403: {"model": ErrorResponse, "description": "no key is set: reloading is refused"},
+        409: {"model": ErrorResponse},
+    },
+)
 async def reload(backend: BackendDep) -> dict[str, Any]:
     """Serve the version the index URI names now (its LATEST), if it changed."""
     return await backend.reload()

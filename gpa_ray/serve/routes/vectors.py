@@ -9,11 +9,12 @@ from typing import Any, Literal
 
 import torch
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.serve.backend import BackendDep, ServeConfigDep
 from gpa_ray.serve.errors import REQUEST_ERRORS, ApiError, ErrorResponse
+from gpa_ray.serve.openapi_limits import WholeNumber
 from gpa_ray.serve.routes.filters import FilterQueryDep, SearchFilter
 from gpa_ray.serve.routes.search import ClipResult, TextResult, check_k, with_urls
 
@@ -24,14 +25,14 @@ class VectorSearchRequest(BaseModel):
     """A query given as an embedding in the index's space (it is L2-normalised here)."""
 
     model_config = ConfigDict(extra="forbid")
-    global_: list[float] = Field(alias="global", description="global embedding [E]")
-    prototypes: list[list[float]] | None = Field(
+    global_: list[StrictFloat] = Field(alias="global", description="global embedding [E]")
+    prototypes: list[list[StrictFloat]] | None = Field(
         None, description="prototypes [K+1][E]: required when the index has prototypes"
     )
     target: Literal["clips", "texts"] = Field(
         "clips", description="clips: the vector is a text query; texts: an audio query"
     )
-    k: StrictInt | None = Field(None, description="how many results (1..max_k)")
+    k: WholeNumber | None = Field(None, description="how many results (1..max_k)")
     bias: bool = Field(True, description="texts: add the Sinkhorn text bias")
     filter: SearchFilter | None = None
 
