@@ -28,6 +28,10 @@ folder is `corpus.audio_dir` when set, otherwise the first existing usual place)
   `eval_segments.csv` at the root, or `corpus.caption_files` (`YTID, start_seconds,
   end_seconds, positive_labels`, `#` comment lines) + `class_labels_indices.csv`; split =
   file stem without `_segments`, labels as display names, no captions.
+- `audio_files`: no index file, the common case of a user's own sound library: every
+  audio file (`AUDIO_SUFFIXES`) under the audio folder, recursively, one clip each with
+  no captions or labels, split `corpus.default_split`, clip id from its relative path.
+  Such clips are indexed and searched by text or audio; training needs captions.
 - `wavcaps`: `*.json` files `{"data": [{"id", "caption", "audio" | "wav_path", ...}]}`;
   an entry whose path is absent or the `"wav_path"` placeholder is found by
   `corpus.wavcaps_pattern`.
@@ -51,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+"""Files an `audio_files` corpus holds (what `gpa_ray.audio.io` decodes), any case."""
 CLOTHO_SPLITS = {"development": "train", "validation": "val", "evaluation": "test"}
 AUDIOCAPS_SPLITS = ("train", "val", "test")
 
@@ -388,6 +394,27 @@ def read_wavcaps(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None) ->
             )
 
 
+def read_audio_files(
+    cfg: CorpusConfig, storage_cfg: StorageConfig | None = None
+) -> Iterator[Row]:
+    """Every audio file under the audio folder (`audio_dir`, else `audio/`, else the root),
+    in sorted order: a folder or bucket of sounds with no captions file."""
+    name = corpus_name(cfg)
+    base = _audio_base(cfg.root, cfg, ["audio"], storage_cfg).rstrip("/")
+    try:
+        uris = storage.list_files(base, "", storage_cfg)
+    except storage.StorageError as exc:
+        raise CorpusError(str(exc)) from exc
+    found = [uri for uri in uris if uri.lower().endswith(AUDIO_SUFFIXES)]
+    if not found:
+        raise CorpusError(
+            f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {base}: "
+            "set corpus.root (or corpus.audio_dir) to the folder that holds them"
+        )
+    for uri in found:
+        yield _row(f"{name}/{uri[len(base) + 1 :]}", name, cfg.default_split, uri, [], [])
+
+
 READERS: dict[str, Callable[[CorpusConfig, StorageConfig | None], Iterator[Row]]] = {
     "folder": read_folder,
     "esc50": read_esc50,
@@ -395,6 +422,7 @@ READERS: dict[str, Callable[[CorpusConfig, StorageConfig | None], Iterator[Row]]
     "clotho": read_clotho,
     "audioset": read_audioset,
     "wavcaps": read_wavcaps,
+    "audio_files": read_audio_files,
 }
 
 

@@ -245,3 +245,24 @@ def test_readers_stream_index_files_from_s3(s3_server) -> None:
     assert len(rows) == 3
     # The `audio/` folder is found on S3 too (a prefix, not a real directory there).
     assert all(r["source_uri"].startswith(f"{root}/audio/synth_") for r in rows)
+
+
+def test_audio_files_reader_lists_a_captionless_library(tmp_path: Path) -> None:
+    library = tmp_path / "sounds"
+    for rel in ("rain/light.wav", "rain/heavy.FLAC", "dog.mp3", "birds/dawn/wren.ogg"):
+        (library / rel).parent.mkdir(parents=True, exist_ok=True)
+        (library / rel).write_bytes(b"audio bytes: decoded later by the ingest")
+    (library / "notes.txt").write_text("not audio")
+    (library / ".partial.wav").write_bytes(b"an uncommitted upload")
+    rows = _rows(kind="audio_files", root=str(library), name="mine", default_split="library")
+    assert [r["clip_id"] for r in rows] == [
+        "mine/birds/dawn/wren.ogg",
+        "mine/dog.mp3",
+        "mine/rain/heavy.FLAC",
+        "mine/rain/light.wav",
+    ]
+    assert rows[3]["source_uri"] == f"{library}/rain/light.wav"
+    assert {(r["split"], len(r["captions"]), len(r["labels"])) for r in rows} == {("library", 0, 0)}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match="no audio files .* under .*empty"):
+        _rows(kind="audio_files", root=str(tmp_path / "empty"))
