@@ -82,6 +82,12 @@ class CorpusConfig:
     segments_trimmed: bool = True
     # WavCaps: file name of an entry whose JSON gives no usable path ("wav_path" placeholder).
     wavcaps_pattern: str = "{id}.flac"
+    # hf_dataset: the columns of a Hugging Face `datasets` folder (`save_to_disk`) that hold
+    # the audio (an Audio feature), the caption(s) (a string or a list of strings) and,
+    # optionally, the labels.
+    audio_column: str = "audio"
+    caption_column: str = "caption"
+    label_column: str = ""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ folder is `corpus.audio_dir` when set, otherwise the first existing usual place)
   audio file (`AUDIO_SUFFIXES`) under the audio folder, recursively, one clip each with
   no captions or labels, split `corpus.default_split`, clip id from its relative path.
   Such clips are indexed and searched by text or audio; training needs captions.
+- `hf_dataset`: a Hugging Face `datasets` folder written by `save_to_disk` (one dataset
+  or a `DatasetDict` of splits), with `corpus.audio_column`, `caption_column` (a string or
+  a list of strings) and optional `label_column`; rows named by row URIs
+  (`gpa_ray.data.hf_dataset`), clip id `<name>/<split>/<row>`.
 - `wavcaps`: `*.json` files `{"data": [{"id", "caption", "audio" | "wav_path", ...}]}`;
   an entry whose path is absent or the `"wav_path"` placeholder is found by
   `corpus.wavcaps_pattern`.
@@ -394,9 +398,7 @@ def read_wavcaps(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None) ->
             )
 
 
-def read_audio_files(
-    cfg: CorpusConfig, storage_cfg: StorageConfig | None = None
-) -> Iterator[Row]:
+def read_audio_files(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None) -> Iterator[Row]:
     """Every audio file under the audio folder (`audio_dir`, else `audio/`, else the root),
     in sorted order: a folder or bucket of sounds with no captions file."""
     name = corpus_name(cfg)
@@ -415,6 +417,20 @@ def read_audio_files(
         yield _row(f"{name}/{uri[len(base) + 1 :]}", name, cfg.default_split, uri, [], [])
 
 
+def read_hf_dataset(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None) -> Iterator[Row]:
+    """A Hugging Face dataset saved to disk (see `gpa_ray.data.hf_dataset`)."""
+    from gpa_ray.data import hf_dataset
+
+    name = corpus_name(cfg)
+    try:
+        for rec in hf_dataset.read_hf_dataset(cfg, name, storage_cfg):
+            yield _row(
+                rec["clip_id"], name, rec["split"], rec["source_uri"], rec["captions"], rec["labels"]
+            )
+    except hf_dataset.HFDatasetError as exc:
+        raise CorpusError(str(exc)) from exc
+
+
 READERS: dict[str, Callable[[CorpusConfig, StorageConfig | None], Iterator[Row]]] = {
     "folder": read_folder,
     "esc50": read_esc50,
@@ -423,6 +439,7 @@ READERS: dict[str, Callable[[CorpusConfig, StorageConfig | None], Iterator[Row]]
     "audioset": read_audioset,
     "wavcaps": read_wavcaps,
     "audio_files": read_audio_files,
+    "hf_dataset": read_hf_dataset,
 }
 
 

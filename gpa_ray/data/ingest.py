@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 from gpa_ray import storage
 from gpa_ray.config import Config
 from gpa_ray.config_loading import config_from_dict
-from gpa_ray.data import schema
+from gpa_ray.data import hf_dataset, schema
 from gpa_ray.data.compaction import compact
 from gpa_ray.data.corpora import corpus_name
 from gpa_ray.data.failure_report import commonest_errors, failure_message
@@ -104,6 +104,7 @@ class ClipEncoder:
         from gpa_ray.audio.codec import EncodecTokenizer
 
         self.cfg = cfg
+        self.dataset_rows = hf_dataset.RowAudio(cfg.corpus.audio_column)
         self.tokenizer = (
             EncodecTokenizer(
                 weights=cfg.codec.weights,
@@ -123,6 +124,13 @@ class ClipEncoder:
         uri = row["source_uri"]
         if not uri:
             raise ClipFailure("locate", "FileNotFoundError: the corpus index names no audio file")
+        if hf_dataset.is_row_uri(uri):
+            try:
+                return self.dataset_rows.read(uri)
+            except FileNotFoundError as exc:
+                raise ClipFailure("locate", exc) from exc
+            except OSError as exc:
+                raise ClipFailure("read", exc) from exc
         try:
             return storage.read_bytes(uri, self.cfg.storage)
         except Exception as exc:
