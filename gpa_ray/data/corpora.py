@@ -425,7 +425,12 @@ def read_hf_dataset(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None)
     try:
         for rec in hf_dataset.read_hf_dataset(cfg, name, storage_cfg):
             yield _row(
-                rec["clip_id"], name, rec["split"], rec["source_uri"], rec["captions"], rec["labels"]
+                rec["clip_id"],
+                name,
+                rec["split"],
+                rec["source_uri"],
+                rec["captions"],
+                rec["labels"],
             )
     except hf_dataset.HFDatasetError as exc:
         raise CorpusError(str(exc)) from exc

@@ -51,8 +51,7 @@ def load_splits(root: str) -> dict[str, Dataset]:
         import datasets
     except ImportError as exc:
         raise HFDatasetError(
-            f"corpus.kind=hf_dataset ({root}) needs the datasets package: "
-            "pip install 'gpa_ray[hf]'"
+            f"corpus.kind=hf_dataset ({root}) needs the datasets package: pip install 'gpa_ray[hf]'"
         ) from exc
     if not os.path.isdir(root):
         raise HFDatasetError(f"{root}: not a local folder (a Hugging Face dataset saved to disk)")
