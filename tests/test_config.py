@@ -17,6 +17,8 @@ from gpa_ray.config_loading import (
 )
 from gpa_ray.storage import dump_config
 
+GFC_TOWERS = ("cnn14", "resnet50", "vit_b16")
+
 
 def test_defaults_without_preset() -> None:
     assert load_config() == Config()
@@ -157,7 +159,8 @@ def test_gpa_paper_presets_train_on_every_caption_pair() -> None:
     # GPA trains "following [9]" (sec. 3.1), whose loader has one sample per (clip,
     # caption): the paper presets say so, the other presets keep one pair per clip.
     assert Config().train.pairs_per_epoch == "clip"
-    for name in ("clotho_gpa", "audiocaps_gpa"):
+    # "Good, Fast, Cheap" counts one training item per caption too (its s5, Table 3).
+    for name in ("clotho_gpa", "audiocaps_gpa", *(f"clotho_gfc_{t}" for t in GFC_TOWERS)):
         assert load_config(name).train.pairs_per_epoch == "caption", name
     assert load_config("esc50_gpa").train.pairs_per_epoch == "clip"
 
