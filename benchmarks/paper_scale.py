@@ -1,6 +1,7 @@
 """Paper presets at full model size on CPU: two training steps each, step time and peak RSS.
 
-    python benchmarks/paper_scale.py [--presets audiocaps_gpa clotho_gpa audioset_audioformer]
+    python benchmarks/paper_scale.py [--presets audiocaps_gpa clotho_gpa audioset_audioformer
+        fsd50k_audioformer]
         [--batch N] [--threads 2] [--out benchmarks/results]
 
 Each preset runs in its own process (`gpa_ray.testing.paper_scale`, the code the slow

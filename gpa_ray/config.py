@@ -179,6 +179,10 @@ class IngestConfig:
     row_group_mb: float = 32
     # Longest segment kept per clip (seconds from its start); None keeps whole clips.
     max_seconds: float | None = None
+    # Zero-pad (at the end) every segment shorter than `max_seconds` to it before encoding,
+    # so every clip is stored `max_seconds` long (AudioFormer's FSD50K protocol: each clip
+    # padded or truncated to 10 s). False keeps a short clip's own length.
+    pad_to_max_seconds: bool = False
     # Threads per encoder actor that fetch the next clips' bytes while it encodes.
     read_threads: int = 4
     # Work units per stored manifest file (bounds manifest file count at 2M clips).

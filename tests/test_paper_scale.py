@@ -40,6 +40,16 @@ def test_paper_preset_trains_two_steps_at_full_size(
         assert result["parameters"] == 4 * model["per_codebook_parameters"]
         assert result["parameters"] - result["trainable_parameters"] == 4 * 1024 * 64
         assert model["per_codebook_parameters"] > 85_000_000
+    elif preset.startswith("fsd50k"):
+        assert any("EnCodec random:0" in line for line in result["log"])
+        assert any("RANDOMLY initialised backbones" in line for line in result["log"])
+        # FT1: one RoFormer 12 x 768 (the codebook-1 anchor) and a linear classifier; the
+        # stand-in 5 s clips are padded to the preset's 10 s (AudioFormer 4.2, FSD50K).
+        assert model["class"] == "AudioFormerClassifier"
+        assert model["encoder_parameters"] > 85_000_000
+        assert result["parameters"] == model["encoder_parameters"] + 769 * model["classes"]
+        assert result["parameters"] - result["trainable_parameters"] == 1024 * 64
+        assert set(result["clip_seconds"]) == {10.0}
     else:
         assert any("RANDOM weights" in line for line in result["log"])
         assert model["audio_tower"] == "ResNet38" and model["audio_dim"] == 2048

@@ -28,6 +28,10 @@ folder is `corpus.audio_dir` when set, otherwise the first existing usual place)
   `eval_segments.csv` at the root, or `corpus.caption_files` (`YTID, start_seconds,
   end_seconds, positive_labels`, `#` comment lines) + `class_labels_indices.csv`; split =
   file stem without `_segments`, labels as display names, no captions.
+- `fsd50k`: the published `FSD50K.ground_truth/dev.csv` (`fname,labels,mids,split`, split
+  `train` or `val`) and `eval.csv` (`fname,labels,mids`) -> splits train/val/eval; audio
+  `FSD50K.dev_audio/<fname>.wav` and `FSD50K.eval_audio/<fname>.wav`; labels as the
+  `labels` column's names (comma-separated), no captions.
 - `audio_files`: no index file, the common case of a user's own sound library: every
   audio file (`AUDIO_SUFFIXES`) under the audio folder, recursively, one clip each with
   no captions or labels, split `corpus.default_split`, clip id from its relative path.
@@ -281,6 +285,37 @@ def read_clotho(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None) -> 
             )
 
 
+FSD50K_INDEXES = {"dev": "FSD50K.ground_truth/dev.csv", "eval": "FSD50K.ground_truth/eval.csv"}
+"""The published FSD50K ground-truth files, relative to the corpus root."""
+
+
+def read_fsd50k(cfg: CorpusConfig, storage_cfg: StorageConfig | None = None) -> Iterator[Row]:
+    """FSD50K: one row per clip; dev.csv carries its own train/val split, eval.csv is eval.
+
+    `corpus.caption_files` may name the two files instead (a name containing "eval" is the
+    eval split); `corpus.audio_dir` overrides both audio folders (then one folder).
+    """
+    name = corpus_name(cfg)
+    files = cfg.caption_files or list(FSD50K_INDEXES.values())
+    for rel in files:
+        index = _uri(cfg.root, rel)
+        if not storage.exists(index, storage_cfg):
+            raise CorpusError(f"no FSD50K ground-truth file {index}")
+        part = "eval" if "eval" in os.path.basename(rel) else "dev"
+        base = _audio_base(cfg.root, cfg, [f"FSD50K.{part}_audio"], storage_cfg)
+        required = ("fname", "labels", "split") if part == "dev" else ("fname", "labels")
+        for rec in _csv_dicts(index, storage_cfg, required):
+            split = rec["split"] if part == "dev" else "eval"
+            yield _row(
+                f"{name}/{rec['fname']}",
+                name,
+                split,
+                _uri(base, f"{rec['fname']}.wav"),
+                [],
+                rec["labels"].split(","),
+            )
+
+
 AUDIOSET_INDEXES = (
     "balanced_train_segments.csv",
     "eval_segments.csv",
@@ -442,6 +477,7 @@ READERS: dict[str, Callable[[CorpusConfig, StorageConfig | None], Iterator[Row]]
     "audiocaps": read_audiocaps,
     "clotho": read_clotho,
     "audioset": read_audioset,
+    "fsd50k": read_fsd50k,
     "wavcaps": read_wavcaps,
     "audio_files": read_audio_files,
     "hf_dataset": read_hf_dataset,

@@ -103,6 +103,10 @@ class ClipEncoder:
     def __init__(self, cfg: Config, device: str | None = None) -> None:
         from gpa_ray.audio.codec import EncodecTokenizer
 
+        if cfg.ingest.pad_to_max_seconds and cfg.ingest.max_seconds is None:
+            raise ValueError(
+                "ingest.pad_to_max_seconds=true needs ingest.max_seconds: the length to pad to"
+            )
         self.cfg = cfg
         self.dataset_rows = hf_dataset.RowAudio(cfg.corpus.audio_column)
         self.tokenizer = (
@@ -166,6 +170,9 @@ class ClipEncoder:
                 f"EmptySegment: segment at {row['start_s']} s of {wave.shape[0] / sr:.3f} s "
                 "of audio holds no samples",
             )
+        if self.cfg.ingest.pad_to_max_seconds:
+            target = int(round(self.cfg.ingest.max_seconds * sr))
+            segment = np.pad(segment, (0, max(0, target - segment.shape[0])))
         return segment, sr
 
     def encode(

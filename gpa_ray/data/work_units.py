@@ -127,6 +127,8 @@ def output_settings(cfg: Config) -> dict[str, Any]:
         "codes": cfg.ingest.codes,
         "audio_sample_rate": cfg.ingest.audio_sample_rate,
         "max_seconds": cfg.ingest.max_seconds,
+        # Only when set, so outputs written before the setting existed still match.
+        **({"pad_to_max_seconds": True} if cfg.ingest.pad_to_max_seconds else {}),
     }
 
 

@@ -18,8 +18,11 @@ this machine forces, each change logged:
 
 Clips: real ones at the preset's own length: AudioCaps demo clips (7-10 s) for
 `audiocaps_gpa`, the longest Clotho demo clips (up to 30 s) for `clotho_gpa`, both with
-their human captions, and EnCodec codes of the AudioCaps clips (AudioSet segments) for
-`audioset_audioformer` (MLM pre-training, its largest model: one RoFormer per codebook).
+their human captions, EnCodec codes of the AudioCaps clips (AudioSet segments) for
+`audioset_audioformer` (MLM pre-training, its largest model: one RoFormer per codebook),
+and for `fsd50k_audioformer` (FT1: one RoFormer and a classifier, from a random backbone:
+the AudioSet MLM run is not here) ESC-50 clips with their category as a multi-label set,
+ingested by the preset's own encoder: 5 s clips padded to its 10 s (4 x 750 codes).
 
 Peak memory is the process's `ru_maxrss`, so each preset runs in its own process:
 `python -m gpa_ray.testing.paper_scale PRESET --json out.json` (`run_in_subprocess`).
@@ -50,8 +53,14 @@ from gpa_ray.testing.data import shared_data_dir
 
 logger = logging.getLogger(__name__)
 
-PAPER_PRESETS = ("audiocaps_gpa", "clotho_gpa", "audioset_audioformer")
-CPU_BATCH = {"audiocaps_gpa": 2, "clotho_gpa": 2, "audioset_audioformer": 1}
+PAPER_PRESETS = ("audiocaps_gpa", "clotho_gpa", "audioset_audioformer", "fsd50k_audioformer")
+CPU_BATCH = {
+    "audiocaps_gpa": 2,
+    "clotho_gpa": 2,
+    "audioset_audioformer": 1,
+    "fsd50k_audioformer": 2,
+}
+AUDIOFORMER_PRESETS = ("audioset_audioformer", "fsd50k_audioformer")
 """Per-worker batch that fits this 23 GB machine: AudioFormer MLM (4 x 86M-parameter
 RoFormers, fp32 Adam, eager attention over 752 tokens) passed 22 GB at batch 2."""
 BERT_BASE_UNCASED: dict[str, Any] = {
@@ -107,7 +116,7 @@ def paper_scale_config(preset: str, work_dir: Path, batch_size: int, threads: in
         cfg.train, use_gpu=False, num_workers=1, cpus_per_worker=threads, batch_size=batch_size
     )
     cfg = dataclasses.replace(cfg, train=train)
-    if preset.startswith("audioset"):
+    if preset in AUDIOFORMER_PRESETS:
         cfg = dataclasses.replace(cfg, codec=dataclasses.replace(cfg.codec, weights="random:0"))
         logger.warning("%s: EnCodec random:0 (the published checkpoint is not here)", preset)
         return cfg
@@ -147,6 +156,8 @@ def clip_table(cfg: Config, preset: str, n_clips: int) -> pa.Table:
     EnCodec `codes`), longest first, cut to the preset's length."""
     from gpa_ray.audio.io import encode_flac, load_waveform
 
+    if preset.startswith("fsd50k"):
+        return _fsd50k_stand_in(cfg, n_clips)
     clips = _caption_clips("audiocaps" if preset.startswith("audioset") else preset)
     if preset.startswith("audioset"):
         from gpa_ray.audio.codec import CODEC_SAMPLE_RATE, EncodecTokenizer
@@ -173,8 +184,40 @@ def clip_table(cfg: Config, preset: str, n_clips: int) -> pa.Table:
     )
 
 
-def _loop_and_model(cfg: Config, preset: str) -> tuple[Any, Any]:
+def _fsd50k_stand_in(cfg: Config, n_clips: int) -> pa.Table:
+    """`n_clips` ESC-50 clips (5 s) through the preset's ingest encoder (padded to 10 s,
+    EnCodec codes), labelled with their category: FSD50K's audio is not here."""
+    from gpa_ray.data.ingest import ClipEncoder
+    from gpa_ray.data.schema import codes_array
+
+    root = shared_data_dir() / "esc50"
+    with open(root / "meta" / "esc50.csv", newline="") as f:
+        records = list(csv.DictReader(f))[:n_clips]
+    encoder = ClipEncoder(cfg)
+    rows = []
+    for rec in records:
+        path = root / "audio" / rec["filename"]
+        row = {"clip_id": f"esc50/{rec['filename']}", "source_uri": str(path)}
+        rows.append(encoder.process({**row, "start_s": 0.0, "duration_s": None}, path.read_bytes()))
+    return pa.table(
+        {
+            "clip_id": [r["clip_id"] for r in rows],
+            "codes": codes_array([r["codes"] for r in rows]),
+            "labels": [[rec["category"]] for rec in records],
+            "seconds": [r["duration_s"] for r in rows],
+        }
+    )
+
+
+def _loop_and_model(cfg: Config, preset: str, table: pa.Table) -> tuple[Any, Any]:
     """The preset's training task and its model (GPA: towers without weight files)."""
+    if preset.startswith("fsd50k"):
+        from gpa_ray.data.loaders import LabelSpace
+        from gpa_ray.train.audioformer_loops import FT1Loop
+
+        labels = sorted({lab for row in table.column("labels").to_pylist() for lab in row})
+        loop = FT1Loop(cfg, LabelSpace(labels=tuple(labels), multi_label=True))
+        return loop, loop.build_model()
     if preset.startswith("audioset"):
         from gpa_ray.train.audioformer_loops import MLMLoop
 
@@ -199,7 +242,7 @@ def two_steps(preset: str, batch_size: int = 2, threads: int = 2) -> dict[str, A
         table = clip_table(cfg, preset, 2 * batch_size)
         rss_start = _rss_mb()
         started = time.perf_counter()
-        loop, model = _loop_and_model(cfg, preset)
+        loop, model = _loop_and_model(cfg, preset, table)
         optimizer = loop.build_optimizer(model)
         build_seconds = time.perf_counter() - started
         rss_model = _rss_mb()
@@ -259,6 +302,10 @@ def _model_facts(model: Any) -> dict[str, Any]:
         first = next(iter(models.values()))
         facts["codebook_models"] = len(models)
         facts["per_codebook_parameters"] = sum(p.numel() for p in first.parameters())
+    classifier = getattr(model, "classifier", None)
+    if classifier is not None:
+        facts["classes"] = classifier.out_features
+        facts["encoder_parameters"] = sum(p.numel() for p in model.encoder.parameters())
     return facts
 
 

@@ -161,6 +161,32 @@ def test_audioset_reader_on_official_layout(tmp_path: Path) -> None:
     assert untrimmed[0]["source_uri"].endswith("/audio/-0RWZT-miFs.wav")
 
 
+def test_fsd50k_reader_on_official_layout(tmp_path: Path) -> None:
+    truth = tmp_path / "FSD50K.ground_truth"
+    truth.mkdir()
+    (truth / "dev.csv").write_text(
+        "fname,labels,mids,split\n"
+        '64760,"Electric_guitar,Guitar,Music","/m/02sgy,/m/0342h,/m/04rlf",train\n'
+        "16399,Bark,/m/05tny_,val\n"
+    )
+    (truth / "eval.csv").write_text('fname,labels,mids\n37199,"Walk_and_footsteps",/m/07pbtc8\n')
+    (tmp_path / "FSD50K.dev_audio").mkdir()
+    (tmp_path / "FSD50K.eval_audio").mkdir()
+    rows = _rows(kind="fsd50k", root=str(tmp_path))
+    assert [(r["clip_id"], r["split"]) for r in rows] == [
+        ("fsd50k/64760", "train"),
+        ("fsd50k/16399", "val"),
+        ("fsd50k/37199", "eval"),
+    ]
+    assert rows[0]["labels"] == ["Electric_guitar", "Guitar", "Music"]
+    assert rows[0]["source_uri"] == str(tmp_path / "FSD50K.dev_audio" / "64760.wav")
+    assert rows[2]["source_uri"] == str(tmp_path / "FSD50K.eval_audio" / "37199.wav")
+    assert all(r["captions"] == [] and r["duration_s"] is None for r in rows)
+    (truth / "eval.csv").unlink()
+    with pytest.raises(CorpusError, match="eval.csv"):
+        _rows(kind="fsd50k", root=str(tmp_path))
+
+
 def test_wavcaps_reader_on_official_layout(tmp_path: Path) -> None:
     data = {
         "num_captions_per_audio": 1,

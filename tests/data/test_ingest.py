@@ -33,6 +33,7 @@ from gpa_ray.data.work_units import (
     Layout,
     build_manifest,
     load_or_build_manifest,
+    output_settings,
     read_unit_rows,
     rows_per_unit,
 )
@@ -210,6 +211,32 @@ def test_clip_encoder_stages_and_segments(tmp_path: Path, one_torch_thread) -> N
     with pytest.raises(ClipFailure) as beyond:
         encoder.process({**row, "start_s": 3.0}, encoder.fetch(row))
     assert beyond.value.stage == "decode" and "EmptySegment" in beyond.value.error
+
+
+def test_pad_to_max_seconds_stores_every_clip_at_that_length(
+    tmp_path: Path, one_torch_thread
+) -> None:
+    """AudioFormer's FSD50K protocol: shorter clips zero-padded, longer ones truncated, to
+    10 s (here 1.5 s), so every clip has the same codes length; off, a clip keeps its own."""
+    overrides = ["ingest.audio_sample_rate=16000", "ingest.max_seconds=1.5"]
+    padded = ClipEncoder(load_config(overrides=[*overrides, "ingest.pad_to_max_seconds=true"]))
+    plain = ClipEncoder(load_config(overrides=overrides))
+    for seconds in (0.5, 2.0):
+        path = tmp_path / f"tone{seconds}.wav"
+        path.write_bytes(_wav(seconds))
+        row = _tone_row(path, start_s=0.0)
+        out = padded.process(row, padded.fetch(row))
+        assert out["n_samples"] == 24000 and out["duration_s"] == 1.5
+        assert out["codes"].shape == (4, 113)
+        audio, _ = sf.read(io.BytesIO(out["audio"]), dtype="float32")
+        tone = 8000 if seconds == 0.5 else 24000
+        assert np.abs(audio[:tone]).max() > 0.1 and not np.any(audio[tone:])
+        own = plain.process(row, plain.fetch(row))
+        assert own["n_samples"] == min(tone, 24000)
+    assert "pad_to_max_seconds" not in output_settings(plain.cfg)
+    assert output_settings(padded.cfg)["pad_to_max_seconds"] is True
+    with pytest.raises(ValueError, match="ingest.max_seconds"):
+        ClipEncoder(load_config(overrides=["ingest.pad_to_max_seconds=true"]))
 
 
 def test_without_codes_there_is_no_encodec_and_readers_say_why(

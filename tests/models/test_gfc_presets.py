@@ -37,6 +37,10 @@ def test_settings_the_paper_gives(tower: str) -> None:
     assert (cfg.gpa.loss, cfg.gpa.scorer, cfg.gpa.projection) == ("info_nce", "none", "linear")
     assert (cfg.gpa.caption_aug, cfg.gpa.caption_aug_share) == ("lexical", 0.2)
     assert cfg.train.lr_schedule == "plateau" and cfg.audio_encoder.spec_augment
+    # GFC s3 asks for time stretching with the masks (the GPA presets have none), and s5 /
+    # T3 count one training item per caption: every (clip, caption) pair once per epoch.
+    assert cfg.features.time_stretch_min < 1.0 < cfg.features.time_stretch_max
+    assert cfg.train.pairs_per_epoch == "caption"
     if tower == "cnn14":
         assert cfg.audio_encoder.trainable_layers == -1
         assert cfg.audio_encoder.early_lr_scale < 1.0 and cfg.features.scale == "mel"
