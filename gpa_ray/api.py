@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from gpa_ray import storage
@@ -42,6 +43,7 @@ from gpa_ray.audio.inputs import AudioInputs
 from gpa_ray.audio.io import decode_audio
 from gpa_ray.checkpoints import Which
 from gpa_ray.config import Config, ServeConfig, StorageConfig
+from gpa_ray.embedding_table import embedding_table
 from gpa_ray.index.search import ClipFilter
 from gpa_ray.index.store import read_manifest, resolve_version
 from gpa_ray.models.factory import LoadedGPA, load_gpa_checkpoint
@@ -54,6 +56,9 @@ Audio: TypeAlias = AudioSource | Sequence[AudioSource] | Embeddings
 Texts: TypeAlias = str | Sequence[str] | Embeddings
 Inputs: TypeAlias = dict[str, torch.Tensor]
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
+"""File name endings taken for audio when a folder or prefix is listed (what libsndfile
+decodes here)."""
 DEFAULT_TEMPLATE = "the sound of a {label}"
 DEFAULT_BATCH_SIZE = 8
 
@@ -395,3 +400,34 @@ class GPA:
         emb = audio if isinstance(audio, Embeddings) else self.embed_audio(audio)
         found = self._service(index).search_audio(emb[:1], k, use_bias, where)
         return list(found["results"])
+
+
+FILE_ID_COLUMN = "source_uri"
+ERROR_COLUMN = "error"
+
+
+def embed_files_table(model: GPA, uris: Sequence[str]) -> pa.Table:
+    """`source_uri`, `error` and the embedding columns (`gpa_ray.embedding_table`) of audio
+    files, one row each in order: what `gpa-ray embed` writes, locally or on Ray Data. A
+    file that cannot be read or decoded gets its reason in `error` and zero vectors; the
+    others get exactly `model.embed_audio(uri)`."""
+    items: list[Inputs] = []
+    ok: list[int] = []
+    errors: list[str | None] = [None] * len(uris)
+    for i, uri in enumerate(uris):
+        try:
+            items.append(model.audio_inputs(uri)[0])
+            ok.append(i)
+        except InputError as exc:
+            errors[i] = str(exc)
+    k = model.config.gpa.n_prototypes + 1 if model.model.uses_prototypes else 0
+    e = model.config.gpa.embed_dim
+    emb = Embeddings(torch.zeros(len(uris), e), torch.zeros(len(uris), k, e) if k else None)
+    if ok:
+        found = model.embed_audio_inputs(items)
+        rows = torch.tensor(ok)
+        emb.global_[rows] = found.global_
+        if emb.prototypes is not None and found.prototypes is not None:
+            emb.prototypes[rows] = found.prototypes
+    table = embedding_table(list(uris), FILE_ID_COLUMN, emb)
+    return table.add_column(1, ERROR_COLUMN, pa.array(errors, pa.string()))

@@ -18,10 +18,9 @@ import torch
 from gpa_ray import GPA, storage
 from gpa_ray.api import InputError, fixed_size_batches
 from gpa_ray.audio.io import decode_audio, resample
-from gpa_ray.checkpoints import write_run_summary
 from gpa_ray.models.gpa import Embeddings
 from gpa_ray.testing.data import esc50_records
-from gpa_ray.testing.models import save_tiny_text_model, tiny_gpa_checkpoint, tiny_gpa_run_config
+from gpa_ray.testing.models import tiny_gpa_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXTS = ["a dog barks", "rain falls on the roof while a man talks", "a bell rings", "birds"]
@@ -35,19 +34,9 @@ def readme_api_example() -> str:
     return match.group(1)
 
 
-def write_tiny_run(run: Path) -> str:
-    """A training-run folder as `jobs/train_gpa.py` leaves it: a checkpoint folder and the
-    `summary.json` naming it the best."""
-    cfg = tiny_gpa_run_config(save_tiny_text_model(run.parent / "text-model"))
-    checkpoint = run / "checkpoint_000001"
-    tiny_gpa_checkpoint(str(checkpoint), cfg)
-    write_run_summary(str(run), {"best_checkpoint": str(checkpoint)})
-    return str(run)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return write_tiny_run(tmp_path_factory.mktemp("api") / "runs" / "gpa")
+    return tiny_gpa_run(tmp_path_factory.mktemp("api") / "runs" / "gpa")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +57,7 @@ def test_readme_example_runs_as_written(
     repo = tmp_path / "repo"
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(shared_data)
-    write_tiny_run(repo / "outputs" / "quickstart" / "runs" / "gpa")
+    tiny_gpa_run(repo / "outputs" / "quickstart" / "runs" / "gpa")
     monkeypatch.chdir(repo)
     namespace: dict[str, object] = {}
     exec(compile(readme_api_example(), "README.md", "exec"), namespace)

@@ -3,12 +3,14 @@ clips, against exhaustive scoring of every indexed clip and caption with the sam
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpa_ray import GPA
+from gpa_ray.cli import main
 from gpa_ray.data.schema import text_id
 from gpa_ray.index.search import ClipFilter
 from gpa_ray.serve.retriever import IndexMismatchError
@@ -74,3 +76,19 @@ def test_an_index_of_other_weights_is_refused(served_index: dict, tmp_path: Path
     other = GPA.load(tmp_path / "other", device="cpu", storage_cfg=served_index["storage"])
     with pytest.raises(IndexMismatchError, match="was built with checkpoint"):
         other.search("a dog", served_index["index_uri"])
+
+
+def test_the_search_command_prints_the_apis_results(
+    indexed: GPA, served_index: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    storage_args = [a for o in served_index["storage_args"] for a in ("--set", o)]
+    query = served_index["clips"][1]["captions"][0]
+    args = ["search", query, "--index", served_index["index_uri"], "-k", "3", *storage_args]
+    assert main([*args, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = indexed.search(query, served_index["index_uri"], k=3)
+    assert [r["clip_id"] for r in printed] == [r["clip_id"] for r in expected]
+    assert [r["score"] for r in printed] == pytest.approx([r["score"] for r in expected])
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].split()[2] == expected[0]["clip_id"]
