@@ -31,6 +31,9 @@ from gpa_ray.jobs_cli import job_main, job_names, job_summary
 
 PROG = "gpa-ray"
 TOOLS = ("embed", "search", "zero-shot")
+API_KEY_ENV = "GPA_RAY_API_KEY"
+"""Where `search --url` finds an API key when no --api-key-file is given (never a flag:
+command lines are visible to every user of the machine)."""
 LOCAL_MAX = 16
 """`embed` runs in this process up to this many files, on Ray Data above."""
 
@@ -205,9 +208,18 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    cfg = tool_config(args)
+    if bool(args.index) == bool(args.url):
+        raise CliError("give one of --index (a local or s3:// index) or --url (a running API)")
+    results = search_endpoint(args) if args.url else search_index(args)
+    print_results(results, args.json)
+    return 0
+
+
+def search_index(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The query against an index version, in this process (the Python API)."""
     from gpa_ray.api import GPA
 
+    cfg = tool_config(args)
     if args.model:
         model = load_model(args.model, args.batch_size, args.device, cfg.storage)
     else:
@@ -216,11 +228,27 @@ def run_search(args: argparse.Namespace) -> int:
             args.index, batch_size=args.batch_size, device=args.device, storage_cfg=cfg.storage
         )
     if args.audio:
-        results = model.search_audio(args.query, args.index, k=args.k, use_bias=not args.no_bias)
-    else:
-        results = model.search(args.query, args.index, k=args.k)
-    print_results(results, args.json)
-    return 0
+        return model.search_audio(args.query, args.index, k=args.k, use_bias=not args.no_bias)
+    return model.search(args.query, args.index, k=args.k)
+
+
+def search_endpoint(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The query against a running retriever API, through `gpa_ray.client`."""
+    from gpa_ray.client import ClientError, RetrieverClient
+
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if args.api_key_file:
+        with open(os.path.expanduser(args.api_key_file)) as f:
+            api_key = f.read().strip()
+    client = RetrieverClient(args.url, api_key=api_key, timeout_s=args.timeout)
+    try:
+        if args.audio:
+            answer = client.search_audio(args.query, k=args.k, bias=not args.no_bias)
+        else:
+            answer = client.search_text(args.query, k=args.k)
+    except ClientError as exc:
+        raise CliError(str(exc)) from exc
+    return [dict(r) for r in answer["results"]]
 
 
 def print_results(results: list[dict[str, Any]], as_json: bool) -> None:
@@ -307,10 +335,16 @@ def tool_parsers(sub: Any) -> None:
         parents=[common],
         help="query an index version: a text finds clips, --audio FILE finds captions",
         description="Search a local or s3:// index (a version, or a root's LATEST) with the "
-        "model it was built with (or --model).",
+        "model it was built with (or --model), or a running retriever API (--url; retries "
+        "503 answers, and names the status and the server's error otherwise).",
     )
     search.add_argument("query", help="the query text, or with --audio an audio file/URI")
-    search.add_argument("--index", required=True, help="index root or version (or s3://)")
+    search.add_argument("--index", default="", help="index root or version (or s3://)")
+    search.add_argument("--url", default="", help="or a running retriever API, http://host:port")
+    search.add_argument(
+        "--api-key-file", default="", help=f"--url: file holding the API key (or ${API_KEY_ENV})"
+    )
+    search.add_argument("--timeout", type=float, default=30.0, help="--url: seconds per try")
     search.add_argument("--model", default="", help="checkpoint (default: the index's own)")
     search.add_argument("-k", type=int, default=10, help="results (default 10)")
     search.add_argument("--audio", action="store_true", help="QUERY is an audio file")
