@@ -10,12 +10,45 @@ same command runs on a laptop (embedded local Ray) and on a cluster (`RAY_ADDRES
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import logging
 import os
 import textwrap
+from collections.abc import Callable
+from pathlib import Path
 
 from gpa_ray.config import Config
 from gpa_ray.config_loading import config_keys, load_config, preset_names
+
+JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
+"""The repository's `jobs/` folder (`python jobs/<name>.py` scripts; `gpa-ray <name>`)."""
+
+
+def job_names() -> list[str]:
+    """Every job script in `JOBS_DIR`, by name (the file name without `.py`)."""
+    return sorted(p.stem for p in JOBS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def job_summary(name: str) -> str:
+    """The first line of a job script's docstring, read without importing it."""
+    doc = ast.get_docstring(ast.parse((JOBS_DIR / f"{name}.py").read_text())) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def job_main(name: str) -> Callable[[list[str] | None], int]:
+    """`main` of `jobs/<name>.py`: jobs are scripts, not a package, so they load by path."""
+    path = JOBS_DIR / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no job script at {path} (jobs: {', '.join(job_names()) or 'none found'})"
+        )
+    spec = importlib.util.spec_from_file_location(f"gpa_ray_job_{name}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot load the job script {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def parse_job_args(argv: list[str] | None, description: str) -> Config:

@@ -10,7 +10,7 @@ Results are Arrow tables in the `gpa_ray.embedding_table` layout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -95,6 +95,55 @@ class TextEmbedder(_CheckpointEmbedder):
         return embedding_table(batch.column("text_id").to_pylist(), "text_id", emb)
 
 
+class FileEmbedder:
+    """Ray Data callable: `source_uri` rows (audio files, local or s3://) -> their
+    embeddings through the Python API (`gpa_ray.api.embed_files_table`), so each file gets
+    the very bits `GPA.embed_audio` gives it in any process; unreadable files get an
+    `error` instead of stopping the job."""
+
+    def __init__(
+        self, checkpoint: str, storage_cfg: StorageConfig, cpus: float, batch_size: int
+    ) -> None:
+        from gpa_ray.api import GPA
+        from gpa_ray.models.factory import load_gpa_checkpoint
+
+        torch.set_num_threads(torch_threads(cpus))
+        loaded = load_gpa_checkpoint(checkpoint, storage_cfg, "cpu")
+        self.model = GPA(loaded, device="cpu", batch_size=batch_size, storage_cfg=storage_cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from gpa_ray.api import FILE_ID_COLUMN, embed_files_table
+
+        return embed_files_table(self.model, batch.column(FILE_ID_COLUMN).to_pylist())
+
+
+def embed_files(
+    checkpoint: str,
+    uris: Sequence[str],
+    *,
+    batch_size: int,
+    pool: ActorPoolConfig | None = None,
+    storage_cfg: StorageConfig | None = None,
+) -> Iterator[pa.Table]:
+    """`gpa_ray.api.embed_files_table` of every file on a Ray Data actor pool, streamed
+    back to the driver in input order, one table per `pool.batch_size` files (the model
+    itself runs `batch_size` rows per call). `checkpoint` must be a resolved checkpoint."""
+    import ray
+
+    from gpa_ray.api import FILE_ID_COLUMN
+
+    pool = pool or ActorPoolConfig()
+    check_cpu_pool(pool, "embed pool")
+    storage_cfg = storage_cfg or StorageConfig()
+    step = max(1, pool.batch_size)
+    blocks = [
+        pa.table({FILE_ID_COLUMN: list(uris[i : i + step])}) for i in range(0, len(uris), step)
+    ]
+    dataset = ordered(ray.data.from_arrow(blocks))
+    embedded = _on_actor_pool(dataset, FileEmbedder, checkpoint, pool, storage_cfg, batch_size)
+    yield from embedded.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
 def audio_columns(checkpoint: str, storage_cfg: StorageConfig | None = None) -> list[str]:
     """Clip columns the checkpoint's audio tower needs: `codes` (AudioFormer) or `audio`."""
     needs_codes = AudioInputs.from_config(read_config(checkpoint, storage_cfg)).needs_codes
@@ -107,13 +156,15 @@ def _on_actor_pool(
     checkpoint: str,
     pool: ActorPoolConfig,
     storage_cfg: StorageConfig,
+    *extra_args: object,
 ) -> ray.data.Dataset:
-    """`dataset` embedded by `embedder` actors, each loading the checkpoint once."""
+    """`dataset` embedded by `embedder` actors, each loading the checkpoint once
+    (constructed with the checkpoint, storage, CPUs per actor, then `extra_args`)."""
     import ray
 
     return dataset.map_batches(
         embedder,
-        fn_constructor_args=(checkpoint, storage_cfg, pool.cpus_per_actor),
+        fn_constructor_args=(checkpoint, storage_cfg, pool.cpus_per_actor, *extra_args),
         batch_format="pyarrow",
         batch_size=pool.batch_size,
         compute=ray.data.ActorPoolStrategy(size=pool.actors),

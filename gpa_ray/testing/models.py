@@ -235,3 +235,17 @@ def save_tiny_text_model(directory: str | Path, dropout: float = 0.0, seed: int 
     tiny_bert(seed=seed, dropout=dropout).save_pretrained(str(directory))
     tiny_tokenizer().save_pretrained(str(directory))
     return str(directory)
+
+
+def tiny_gpa_run(run: str | Path, seed: int = 0) -> str:
+    """A GPA training-run folder as `jobs/train_gpa.py` leaves it, with a tiny model: one
+    `checkpoint_000001` (the tiny BERT saved beside the run) and the `summary.json`
+    naming it the best. Returns the run folder."""
+    from gpa_ray.checkpoints import write_run_summary
+
+    run = Path(run)
+    cfg = tiny_gpa_run_config(save_tiny_text_model(run.parent / f"{run.name}-text-model"))
+    checkpoint = run / "checkpoint_000001"
+    tiny_gpa_checkpoint(str(checkpoint), cfg, seed=seed)
+    write_run_summary(str(run), {"best_checkpoint": str(checkpoint)})
+    return str(run)
