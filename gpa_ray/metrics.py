@@ -256,20 +256,33 @@ def audio_to_text_ranks(
     return relevant_ranks(scores, relevance, block_size, ties)
 
 
-def _ranked_metrics(
-    ranks: Tensor, valid: Tensor, prefix: str, ks: Sequence[int], cutoff: int
-) -> dict[str, float]:
-    """R@k and MRR of each query's first relevant rank; mAP@cutoff = mean over queries of
-    (sum over relevant items ranked <= cutoff of precision there) / (number relevant)."""
+def per_query_metrics(
+    ranks: Tensor, valid: Tensor, ks: Sequence[int] = DEFAULT_KS, cutoff: int = MAP_CUTOFF
+) -> dict[str, Tensor]:
+    """Each query's R@k (0/1) and reciprocal rank of its first relevant rank, and its
+    average precision at `cutoff`: (sum over relevant items ranked <= cutoff of precision
+    there) / (number relevant). Every metric of this module is the mean of these over the
+    queries; kept per query so that paired comparisons (bootstraps) can resample queries.
+    `ranks`, `valid` [n_queries, width] as `relevant_ranks` returns them (each query with
+    at least one valid entry)."""
     first = ranks[:, 0]
-    out = {f"{prefix}_R@{k}": float((first <= k).double().mean()) for k in ks}
-    out[f"{prefix}_MRR"] = float((1.0 / first).mean())
+    out = {f"R@{k}": (first <= k).double() for k in ks}
+    out["MRR"] = 1.0 / first
     position = torch.arange(1, ranks.shape[1] + 1, dtype=torch.float64)[None, :]
     counted = valid & (ranks <= cutoff)
     precision = torch.where(counted, position / ranks.clamp_min(1.0), 0.0)
-    average_precision = precision.sum(dim=1) / valid.sum(dim=1).double()
-    out[f"{prefix}_mAP@{cutoff}"] = float(average_precision.mean())
+    out[f"mAP@{cutoff}"] = precision.sum(dim=1) / valid.sum(dim=1).double()
     return out
+
+
+def _ranked_metrics(
+    ranks: Tensor, valid: Tensor, prefix: str, ks: Sequence[int], cutoff: int
+) -> dict[str, float]:
+    """The means over queries of `per_query_metrics`, named `<prefix>_<metric>`."""
+    return {
+        f"{prefix}_{name}": float(values.mean())
+        for name, values in per_query_metrics(ranks, valid, ks, cutoff).items()
+    }
 
 
 def text_to_audio_metrics(

@@ -17,6 +17,7 @@ from gpa_ray.metrics import (
     classification_metrics,
     clip_major_caption_to_clip,
     mean_average_precision,
+    per_query_metrics,
     retrieval_metrics,
     text_to_audio_metrics,
     text_to_audio_ranks,
@@ -67,6 +68,22 @@ def test_mid_rank_metrics_by_hand() -> None:
     # A2T: clip 1's second caption at 4.5: AP (1 + 2/4.5) / 2; the others as pessimistic.
     assert m["a2t_mAP@10"] == pytest.approx((5 / 6 + (1 + 2 / 4.5) / 2 + 7 / 12) / 3)
     assert m["a2t_R@1"] == pytest.approx(2 / 3)
+
+
+def test_per_query_metrics_by_hand() -> None:
+    """The A2T ranks above, mid-rank: [[1, 3], [1, 4.5], [2, 3]]. Per clip: R@1 1, 1, 0;
+    reciprocal rank 1, 1, 1/2; AP@10 (1 + 2/3)/2, (1 + 2/4.5)/2, (1/2 + 2/3)/2. Their
+    means are the pool's metrics."""
+    target = clip_major_caption_to_clip(3, 2)
+    ranks, valid = audio_to_text_ranks(SCORES, target)
+    values = per_query_metrics(ranks, valid)
+    assert list(values) == ["R@1", "R@5", "R@10", "MRR", "mAP@10"]
+    assert values["R@1"].tolist() == [1.0, 1.0, 0.0]
+    assert values["R@5"].tolist() == [1.0, 1.0, 1.0]
+    assert values["MRR"].tolist() == [1.0, 1.0, 0.5]
+    assert values["mAP@10"].tolist() == pytest.approx([5 / 6, (1 + 2 / 4.5) / 2, 7 / 12])
+    pool = audio_to_text_metrics(SCORES, target)
+    assert {f"a2t_{m}": float(v.mean()) for m, v in values.items()} == pytest.approx(pool)
 
 
 def test_unknown_tie_rule_is_refused() -> None:
