@@ -5,7 +5,7 @@ project adds (torch, torchaudio, transformers, faiss, encodec, ...) is several G
 so the first node of each kind resolves it once, downloads or builds the wheels and stores
 them under `<cache>/<variant>-<key>/`; every later node start downloads that folder from S3
 (same region: seconds) and installs with `--no-index`. The key hashes everything that
-decides the set (pyproject.toml, the variant, the Python, the image's installed packages),
+decides the set (this script, pyproject.toml, the variant, the Python, the image's Ray),
 so a changed pin or image fills a new folder instead of reusing a stale one.
 
 Variants: `cpu` installs CPU torch (PyTorch's CPU index, `+cpu` builds); `cuda` installs
@@ -30,6 +30,7 @@ import sys
 import tempfile
 import tomllib
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 CACHE_ENV = "GPA_RAY_WHEEL_CACHE"
@@ -80,16 +81,25 @@ def pip(*args: str) -> str:
     return result.stdout
 
 
+def image_ray() -> str:
+    """The Ray version the image ships ("none" without Ray): with the variant and the
+    Python it names the official image, so the packages it already holds."""
+    try:
+        return metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
 def cache_key(project: Path, variant_name: str) -> str:
-    """What decides the wheel set: pins, variant, Python, platform and the image's packages."""
+    """What decides the wheel set: this script, the pins, the variant, Python, platform and
+    the image (not a freeze of the environment, which changes once the set is installed)."""
     digest = hashlib.sha256()
     for part in (
         Path(__file__).read_bytes(),  # a fixed script must not reuse a set the old one made
         (project / "pyproject.toml").read_bytes(),
         " ".join(offline_weights(project)).encode(),
         variant_name.encode(),
-        f"{sys.version_info[:2]} {platform.machine()}".encode(),
-        pip("freeze", "--all", "--exclude", "gpa_ray").encode(),
+        f"{sys.version_info[:2]} {platform.machine()} ray {image_ray()}".encode(),
     ):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
