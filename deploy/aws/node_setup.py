@@ -195,11 +195,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--project", type=Path, required=True, help="the synced checkout")
     parser.add_argument("--cache", default=os.environ.get(CACHE_ENV), help=f"default ${CACHE_ENV}")
     parser.add_argument("--wheelhouse", type=Path, default=Path.home() / ".cache/gpa_ray_wheels")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="resolve and install without S3 (an image build: deploy/docker/Dockerfile)",
+    )
     args = parser.parse_args(argv)
-    if not args.cache:
-        parser.error(f"no wheel cache: set {CACHE_ENV} (cluster.yaml's fill-in block) or --cache")
     project = args.project.expanduser().resolve()
     variant = VARIANTS[args.variant]
+    if args.no_cache:
+        build_wheelhouse(project, variant, args.wheelhouse)
+        install(project, variant, args.wheelhouse)
+        print(f"gpa_ray installed ({args.variant}; no wheel cache)")
+        return
+    if not args.cache:
+        parser.error(f"no wheel cache: set {CACHE_ENV} (cluster.yaml's fill-in block) or --cache")
     bucket, folder = cache_folder(args.cache, project, args.variant)
     ensure_boto3()
     import boto3
