@@ -30,12 +30,17 @@ NODE_SETUP = ROOT / "deploy" / "aws" / "node_setup.py"
 FILL_IN_END = "# ==================== end of the block to fill in"
 
 
-def _node_setup():
-    spec = importlib.util.spec_from_file_location("node_setup", NODE_SETUP)
+def _load(path: Path):
+    """A deploy/ script as a module (they run on nodes before the project is installed)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("node_setup", module)  # dataclasses look their module up there
+    sys.modules.setdefault(path.stem, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _node_setup():
+    return _load(NODE_SETUP)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +115,47 @@ def test_each_node_kind_installs_its_torch(cluster: dict) -> None:
 def test_node_setup_refuses_the_unfilled_bucket() -> None:
     with pytest.raises(ValueError, match="replace BUCKET"):
         _node_setup().split_s3("s3://BUCKET/gpa-ray/wheels")
+
+
+def test_iam_script_creates_the_profiles_cluster_yaml_names(cluster: dict) -> None:
+    """deploy/aws/iam.py (against moto's IAM, twice: idempotent) makes the two profiles the
+    fill-in block names, the head may read the SSM parameter the ImageIds resolve and pass
+    the worker role, and both reach the bucket."""
+    from fnmatch import fnmatch
+
+    from moto import mock_aws
+
+    iam_script = _load(ROOT / "deploy" / "aws" / "iam.py")
+    nodes = cluster["available_node_types"]
+    head = nodes[cluster["head_node_type"]]["node_config"]
+    assert head["IamInstanceProfile"] == {"Name": iam_script.HEAD}
+    for name, node in nodes.items():
+        if name != cluster["head_node_type"]:
+            assert node["node_config"]["IamInstanceProfile"] == {"Name": iam_script.WORKER}
+    with mock_aws():
+        client = boto3.client("iam", region_name="us-east-1")
+        for _ in range(2):
+            iam_script.ensure(client, "my-bucket")
+        for name in (iam_script.HEAD, iam_script.WORKER):
+            profile = client.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+            assert [r["RoleName"] for r in profile["Roles"]] == [name]
+        doc = client.get_role_policy(RoleName=iam_script.HEAD, PolicyName=iam_script.HEAD)
+        statements = doc["PolicyDocument"]["Statement"]
+    parameter = head["ImageId"].removeprefix("resolve:ssm:")
+    ssm = next(s for s in statements if "ssm:GetParameters" in s["Action"])
+    assert fnmatch(f"arn:aws:ssm:us-east-1::parameter{parameter}", ssm["Resource"])
+    assert any(s["Action"] == "iam:PassRole" for s in statements)
+    assert any(s["Resource"] == "arn:aws:s3:::my-bucket/*" for s in statements)
+
+
+def test_dockerfile_builds_on_the_cluster_images(cluster: dict) -> None:
+    """The project image starts from the same official images as cluster.yaml's nodes and
+    says it was not built here."""
+    text = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    gpu_image = cluster["available_node_types"]["gpu_worker"]["docker"]["worker_image"]
+    assert f"FROM {cluster['docker']['image']} AS base-cpu" in text
+    assert f"FROM {gpu_image} AS base-cuda" in text
+    assert "NOT BUILT HERE" in text
 
 
 def test_ray_token_authentication_is_on(cluster: dict) -> None:
