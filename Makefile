@@ -30,8 +30,8 @@ test-all: install
 	$(PY) -m pytest $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check gpa_ray jobs tests benchmarks
-	$(VENV)/bin/ruff format --check gpa_ray jobs tests benchmarks
+	$(VENV)/bin/ruff check gpa_ray jobs tests benchmarks deploy
+	$(VENV)/bin/ruff format --check gpa_ray jobs tests benchmarks deploy
 
 clean:
 	rm -rf outputs .pytest_cache
