@@ -30,6 +30,7 @@ CORE = (
     "gpa_ray.data.captions",
     "gpa_ray.data.lexicon",
     "gpa_ray.data.corpora",
+    "gpa_ray.data.hf_dataset",
     "gpa_ray.data.audioset_index",
     "gpa_ray.data.synthetic_audioset",
     "gpa_ray.data.synthetic",
