@@ -16,6 +16,7 @@ import textwrap
 
 from gpa_ray.config import Config
 from gpa_ray.config_loading import config_keys, load_config, preset_names
+from gpa_ray.credentials import export_storage_credentials, warn_if_workers_lack_credentials
 
 
 def parse_job_args(argv: list[str] | None, description: str) -> Config:
@@ -98,16 +99,20 @@ def init_ray(cfg: Config) -> None:
     """Join (or start) the Ray cluster the config names; a no-op if Ray is already up.
 
     Resource settings (`num_cpus`, `object_store_memory_mb`, `include_dashboard`) only
-    apply when this process starts a local Ray: a running cluster has its own.
+    apply when this process starts a local Ray: a running cluster has its own. A local Ray
+    inherits the config's storage credentials through this process's environment; a
+    running cluster's workers resolve their own (`gpa_ray.credentials`).
     """
     import ray
 
     if ray.is_initialized():
         return
     address = ray_address(cfg)
+    warn_if_workers_lack_credentials(cfg, address)
     kwargs: dict[str, object] = {}
     if address == "local":
         set_ray_process_env()
+        export_storage_credentials(cfg)
         kwargs["include_dashboard"] = cfg.ray.include_dashboard
         if cfg.ray.num_cpus is not None:
             kwargs["num_cpus"] = cfg.ray.num_cpus

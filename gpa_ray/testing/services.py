@@ -7,6 +7,7 @@ server (~3 s) are imported only by the helpers that start them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import Iterator
@@ -14,17 +15,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from gpa_ray.config import StorageConfig
+from gpa_ray.credentials import export_storage_credentials
 from gpa_ray.jobs_cli import set_ray_process_env
 
 TEST_BUCKET = "gpa-ray-test"
+TEST_S3_STORAGE = StorageConfig(
+    region="us-east-1", access_key_id="testing", secret_access_key="testing"
+)
+"""The local S3 server's region and credentials (moto accepts any key when it does not
+check signatures); `local_s3_server` adds its endpoint."""
 
 
 def loopback_ray_env() -> None:
     """Environment that keeps a local Ray on 127.0.0.1 and without token auth (tests only),
-    plus the project's own Ray process environment (what the jobs run with)."""
+    plus the project's own Ray process environment (what the jobs run with), and the test
+    S3 server's credentials as `AWS_*` variables: a config's credentials never travel with
+    a Ray task, so the shared test Ray's workers find them where a cluster's would, in
+    their environment (variables the user already set win)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if "AWS_ACCESS_KEY_ID" not in os.environ:
+        export_storage_credentials(TEST_S3_STORAGE)
     set_ray_process_env()
 
 
@@ -76,16 +88,14 @@ def local_s3_server(bucket: str = TEST_BUCKET) -> Iterator[S3Server]:
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(
-            Bucket=bucket
-        )
-        storage = StorageConfig(
+        storage = dataclasses.replace(TEST_S3_STORAGE, endpoint_url=endpoint)
+        boto3.client(
+            "s3",
             endpoint_url=endpoint,
-            region="us-east-1",
-            access_key_id="testing",
-            secret_access_key="testing",
-        )
+            region_name=storage.region,
+            aws_access_key_id=storage.access_key_id,
+            aws_secret_access_key=storage.secret_access_key,
+        ).create_bucket(Bucket=bucket)
         yield S3Server(endpoint_url=endpoint, bucket=bucket, storage=storage)
     finally:
         server.stop()
