@@ -1,5 +1,5 @@
 """Real services on loopback for tests and benchmarks: the shared embedded Ray, a local S3
-server, free ports.
+server (and one that checks signatures), free ports.
 
 `tests/conftest.py` imports this module for every session, so `ray` (~1-3 s) and moto's
 server (~3 s) are imported only by the helpers that start them.
@@ -8,8 +8,12 @@ server (~3 s) are imported only by the helpers that start them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,3 +118,82 @@ def free_loopback_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+@contextmanager
+def authenticated_s3_server(bucket: str = TEST_BUCKET) -> Iterator[S3Server]:
+    """moto's S3 server in its own process, checking every request's signature: one
+    bucket, a role allowed `s3:*`, and temporary credentials of that role (key, secret and
+    session token, random strings minted by the server) in the returned storage config. A
+    request signed with anything else, or not signed, is refused, so a process that
+    reaches this server proves it was handed these credentials."""
+    import boto3  # deferred: heavy, see the module docstring
+
+    (port,) = free_loopback_ports(1)
+    endpoint = f"http://127.0.0.1:{port}"
+    # The first 4 requests (bucket, role, role policy, assume-role) need no signature.
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+    moto_server = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen(
+        [moto_server, "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, proc, timeout=30.0)
+        unchecked = {
+            "endpoint_url": endpoint,
+            "region_name": TEST_S3_STORAGE.region,
+            "aws_access_key_id": "setup",
+            "aws_secret_access_key": "setup",
+        }
+        boto3.client("s3", **unchecked).create_bucket(Bucket=bucket)
+        iam = boto3.client("iam", **unchecked)
+        trust = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}
+            ],
+        }
+        role = iam.create_role(RoleName="gpa-ray-test", AssumeRolePolicyDocument=json.dumps(trust))
+        allow_s3 = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_role_policy(
+            RoleName="gpa-ray-test", PolicyName="s3", PolicyDocument=json.dumps(allow_s3)
+        )
+        creds = boto3.client("sts", **unchecked).assume_role(
+            RoleArn=role["Role"]["Arn"], RoleSessionName="gpa-ray-test"
+        )["Credentials"]
+        storage = StorageConfig(
+            endpoint_url=endpoint,
+            region=TEST_S3_STORAGE.region,
+            access_key_id=creds["AccessKeyId"],
+            secret_access_key=creds["SecretAccessKey"],
+            session_token=creds["SessionToken"],
+        )
+        yield S3Server(endpoint_url=endpoint, bucket=bucket, storage=storage)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Return once 127.0.0.1:`port` accepts connections; fail if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the S3 server exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no S3 server on 127.0.0.1:{port} after {timeout} s") from None
+            time.sleep(0.2)
