@@ -28,6 +28,7 @@ from gpa_ray.credentials import (
     secret_values,
     warn_if_workers_lack_credentials,
 )
+from gpa_ray.jobs_cli import parse_job_args
 from gpa_ray.testing.leaks import LeakSearch
 from gpa_ray.testing.services import authenticated_s3_server
 
@@ -153,6 +154,28 @@ def test_joining_a_cluster_warns_without_the_values(caplog) -> None:
     (record,) = caplog.records
     assert "10.0.0.5:6379" in record.getMessage() and "driver only" in record.getMessage()
     assert_no_secret(record.getMessage())
+
+
+def test_credentials_on_a_job_command_line_are_warned_of_by_name(caplog) -> None:
+    argv = [
+        "--config",
+        "debug",
+        "--set",
+        f"storage.secret_access_key={SECRET}",
+        f"storage.access_key_id={KEY}",
+        "storage.region=eu-west-1",
+    ]
+    with caplog.at_level(logging.WARNING, logger="gpa_ray.jobs_cli"):
+        cfg = parse_job_args(argv, "test job")
+    assert cfg.storage.access_key_id == KEY and cfg.storage.secret_access_key == SECRET
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert message.startswith("storage.access_key_id, storage.secret_access_key given on")
+    assert_no_secret(message)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpa_ray.jobs_cli"):
+        parse_job_args(["storage.region=eu-west-1"], "test job")
+    assert caplog.records == []
 
 
 def test_leak_search_sees_through_parquet_compression_and_zip(tmp_path: Path) -> None:
