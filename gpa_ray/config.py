@@ -10,20 +10,41 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+STORAGE_SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+"""The credential fields of `StorageConfig`: kept in memory only (`gpa_ray.credentials`)."""
+
 
 @dataclass(frozen=True)
 class StorageConfig:
-    """How URIs reach object storage. Empty values fall back to the standard AWS env vars."""
+    """How URIs reach object storage. Empty values fall back to the standard AWS env vars.
+
+    The credentials never leave this process: they are hidden from `repr`, and a pickled
+    copy (a Ray task's or actor's arguments) is rebuilt without them, so the receiving
+    worker resolves its own through the AWS SDK's chain (see `gpa_ray.credentials`).
+    """
 
     endpoint_url: str = ""
     region: str = ""
-    access_key_id: str = ""
-    secret_access_key: str = ""
-    session_token: str = ""
+    access_key_id: str = field(default="", repr=False)
+    secret_access_key: str = field(default="", repr=False)
+    session_token: str = field(default="", repr=False)
     anonymous: bool = False
     # Attempts per S3 request under the AWS SDK's standard retry strategy (exponential
     # backoff with jitter on throttling, 5xx and connection errors).
     max_attempts: int = 10
+
+    def __reduce__(self) -> tuple[type[StorageConfig], tuple[object, ...]]:
+        public = {
+            f.name: "" if f.name in STORAGE_SECRET_FIELDS else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }
+        return type(self), tuple(public.values())
+
+    def __copy__(self) -> StorageConfig:
+        return self  # frozen: a copy in this process may keep the credentials
+
+    def __deepcopy__(self, memo: dict[int, object]) -> StorageConfig:
+        return self
 
 
 @dataclass(frozen=True)

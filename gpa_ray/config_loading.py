@@ -3,7 +3,8 @@
 Presets are YAML files shipped in `gpa_ray/configs/` (or any path); `load_config` merges
 one with dotted `a.b=c` overrides and converts each value to the field's annotated type,
 so a typo fails loudly (naming the closest valid key) instead of silently running with a
-default. Ray Train workers receive `asdict(cfg)` and rebuild it with `config_from_dict`.
+default. Ray workers that take a plain dict receive `config_to_dict(cfg)` (storage
+credentials removed, see `gpa_ray.credentials`) and rebuild it with `config_from_dict`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from gpa_ray.config import Config
+from gpa_ray.credentials import redacted
 
 
 class ConfigError(ValueError):
@@ -179,7 +181,7 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a `Config` from `asdict(cfg)` (how Ray Train workers receive it)."""
+    """Rebuild a `Config` from `config_to_dict(cfg)` (how Ray workers receive it)."""
     return _build(Config, data)
 
 
@@ -196,6 +198,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return _build(Config, data)
 
 
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The configuration as plain data without storage credentials: what is written,
+    logged or handed to a Ray task or actor."""
+    return dataclasses.asdict(redacted(cfg))
+
+
 def config_to_yaml(cfg: Config) -> str:
-    """The resolved configuration as YAML text."""
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    """The resolved configuration as YAML text, without storage credentials."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -18,8 +18,11 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from gpa_ray.config import Config
+from gpa_ray.config import STORAGE_SECRET_FIELDS, Config
 from gpa_ray.config_loading import config_keys, load_config, preset_names
+from gpa_ray.credentials import export_storage_credentials, warn_if_workers_lack_credentials
+
+logger = logging.getLogger(__name__)
 
 JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
 """The repository's `jobs/` folder (`python jobs/<name>.py` scripts; `gpa-ray <name>`)."""
@@ -71,12 +74,34 @@ def parse_job_args(argv: list[str] | None, description: str) -> Config:
     )
     parser.add_argument("positional", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     args = parser.parse_args(argv)
+    overrides = [*args.overrides, *args.positional]
     try:
-        cfg = load_config(args.config, [*args.overrides, *args.positional])
+        cfg = load_config(args.config, overrides)
     except ValueError as exc:
         parser.error(str(exc))
     configure_logging()
+    warn_of_credentials_on_command_line(overrides)
     return cfg
+
+
+def warn_of_credentials_on_command_line(overrides: list[str]) -> None:
+    """Log (names only) each storage credential given as a command-line override: other
+    users of the machine can read a command line (`ps`), and Ray records a driver's whole
+    command line as its job's entrypoint (`ray list jobs`, the dashboard)."""
+    given = sorted(
+        {
+            key.strip()
+            for key, _, _ in (o.partition("=") for o in overrides)
+            if key.strip() in {f"storage.{name}" for name in STORAGE_SECRET_FIELDS}
+        }
+    )
+    if given:
+        logger.warning(
+            "%s given on the command line, which other users and Ray's job list can read: "
+            "prefer AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN in the "
+            "environment, or a preset file",
+            ", ".join(given),
+        )
 
 
 def config_help() -> str:
@@ -131,16 +156,20 @@ def init_ray(cfg: Config) -> None:
     """Join (or start) the Ray cluster the config names; a no-op if Ray is already up.
 
     Resource settings (`num_cpus`, `object_store_memory_mb`, `include_dashboard`) only
-    apply when this process starts a local Ray: a running cluster has its own.
+    apply when this process starts a local Ray: a running cluster has its own. A local Ray
+    inherits the config's storage credentials through this process's environment; a
+    running cluster's workers resolve their own (`gpa_ray.credentials`).
     """
     import ray
 
     if ray.is_initialized():
         return
     address = ray_address(cfg)
+    warn_if_workers_lack_credentials(cfg, address)
     kwargs: dict[str, object] = {}
     if address == "local":
         set_ray_process_env()
+        export_storage_credentials(cfg)
         kwargs["include_dashboard"] = cfg.ray.include_dashboard
         if cfg.ray.num_cpus is not None:
             kwargs["num_cpus"] = cfg.ray.num_cpus

@@ -15,6 +15,7 @@ PACKAGE = Path(gpa_ray.__file__).parent
 CORE = (
     "gpa_ray.config",
     "gpa_ray.config_loading",
+    "gpa_ray.credentials",
     "gpa_ray.storage",
     "gpa_ray.checkpoints",
     "gpa_ray.pretrained",

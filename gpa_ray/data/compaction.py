@@ -35,7 +35,6 @@ hook for the tests that kill an ingest inside compaction and resume it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ import pyarrow.parquet as pq
 
 from gpa_ray import storage
 from gpa_ray.config import Config, StorageConfig
-from gpa_ray.config_loading import config_from_dict
+from gpa_ray.config_loading import config_from_dict, config_to_dict
 from gpa_ray.data import schema
 from gpa_ray.data.work_units import IngestError, Layout
 
@@ -246,7 +245,7 @@ def compact(
         max_retries=cfg.ingest.unit_retries,
         retry_exceptions=[storage.StorageError],
     )
-    config = dataclasses.asdict(cfg)
+    config = config_to_dict(cfg)
     pending = [
         task.remote(config, layout.corpus, split, index, slices, plan["row_group_bytes"])
         for split, index, slices in todo

@@ -50,7 +50,6 @@ clash with them.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import io
 import json
 import logging
@@ -65,7 +64,7 @@ import pyarrow.parquet as pq
 
 from gpa_ray import storage
 from gpa_ray.config import Config
-from gpa_ray.config_loading import config_from_dict
+from gpa_ray.config_loading import config_from_dict, config_to_dict
 from gpa_ray.data import hf_dataset, schema
 from gpa_ray.data.compaction import compact
 from gpa_ray.data.corpora import corpus_name
@@ -431,7 +430,7 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
             UnitEncoder,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=encoders, max_tasks_in_flight_per_actor=1),
-            fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "corpus": layout.corpus},
+            fn_constructor_kwargs={"cfg": config_to_dict(cfg), "corpus": layout.corpus},
             num_cpus=cfg.ingest.encode_pool.cpus_per_actor,
             num_gpus=cfg.ingest.encode_pool.gpus_per_actor or None,
             max_task_retries=cfg.ingest.unit_retries,

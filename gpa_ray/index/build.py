@@ -45,7 +45,7 @@ from gpa_ray import storage
 from gpa_ray.bias_file import read_bias
 from gpa_ray.checkpoints import CheckpointError, resolve_checkpoint, weights_digest
 from gpa_ray.config import Config, resolve_stage_uris
-from gpa_ray.config_loading import config_from_dict
+from gpa_ray.config_loading import config_from_dict, config_to_dict
 from gpa_ray.data.loaders import shard_split
 from gpa_ray.embedding_table import DTYPES
 from gpa_ray.index import store
@@ -404,7 +404,7 @@ def embed_units(cfg: Config, plan: BuildPlan, units: Sequence[int]) -> int:
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={
-            "cfg": dataclasses.asdict(_with_checkpoint(cfg, plan.checkpoint)),
+            "cfg": config_to_dict(_with_checkpoint(cfg, plan.checkpoint)),
             "version": plan.layout.version,
             "files": plan.files,
         },

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
 import logging
 import threading
@@ -46,7 +45,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gpa_ray.config import Config
-from gpa_ray.config_loading import config_from_dict, load_config
+from gpa_ray.config_loading import config_from_dict, config_to_dict, load_config
 from gpa_ray.index.ann import AnnSettings
 from gpa_ray.index.search import ClipFilter, merge_shards
 from gpa_ray.index.shard_files import shard_of
@@ -449,7 +448,7 @@ def retriever_app(cfg: Config) -> serve.Application:
     check_exposure(cfg.serve, load_api_key(cfg.serve))  # fail here, not in each replica
     manifest = served_manifest(cfg)
     checkpoint, n_shards = manifest.checkpoint, int(manifest.search.get("shards", 1))
-    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict = config_to_dict(cfg)
     s = cfg.serve
     actor = {"num_cpus": s.cpus_per_replica}
     audio = AudioEncoderDeployment.options(

@@ -21,8 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpa_ray.credentials import export_storage_credentials
 from gpa_ray.jobs_cli import set_ray_process_env
-from gpa_ray.testing.services import free_loopback_ports
+from gpa_ray.testing.services import TEST_S3_STORAGE, free_loopback_ports
 
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 """The `ray` command of the running Python environment."""
@@ -127,9 +128,12 @@ def _still_running(processes: dict[int, str], temp_dir: str) -> list[int]:
 
 def cluster_env() -> dict[str, str]:
     """This process's environment without `RAY_ADDRESS`, with token auth, usage stats and
-    the drain wait off, plus the project's Ray process environment: what the head node
-    and CLI calls against it run with."""
+    the drain wait off, plus the project's Ray process environment and (unless set) the
+    test S3 server's credentials: what the head node, so every worker, and CLI calls
+    against it run with (a cluster's workers take credentials from their environment)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if "AWS_ACCESS_KEY_ID" not in env:
+        export_storage_credentials(TEST_S3_STORAGE, env)
     env.update(
         RAY_AUTH_MODE="disabled",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",

@@ -1,5 +1,5 @@
 """Real services on loopback for tests and benchmarks: the shared embedded Ray, a local S3
-server, free ports.
+server (and one that checks signatures), free ports.
 
 `tests/conftest.py` imports this module for every session, so `ray` (~1-3 s) and moto's
 server (~3 s) are imported only by the helpers that start them.
@@ -7,24 +7,40 @@ server (~3 s) are imported only by the helpers that start them.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from gpa_ray.config import StorageConfig
+from gpa_ray.credentials import export_storage_credentials
 from gpa_ray.jobs_cli import set_ray_process_env
 
 TEST_BUCKET = "gpa-ray-test"
+TEST_S3_STORAGE = StorageConfig(
+    region="us-east-1", access_key_id="testing", secret_access_key="testing"
+)
+"""The local S3 server's region and credentials (moto accepts any key when it does not
+check signatures); `local_s3_server` adds its endpoint."""
 
 
 def loopback_ray_env() -> None:
     """Environment that keeps a local Ray on 127.0.0.1 and without token auth (tests only),
-    plus the project's own Ray process environment (what the jobs run with)."""
+    plus the project's own Ray process environment (what the jobs run with), and the test
+    S3 server's credentials as `AWS_*` variables: a config's credentials never travel with
+    a Ray task, so the shared test Ray's workers find them where a cluster's would, in
+    their environment (variables the user already set win)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if "AWS_ACCESS_KEY_ID" not in os.environ:
+        export_storage_credentials(TEST_S3_STORAGE)
     set_ray_process_env()
 
 
@@ -76,16 +92,14 @@ def local_s3_server(bucket: str = TEST_BUCKET) -> Iterator[S3Server]:
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(
-            Bucket=bucket
-        )
-        storage = StorageConfig(
+        storage = dataclasses.replace(TEST_S3_STORAGE, endpoint_url=endpoint)
+        boto3.client(
+            "s3",
             endpoint_url=endpoint,
-            region="us-east-1",
-            access_key_id="testing",
-            secret_access_key="testing",
-        )
+            region_name=storage.region,
+            aws_access_key_id=storage.access_key_id,
+            aws_secret_access_key=storage.secret_access_key,
+        ).create_bucket(Bucket=bucket)
         yield S3Server(endpoint_url=endpoint, bucket=bucket, storage=storage)
     finally:
         server.stop()
@@ -104,3 +118,82 @@ def free_loopback_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+@contextmanager
+def authenticated_s3_server(bucket: str = TEST_BUCKET) -> Iterator[S3Server]:
+    """moto's S3 server in its own process, checking every request's signature: one
+    bucket, a role allowed `s3:*`, and temporary credentials of that role (key, secret and
+    session token, random strings minted by the server) in the returned storage config. A
+    request signed with anything else, or not signed, is refused, so a process that
+    reaches this server proves it was handed these credentials."""
+    import boto3  # deferred: heavy, see the module docstring
+
+    (port,) = free_loopback_ports(1)
+    endpoint = f"http://127.0.0.1:{port}"
+    # The first 4 requests (bucket, role, role policy, assume-role) need no signature.
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+    moto_server = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen(
+        [moto_server, "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, proc, timeout=30.0)
+        unchecked = {
+            "endpoint_url": endpoint,
+            "region_name": TEST_S3_STORAGE.region,
+            "aws_access_key_id": "setup",
+            "aws_secret_access_key": "setup",
+        }
+        boto3.client("s3", **unchecked).create_bucket(Bucket=bucket)
+        iam = boto3.client("iam", **unchecked)
+        trust = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}
+            ],
+        }
+        role = iam.create_role(RoleName="gpa-ray-test", AssumeRolePolicyDocument=json.dumps(trust))
+        allow_s3 = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_role_policy(
+            RoleName="gpa-ray-test", PolicyName="s3", PolicyDocument=json.dumps(allow_s3)
+        )
+        creds = boto3.client("sts", **unchecked).assume_role(
+            RoleArn=role["Role"]["Arn"], RoleSessionName="gpa-ray-test"
+        )["Credentials"]
+        storage = StorageConfig(
+            endpoint_url=endpoint,
+            region=TEST_S3_STORAGE.region,
+            access_key_id=creds["AccessKeyId"],
+            secret_access_key=creds["SecretAccessKey"],
+            session_token=creds["SessionToken"],
+        )
+        yield S3Server(endpoint_url=endpoint, bucket=bucket, storage=storage)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Return once 127.0.0.1:`port` accepts connections; fail if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the S3 server exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no S3 server on 127.0.0.1:{port} after {timeout} s") from None
+            time.sleep(0.2)
