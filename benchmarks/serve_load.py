@@ -218,13 +218,16 @@ def in_process(cfg: Any, checkpoint: str, n: int) -> dict[str, Any]:
 
 
 def serve_levels(url: str, levels: list[int], n: int, malformed: float) -> list[dict[str, Any]]:
-    import requests
+    """Warm-up and stats through the project's client; the load itself from a separate
+    aiohttp process (`--client`), which keeps `level` requests in flight at once."""
+    from gpa_ray.client import RetrieverClient
 
+    client = RetrieverClient(url, timeout_s=60)
     for text in queries(20, seed=7):  # warm every deployment
-        requests.post(f"{url}/v1/search/text", json={"query": text, "k": 10}, timeout=60)
+        client.search_text(text, k=10)
     out = []
     for level in levels:
-        before = Counter(requests.get(f"{url}/v1/stats", timeout=60).json()["text"])
+        before = Counter(client.stats()["text"])
         result = subprocess.run(
             [
                 sys.executable,
@@ -242,7 +245,7 @@ def serve_levels(url: str, levels: list[int], n: int, malformed: float) -> list[
             text=True,
             check=True,
         )
-        stats = requests.get(f"{url}/v1/stats", timeout=60).json()
+        stats = client.stats()
         after = Counter(stats["text"])
         batches = {k: v for k, v in sorted((after - before).items(), key=lambda kv: int(kv[0]))}
         sizes = [int(k) for k, v in batches.items() for _ in range(v)]

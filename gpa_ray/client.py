@@ -196,6 +196,10 @@ class RetrieverClient:
         """Liveness and the index version served (`GET /healthz`)."""
         return cast(dict[str, Any], self._json("GET", "/healthz"))
 
+    def stats(self) -> dict[str, Any]:
+        """The encoders' batch-size counts and the replicas' compute times (`GET /v1/stats`)."""
+        return cast(dict[str, Any], self._json("GET", "/v1/stats"))
+
     def index(self) -> dict[str, Any]:
         """The manifest of the index version served (`GET /v1/index`)."""
         return cast(dict[str, Any], self._json("GET", "/v1/index"))

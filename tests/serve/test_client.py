@@ -34,6 +34,7 @@ def test_searches_equal_the_in_process_search(client: RetrieverClient, served_in
         [r["score"] for r in expected], abs=1e-5
     )
     assert answer["index_version"] == client.health()["index_version"]
+    assert sum(client.stats()["text"].values()) >= 1  # the query's text-encoder batch
     (batched,) = client.search_texts([query], k=3)
     assert batched["results"] == answer["results"]
     label = clips[0]["labels"][0]
