@@ -351,6 +351,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking of training runs, written by world rank 0
+    (`gpa_ray.train.tracking`): params, per-epoch metrics, the resolved config with the
+    storage credentials redacted, and the best checkpoint's URI.
+
+    `mlflow_tracking_uri` empty: an MLflow file store at `<run>/mlruns` (on an s3:// run,
+    kept in a local folder and copied there after each epoch); else any URI MLflow
+    accepts (http(s)://, databricks, sqlite:///...). TensorBoard event files go to
+    `<run>/tensorboard/` (copied there the same way on s3://)."""
+
+    mlflow: bool = False
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = "gpa_ray"
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
 class SinkhornConfig:
     """Log-domain Sinkhorn-Knopp over training audio queries x test texts (GPA eq 10), and
     QB-Norm's querybank statistics (beta, k) computed in the same pass; evaluation's
@@ -538,6 +555,7 @@ class Config:
     gpa: GPAConfig = field(default_factory=GPAConfig)
     audioformer: AudioFormerConfig = field(default_factory=AudioFormerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -33,6 +33,7 @@ from gpa_ray.data import loaders
 from gpa_ray.data.weighted_sampling import SAMPLERS, LabelFrequencySampler
 from gpa_ray.train import history
 from gpa_ray.train.loop import TrainLoop
+from gpa_ray.train.tracking import rank_key
 from gpa_ray.train.worker import train_worker
 
 logger = logging.getLogger(__name__)
@@ -213,12 +214,16 @@ def _without_progress_bars() -> Iterator[None]:
 
 
 def _best_checkpoint(result: Any, metric: str, mode: str, cfg: Config) -> str | None:
-    """URI of the best checkpoint Ray Train kept, by `metric` ("max"/"min")."""
-    ranked = [(m[metric], c) for c, m in result.best_checkpoints or [] if m.get(metric) is not None]
+    """URI of the best checkpoint Ray Train kept, by `metric` ("max"/"min"); of tied ones
+    the later epoch's, as Ray Train ranks ties and as the trackers report it."""
+    ranked = [
+        (rank_key(float(m[metric]), int(m.get("epoch", 0)), mode), c)
+        for c, m in result.best_checkpoints or []
+        if m.get(metric) is not None
+    ]
     if not ranked:
         return None
-    pick = max if mode == "max" else min
-    return _uri_of(pick(ranked, key=lambda item: item[0])[1].path, cfg)
+    return _uri_of(max(ranked, key=lambda item: item[0])[1].path, cfg)
 
 
 def fit(loop: TrainLoop, datasets: dict[str, Any] | None = None) -> TrainResult:
