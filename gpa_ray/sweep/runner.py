@@ -1,0 +1,203 @@
+"""A GPA sweep on Ray Tune over Ray Train, the way Ray 2.60 documents it for Train V2.
+
+The Tuner runs a function trainable per trial (`run_trial`) that builds the trial's
+config (`gpa_ray.sweep.space`) and launches an ordinary GPA training run
+(`gpa_ray.train.gpa_loop.train_gpa`: a `TorchTrainer` with its own worker group) from
+inside the trial; a Ray Train callback hands every epoch's report to Ray Tune (Ray's
+`TuneReportCallback`, which attaches the checkpoint path), so ASHA can stop a trial
+after any epoch. Stopping a trial ends its actor, which owns the Train controller; the
+controller's worker group and placement group go with it.
+
+Resources: a Train run starts only when its whole worker group fits, so
+`sweep.max_concurrent_trials` (default 1) bounds the runs in flight; each trial's
+function holds `sweep.trial_cpus` (a fraction: it only drives the run), its workers
+`train.num_workers x train.cpus_per_worker`, and whatever is left runs Ray Data's reads.
+
+Layout under `<sweep.storage_path or train.storage_path>/<sweep.name>/`:
+
+    tune/          Ray Tune's experiment (trial results, its state)
+    runs/<trial>/  each trial's GPA run folder (checkpoints, metrics.jsonl, summary.json)
+    summary.json   every trial (parameters, status, epochs run, best metric, run folder)
+                   and the best trial's run folder and checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+
+from gpa_ray import storage
+from gpa_ray.config import Config
+from gpa_ray.sweep.space import EPSILON_KEY, SweepError, sweep_metric, swept_values, trial_count
+from gpa_ray.train.gpa_loop import GPALoop, train_gpa
+from gpa_ray.train.trainer import uri_of
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+def sweep_root(cfg: Config) -> str:
+    """`<sweep.storage_path or train.storage_path>/<sweep.name>`."""
+    return storage.join(cfg.sweep.storage_path or cfg.train.storage_path, cfg.sweep.name)
+
+
+class SweepReportCallback(TuneReportCallback):
+    """Each epoch's report to Ray Tune, plus, when the sweep varies epsilon, the epoch
+    checkpoint's validation A2T under the Sinkhorn bias (`gpa_ray.sweep.bias_metrics`)."""
+
+    def __init__(self, cfg: Config, with_bias: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.with_bias = with_bias
+
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
+        if self.with_bias and checkpoint is not None:
+            from gpa_ray.sweep.bias_metrics import sinkhorn_val_metrics
+
+            extra = sinkhorn_val_metrics(uri_of(checkpoint.path, self.cfg), self.cfg)
+            metrics = [{**metrics[0], **extra}, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(params: dict[str, Any], cfg: Config, runs: str) -> None:
+    """One trial (a Tune function trainable): train the GPA run of `params` under `runs`."""
+    import ray.tune
+
+    from gpa_ray.sweep.space import trial_config
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial_cfg = trial_config(cfg, params, runs, trial_id)
+    train_gpa(trial_cfg, callbacks=[SweepReportCallback(trial_cfg, EPSILON_KEY in params)])
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    """The Tune search space: a grid over, or a uniform choice from, each swept list."""
+    from ray import tune
+
+    sample = tune.grid_search if cfg.sweep.search == "grid" else tune.choice
+    return {key: sample(values) for key, values in swept_values(cfg).items()}
+
+
+def _tune_storage(root: str, cfg: Config) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Tune's RunConfig: local folders absolute,
+    s3:// through the configured filesystem (as `gpa_ray.train.trainer` does)."""
+    if storage.is_s3(root):
+        fs, path = storage.resolve(root, cfg.storage)
+        return path, fs
+    return os.path.abspath(root), None
+
+
+def run_sweep(cfg: Config) -> dict[str, Any]:
+    """Run the sweep the config describes; needs a running Ray. Returns (and writes as
+    `<root>/summary.json`) the trials and the best one's run folder and checkpoint."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    space = param_space(cfg)
+    metric, mode = sweep_metric(cfg, GPALoop.metric)
+    if cfg.train.epochs < 1:
+        raise SweepError(f"train.epochs must be >= 1 for a sweep, got {cfg.train.epochs}")
+    root = sweep_root(cfg)
+    runs = storage.join(root, "runs")
+    path, fs = _tune_storage(root, cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, cfg=cfg, runs=runs), {"cpu": cfg.sweep.trial_cpus}
+    )
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=cfg.train.epochs,
+        grace_period=min(cfg.sweep.grace_period, cfg.train.epochs),
+        reduction_factor=cfg.sweep.reduction_factor,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=cfg.sweep.seed),
+            num_samples=cfg.sweep.num_samples,
+            max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs),
+    )
+    logger.info(
+        "sweep %s: %d trials of %s, ranked by %s (%s)",
+        root,
+        trial_count(cfg),
+        list(space),
+        metric,
+        mode,
+    )
+    grid = tuner.fit()
+    summary = summarize(grid, cfg, runs, metric, mode)
+    storage.write_bytes(
+        storage.join(root, SUMMARY_FILE), json.dumps(summary, indent=2).encode(), cfg.storage
+    )
+    return summary
+
+
+def _best_epoch(result: Any, metric: str, mode: str) -> dict[str, Any] | None:
+    """The trial's reported epoch with the best `metric` (a tie: the later epoch, as Ray
+    Train ranks checkpoints), or None if it reported none."""
+    frame = result.metrics_dataframe
+    if frame is None or metric not in frame:
+        return None
+    rows = [r for r in frame.to_dict("records") if r.get(metric) == r.get(metric)]  # not NaN
+    if not rows:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(rows, key=lambda r: (sign * float(r[metric]), int(r["training_iteration"])))
+
+
+def _trial_row(result: Any, runs: str, metric: str, mode: str, cfg: Config) -> dict[str, Any]:
+    """One trial of the result grid: parameters, status, epochs run, best epoch, run folder
+    and the checkpoint of its best epoch (None if Ray Train has not kept it)."""
+    last = result.metrics or {}
+    trial_id = last.get("trial_id")
+    best = _best_epoch(result, metric, mode)
+    checkpoint = None
+    if best and isinstance(best.get(CHECKPOINT_PATH_KEY), str):
+        uri = uri_of(best[CHECKPOINT_PATH_KEY], cfg)
+        if storage.exists(storage.join(uri, "model.pt"), cfg.storage):
+            checkpoint = uri
+    epochs = int(last.get("training_iteration", 0))
+    return {
+        "trial_id": trial_id,
+        "params": dict(result.config),
+        "epochs": epochs,
+        "stopped_early": result.error is None and epochs < cfg.train.epochs,
+        "error": None if result.error is None else str(result.error),
+        "best_epoch": int(best["training_iteration"]) if best else None,
+        metric: float(best[metric]) if best else None,
+        "run": storage.join(runs, trial_id) if trial_id else None,
+        "best_checkpoint": checkpoint,
+    }
+
+
+def summarize(grid: Any, cfg: Config, runs: str, metric: str, mode: str) -> dict[str, Any]:
+    """The sweep's summary from Tune's result grid: every trial, and the best trial (by
+    its best epoch's `metric`; a tie: the trial that ran first)."""
+    rows = [_trial_row(result, runs, metric, mode, cfg) for result in grid]
+    scored = [(i, r) for i, r in enumerate(rows) if r[metric] is not None]
+    sign = 1.0 if mode == "max" else -1.0
+    best = max(scored, key=lambda item: (sign * item[1][metric], -item[0]))[1] if scored else None
+    return {
+        "root": sweep_root(cfg),
+        "metric": metric,
+        "mode": mode,
+        "trials": rows,
+        "best_trial": best["trial_id"] if best else None,
+        "best_run": best["run"] if best else None,
+        "best_checkpoint": best["best_checkpoint"] if best else None,
+        f"best_{metric}": best[metric] if best else None,
+    }
