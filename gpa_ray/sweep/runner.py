@@ -94,6 +94,27 @@ def _tune_storage(root: str, cfg: Config) -> tuple[str, Any]:
     return os.path.abspath(root), None
 
 
+def _check_fit(cfg: Config) -> None:
+    """Warn when the trials in flight would hold every CPU the cluster has now: their
+    Train runs would then wait for Ray Data reads that never get a CPU (an autoscaling
+    cluster may still grow, so this is a warning, not an error)."""
+    import ray
+
+    per_trial = cfg.sweep.trial_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker
+    held = cfg.sweep.max_concurrent_trials * per_trial
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    if held >= total:
+        logger.warning(
+            "sweep.max_concurrent_trials=%d trials x %.2f CPUs (sweep.trial_cpus + "
+            "train.num_workers x train.cpus_per_worker) hold %.2f of the cluster's %.2f "
+            "CPUs: nothing is left for reading the data, lower them",
+            cfg.sweep.max_concurrent_trials,
+            per_trial,
+            held,
+            total,
+        )
+
+
 def run_sweep(cfg: Config) -> dict[str, Any]:
     """Run the sweep the config describes; needs a running Ray. Returns (and writes as
     `<root>/summary.json`) the trials and the best one's run folder and checkpoint."""
@@ -105,6 +126,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     metric, mode = sweep_metric(cfg, GPALoop.metric)
     if cfg.train.epochs < 1:
         raise SweepError(f"train.epochs must be >= 1 for a sweep, got {cfg.train.epochs}")
+    _check_fit(cfg)
     root = sweep_root(cfg)
     runs = storage.join(root, "runs")
     path, fs = _tune_storage(root, cfg)
@@ -124,9 +146,12 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
             metric=metric,
             mode=mode,
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=cfg.sweep.seed),
+            # The generator itself bounds the trials in flight: Tune ignores
+            # `max_concurrent_trials` when given a generator as `search_alg`.
+            search_alg=BasicVariantGenerator(
+                max_concurrent=cfg.sweep.max_concurrent_trials, random_state=cfg.sweep.seed
+            ),
             num_samples=cfg.sweep.num_samples,
-            max_concurrent_trials=cfg.sweep.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs),
     )
