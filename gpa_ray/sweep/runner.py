@@ -5,8 +5,10 @@ config (`gpa_ray.sweep.space`) and launches an ordinary GPA training run
 (`gpa_ray.train.gpa_loop.train_gpa`: a `TorchTrainer` with its own worker group) from
 inside the trial; a Ray Train callback hands every epoch's report to Ray Tune (Ray's
 `TuneReportCallback`, which attaches the checkpoint path), so ASHA can stop a trial
-after any epoch. Stopping a trial ends its actor, which owns the Train controller; the
-controller's worker group and placement group go with it.
+after any epoch. Stopping a trial ends its actor, which owns the Train controller and so
+the workers; their placement group is removed by the sweep driver when the trial ends
+(`ReleaseStoppedTrials`: Ray Train's own clean-up of it needs the dashboard). A trial
+that reaches `train.epochs` is not stopped but ends by itself.
 
 Resources: a Train run starts only when its whole worker group fits, so
 `sweep.max_concurrent_trials` (default 1) bounds the runs in flight; each trial's
@@ -28,6 +30,8 @@ import logging
 import os
 from typing import Any
 
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.tune import Callback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from gpa_ray import storage
@@ -46,24 +50,73 @@ def sweep_root(cfg: Config) -> str:
     return storage.join(cfg.sweep.storage_path or cfg.train.storage_path, cfg.sweep.name)
 
 
-class SweepReportCallback(TuneReportCallback):
-    """Each epoch's report to Ray Tune, plus, when the sweep varies epsilon, the epoch
-    checkpoint's validation A2T under the Sinkhorn bias (`gpa_ray.sweep.bias_metrics`)."""
+PLACEMENT_GROUP_KEY = "train_placement_group"
+"""Tune result key: the id of the trial's Train worker group placement group."""
 
-    def __init__(self, cfg: Config, with_bias: bool) -> None:
+
+class WorkerGroupPlacement(WorkerGroupCallback):
+    """In the Train controller: the placement group of the run's current worker group.
+
+    Ray Train removes it when the run ends, and a Train-internal actor removes it when the
+    controller dies; that actor asks the dashboard's state API whether the controller is
+    alive and fails without a dashboard (as on `ray.init(include_dashboard=False)`), so a
+    trial that ASHA stops would keep its workers' CPUs. Reported to Tune with every epoch
+    (`SweepReportCallback`), the id lets the sweep driver remove it
+    (`ReleaseStoppedTrials`)."""
+
+    def __init__(self) -> None:
+        self.placement_group_id: str | None = None
+
+    def after_worker_group_start(self, worker_group: Any) -> None:
+        state = worker_group.get_worker_group_state()
+        self.placement_group_id = state.placement_group_handle.placement_group.id.hex()
+
+
+class SweepReportCallback(TuneReportCallback):
+    """Each epoch's report to Ray Tune with the worker group's placement group, plus, when
+    the sweep varies epsilon, the epoch checkpoint's validation A2T under the Sinkhorn
+    bias (`gpa_ray.sweep.bias_metrics`)."""
+
+    def __init__(self, cfg: Config, with_bias: bool, placement: WorkerGroupPlacement) -> None:
         super().__init__()
         self.cfg = cfg
         self.with_bias = with_bias
+        self.placement = placement
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
     ) -> None:
+        extra: dict[str, Any] = {PLACEMENT_GROUP_KEY: self.placement.placement_group_id}
         if self.with_bias and checkpoint is not None:
             from gpa_ray.sweep.bias_metrics import sinkhorn_val_metrics
 
-            extra = sinkhorn_val_metrics(uri_of(checkpoint.path, self.cfg), self.cfg)
-            metrics = [{**metrics[0], **extra}, *metrics[1:]]
-        super().after_report(run_context, metrics, checkpoint)
+            extra.update(sinkhorn_val_metrics(uri_of(checkpoint.path, self.cfg), self.cfg))
+        super().after_report(run_context, [{**metrics[0], **extra}, *metrics[1:]], checkpoint)
+
+
+class ReleaseStoppedTrials(Callback):
+    """In the sweep driver: when a trial ends (finished, stopped by ASHA, or failed),
+    remove its Train worker group's placement group if it is still there, which ends the
+    workers in it and frees their resources (see `WorkerGroupPlacement`)."""
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._release(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._release(trial)
+
+    @staticmethod
+    def _release(trial: Any) -> None:
+        import ray
+        from ray.util.placement_group import PlacementGroup
+
+        found = (trial.last_result or {}).get(PLACEMENT_GROUP_KEY)
+        if not found:
+            return
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(found)))
+        if ray.util.placement_group_table(group).get("state") not in (None, "REMOVED"):
+            logger.info("trial %s ended: removing its workers' placement group", trial.trial_id)
+            ray.util.remove_placement_group(group)
 
 
 def run_trial(params: dict[str, Any], cfg: Config, runs: str) -> None:
@@ -74,7 +127,9 @@ def run_trial(params: dict[str, Any], cfg: Config, runs: str) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     trial_cfg = trial_config(cfg, params, runs, trial_id)
-    train_gpa(trial_cfg, callbacks=[SweepReportCallback(trial_cfg, EPSILON_KEY in params)])
+    placement = WorkerGroupPlacement()
+    report = SweepReportCallback(trial_cfg, EPSILON_KEY in params, placement)
+    train_gpa(trial_cfg, callbacks=[report, placement])
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
@@ -138,6 +193,9 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
         max_t=cfg.train.epochs,
         grace_period=min(cfg.sweep.grace_period, cfg.train.epochs),
         reduction_factor=cfg.sweep.reduction_factor,
+        # A trial that reaches the last epoch ends by itself: its run writes summary.json
+        # and Ray Train shuts its worker group down, instead of Tune killing the trial.
+        stop_last_trials=False,
     )
     tuner = tune.Tuner(
         trainable,
@@ -153,7 +211,12 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
             ),
             num_samples=cfg.sweep.num_samples,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=path,
+            storage_filesystem=fs,
+            callbacks=[ReleaseStoppedTrials()],
+        ),
     )
     logger.info(
         "sweep %s: %d trials of %s, ranked by %s (%s)",
