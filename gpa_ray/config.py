@@ -382,6 +382,62 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking of training runs, written by world rank 0
+    (`gpa_ray.train.tracking`): params, per-epoch metrics, the resolved config with the
+    storage credentials redacted, and the best checkpoint's URI.
+
+    `mlflow_tracking_uri` empty: an MLflow file store at `<run>/mlruns` (on an s3:// run,
+    kept in a local folder and copied there after each epoch); else any URI MLflow
+    accepts (http(s)://, databricks, sqlite:///...). TensorBoard event files go to
+    `<run>/tensorboard/` (copied there the same way on s3://)."""
+
+    mlflow: bool = False
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = "gpa_ray"
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A Ray Tune sweep over GPA settings (`jobs/sweep_gpa.py`, `gpa_ray.sweep`): each
+    trial trains one GPA run on Ray Train, ASHA stops the trials that fall behind.
+
+    The value lists are what a setting takes (empty: as configured): `lr` (train.lr),
+    `temperature` (gpa.temperature), `n_prototypes` (gpa.n_prototypes, K), `scorer`
+    (gpa.scorer) and `sinkhorn_epsilon` (sinkhorn.epsilon; a swept epsilon adds the
+    validation A2T metrics under the Sinkhorn text bias, `val_a2t_sinkhorn_*`, computed
+    from each epoch's checkpoint with `bias_queries` training clips as the querybank).
+    `search`: "grid" (every combination, each `num_samples` times) or "random"
+    (`num_samples` trials, each value drawn uniformly from its list). Trials are ranked
+    by `metric` (empty: the run's checkpoint metric) at its best epoch; `mode` empty:
+    "min" for a loss, else "max". Tune's experiment and every trial's run folder go
+    under `<storage_path>/<name>/` (empty `storage_path`: `train.storage_path`).
+    `max_concurrent_trials` bounds the Train runs in flight (each needs its whole worker
+    group at once); `trial_cpus` is what each trial's function (the Train driver) holds."""
+
+    lr: list[float] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    n_prototypes: list[int] = field(default_factory=list)
+    scorer: list[str] = field(default_factory=list)
+    sinkhorn_epsilon: list[float] = field(default_factory=list)
+    search: str = "grid"
+    num_samples: int = 1
+    metric: str = ""
+    mode: str = ""
+    name: str = "sweep"
+    storage_path: str = ""
+    max_concurrent_trials: int = 1
+    trial_cpus: float = 0.1
+    # ASHA: a trial is first compared after `grace_period` epochs; at each rung the top
+    # 1 / `reduction_factor` go on (up to train.epochs).
+    grace_period: int = 1
+    reduction_factor: int = 2
+    bias_queries: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SinkhornConfig:
     """Log-domain Sinkhorn-Knopp over training audio queries x test texts (GPA eq 10), and
     QB-Norm's querybank statistics (beta, k) computed in the same pass; evaluation's
@@ -569,6 +625,8 @@ class Config:
     gpa: GPAConfig = field(default_factory=GPAConfig)
     audioformer: AudioFormerConfig = field(default_factory=AudioFormerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -36,7 +36,7 @@ direction's R@1 + R@5 + R@10 (`val_t2a_R_sum`: the DP baseline's checkpoint sele
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -410,9 +410,10 @@ def with_recall_sums(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def train_gpa(cfg: Config) -> TrainResult:
-    """Train (or resume) the GPA run the config names; write `<run>/summary.json`."""
-    result = fit(GPALoop(cfg))
+def train_gpa(cfg: Config, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train (or resume) the GPA run the config names; write `<run>/summary.json`.
+    `callbacks`: Ray Train callbacks (`gpa_ray.train.trainer.build_trainer`)."""
+    result = fit(GPALoop(cfg), callbacks=callbacks)
     checkpoints.write_run_summary(result.run_uri, result.summary(), cfg.storage)
     return result
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gpa_ray import checkpoints, storage
@@ -33,6 +33,7 @@ from gpa_ray.data import loaders
 from gpa_ray.data.weighted_sampling import SAMPLERS, LabelFrequencySampler
 from gpa_ray.train import history
 from gpa_ray.train.loop import TrainLoop
+from gpa_ray.train.tracking import rank_key
 from gpa_ray.train.worker import train_worker
 
 logger = logging.getLogger(__name__)
@@ -81,15 +82,16 @@ def checkpoint_metric(loop: TrainLoop, has_val: bool) -> tuple[str, str]:
     return metric, loop.metric_mode
 
 
-def _uri_of(path: str, cfg: Config) -> str:
+def uri_of(path: str, cfg: Config) -> str:
     """A Ray Train storage path back as a URI (Ray strips the s3:// scheme)."""
     if storage.is_s3(cfg.train.storage_path) and not storage.is_s3(path):
         return f"s3://{path.lstrip('/')}"
     return path
 
 
-def build_trainer(loop: TrainLoop, datasets: dict[str, Any]) -> Any:
-    """The `TorchTrainer` for `loop` over `datasets` ({"train"[, "val"]})."""
+def build_trainer(loop: TrainLoop, datasets: dict[str, Any], callbacks: Sequence[Any] = ()) -> Any:
+    """The `TorchTrainer` for `loop` over `datasets` ({"train"[, "val"]}); `callbacks`
+    (Ray Train callbacks) go into its RunConfig, e.g. a sweep's report to Ray Tune."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -111,6 +113,7 @@ def build_trainer(loop: TrainLoop, datasets: dict[str, Any]) -> Any:
             checkpoint_score_order=mode,
         ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=list(callbacks),
     )
     return TorchTrainer(
         train_worker,
@@ -213,24 +216,31 @@ def _without_progress_bars() -> Iterator[None]:
 
 
 def _best_checkpoint(result: Any, metric: str, mode: str, cfg: Config) -> str | None:
-    """URI of the best checkpoint Ray Train kept, by `metric` ("max"/"min")."""
-    ranked = [(m[metric], c) for c, m in result.best_checkpoints or [] if m.get(metric) is not None]
+    """URI of the best checkpoint Ray Train kept, by `metric` ("max"/"min"); of tied ones
+    the later epoch's, as Ray Train ranks ties and as the trackers report it."""
+    ranked = [
+        (rank_key(float(m[metric]), int(m.get("epoch", 0)), mode), c)
+        for c, m in result.best_checkpoints or []
+        if m.get(metric) is not None
+    ]
     if not ranked:
         return None
-    pick = max if mode == "max" else min
-    return _uri_of(pick(ranked, key=lambda item: item[0])[1].path, cfg)
+    return uri_of(max(ranked, key=lambda item: item[0])[1].path, cfg)
 
 
-def fit(loop: TrainLoop, datasets: dict[str, Any] | None = None) -> TrainResult:
+def fit(
+    loop: TrainLoop, datasets: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()
+) -> TrainResult:
     """Train (or resume) the run the config names; needs a running Ray.
 
-    `datasets` defaults to the configured clip splits (`clip_datasets`).
+    `datasets` defaults to the configured clip splits (`clip_datasets`); `callbacks` as
+    in `build_trainer`.
     """
     cfg = loop.cfg
     uri = run_uri(cfg)
     datasets = datasets if datasets is not None else clip_datasets(loop)
     storage.dump_config(cfg, storage.join(uri, checkpoints.CONFIG_FILE))
-    result = build_trainer(loop, datasets).fit()
+    result = build_trainer(loop, datasets, callbacks).fit()
     metric, mode = checkpoint_metric(loop, "val" in datasets)
     latest = checkpoints.latest_checkpoint(uri, cfg.storage)
     state = checkpoints.read_state(latest, cfg.storage) if latest else {}

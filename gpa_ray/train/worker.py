@@ -6,10 +6,11 @@ metrics: seeding, device placement and DDP (`ray.train.torch.prepare_model`), re
 storage path and name is started again), the optimizer step with bf16 autocast on GPU
 and gradient-norm clipping per parameter group, the LR schedule (`train.lr_schedule`),
 evaluation, early stopping (`gpa_ray.train.early_stopping`), checkpoints, the metrics
-files and `ray.train.report`.
+files, experiment tracking (`gpa_ray.train.tracking`) and `ray.train.report`.
 
 Every worker calls `ray.train.report` exactly once per epoch (Train V2 requires equal
-counts); only world rank 0 attaches the checkpoint and writes the metrics files.
+counts); only world rank 0 attaches the checkpoint, writes the metrics files and logs to
+the trackers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from gpa_ray.checkpoints import TrainState, load_train_checkpoint, save_train_ch
 from gpa_ray.train import history, schedules
 from gpa_ray.train.early_stopping import should_stop
 from gpa_ray.train.loop import TrainLoop, strided, sum_across_workers, to_device
+from gpa_ray.train.tracking import Tracker, checkpoint_dir_name
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +127,7 @@ def train_worker(config: dict[str, Any]) -> None:
     run_uri: str = config["run_uri"]
     cfg = loop.cfg
     deterministic_torch(cfg.train.cpus_per_worker)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     seed_everything(cfg.train.seed)
     model = loop.build_model()
     optimizer = loop.build_optimizer(model)
@@ -144,6 +145,37 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     _move_optimizer_state(optimizer, device)
+    metric, mode = config.get("stop_metric", ("", "max"))
+    tracker = (
+        Tracker.open(cfg, run_uri, loop.task, state.epoch, metric, mode) if rank == 0 else None
+    )
+    try:
+        _train_epochs(loop, config, model, optimizer, scheduler, state, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.close(failed=True)
+        raise
+    if tracker is not None:
+        tracker.close()
+
+
+def _train_epochs(
+    loop: TrainLoop,
+    config: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: schedules.Scheduler,
+    state: TrainState,
+    tracker: Tracker | None,
+) -> None:
+    """The epochs from `state.epoch` on: train, evaluate, checkpoint and report each."""
+    import ray.train
+    import ray.train.torch
+
+    cfg, run_uri = loop.cfg, config["run_uri"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
     generator = torch.Generator(device=device)
@@ -196,7 +228,7 @@ def train_worker(config: dict[str, Any]) -> None:
         schedules.advance(scheduler, record, cfg.train)
         state.epoch = epoch + 1
         state.history.append(record)
-        _report(loop, run_uri, model, optimizer, scheduler, state, record, rank)
+        _report(loop, run_uri, model, optimizer, scheduler, state, record, rank, tracker)
 
 
 def _batches(loop: TrainLoop, shard: Any, epoch: int | None, seed: int) -> Iterator[dict[str, Any]]:
@@ -229,6 +261,7 @@ def _report(
     state: TrainState,
     record: dict[str, Any],
     rank: int,
+    tracker: Tracker | None = None,
 ) -> None:
     import ray.train
 
@@ -249,4 +282,10 @@ def _report(
             loop_state=loop.state(),
             cfg=loop.cfg,
         )
-        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        # Named here (Ray Train's format, and every rank gets rank 0's name) so the
+        # trackers can be told where this epoch's checkpoint is stored.
+        name = checkpoint_dir_name()
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=name)
+    if tracker is not None:
+        tracker.log_epoch(record, storage.join(run_uri, name))
