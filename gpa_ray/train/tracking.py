@@ -10,8 +10,8 @@ logged once. What each gets:
   `lr`, ...) at step = epoch (1-based); MLflow allows no `@` in a name, so there
   `val_t2a_R@1` is `val_t2a_R_at_1` (`mlflow_metric_name`);
 - **the resolved config** as YAML, with `storage.access_key_id / secret_access_key /
-  session_token` replaced by `<redacted>`: the MLflow artifact `config.yaml`, TensorBoard
-  text `config`;
+  session_token` emptied (`gpa_ray.credentials.redacted`): the MLflow artifact
+  `config.yaml`, TensorBoard text `config`;
 - **the best checkpoint's URI** so far (by the run's checkpoint metric; on a tie the later
   epoch, as Ray Train ranks ties): MLflow tags `best_checkpoint` and `best_epoch`,
   TensorBoard text `best_checkpoint` at the epoch it changed.
@@ -50,22 +50,16 @@ from typing import Any
 from gpa_ray import checkpoints, storage
 from gpa_ray.config import Config, StorageConfig
 from gpa_ray.config_loading import config_to_yaml
+from gpa_ray.credentials import redacted
 
 logger = logging.getLogger(__name__)
 
 MLFLOW_DIR = "mlruns"
 TENSORBOARD_DIR = "tensorboard"
 RUN_TAG = "gpa_ray.run"
-REDACTED = "<redacted>"
 _SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
 _MLFLOW_PARAMS_PER_CALL = 100
 _MLFLOW_NAME = re.compile(r"[^\w.\- :/]")
-
-
-def _redacted(cfg: Config) -> Config:
-    """`cfg` with the storage credentials that are set replaced by `REDACTED`."""
-    hidden = {name: REDACTED for name in _SECRET_FIELDS if getattr(cfg.storage, name)}
-    return dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, **hidden))
 
 
 def flat_params(cfg: Config) -> dict[str, Any]:
@@ -82,7 +76,7 @@ def flat_params(cfg: Config) -> dict[str, Any]:
         else:
             out[prefix] = json.dumps(value)
 
-    walk("", dataclasses.asdict(_redacted(cfg)))
+    walk("", dataclasses.asdict(redacted(cfg)))
     return out
 
 
@@ -315,7 +309,7 @@ class Tracker:
                     "installed: pip install 'gpa_ray[tracking]'"
                 )
         params = flat_params(cfg)
-        text = config_to_yaml(_redacted(cfg))
+        text = config_to_yaml(cfg)  # redacted, as every written config
         sinks: list[Any] = []
         if cfg.tracking.mlflow:
             sinks.append(_MLflowRun(cfg, run_uri, task, params, text))
