@@ -19,6 +19,9 @@ accepts twice its batch size, so one batch fills while the previous one runs.
 Every `ShardServer` polls the index URI every `serve.reload_interval_s` and switches to a newer
 version once it loaded completely (`POST /v1/index/reload` does it at once).
 
+Each ingress replica counts and times the requests it answers, and each searcher reports
+the index version and the rows it serves, as Prometheus metrics (`gpa_ray.serve.metrics`).
+
 Errors caused by a request cross deployment boundaries as values (`Failure`), not as
 exceptions, so they arrive at the ingress as what they are and become a 4xx there.
 
@@ -55,6 +58,7 @@ from gpa_ray.models.gpa import Embeddings
 from gpa_ray.serve.api import create_api
 from gpa_ray.serve.auth import check_exposure, load_api_key
 from gpa_ray.serve.fanout import ShardRequest, TextQuery, gather
+from gpa_ray.serve.metrics import IndexMetrics, RequestMetrics
 from gpa_ray.serve.retriever import (
     AudioQueryEncoder,
     IndexMismatchError,
@@ -188,6 +192,8 @@ class ShardServer:
     def __init__(self, cfg: dict[str, Any], checkpoint: str, shard: int | None = None) -> None:
         config, loaded = _replica_model(cfg, checkpoint)
         self.service = SearchService(config, loaded, None if shard is None else [shard])
+        self.index_metrics = IndexMetrics(config.serve.app_name, shard)
+        self.index_metrics.serving(self.service.health())
         self.encoder = TextQueryEncoder(loaded.model)
         self.compute = ComputeTimes()
         self.batches: Counter[int] = Counter()
@@ -202,7 +208,7 @@ class ShardServer:
     def _poll(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
-                change = self.service.reload()
+                change = self._reload()
                 if change["changed"]:
                     logger.info("now serving index version %s", change["index_version"])
             except Exception:
@@ -258,9 +264,15 @@ class ShardServer:
     def manifest(self) -> dict[str, Any]:
         return self.service.manifest()
 
+    def _reload(self) -> dict[str, Any]:
+        change = self.service.reload()
+        if change["changed"]:
+            self.index_metrics.serving(self.service.health())
+        return change
+
     def reload(self) -> dict[str, Any] | Failure:
         try:
-            return self.service.reload()
+            return self._reload()
         except IndexMismatchError as exc:
             return Failure("mismatch", str(exc))
 
@@ -420,7 +432,7 @@ class IngressDeployment:
         self.backend = ServeBackend(self.cfg, text, audio, shards)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_api(self.backend, self.cfg)
+        return create_api(self.backend, self.cfg, RequestMetrics(self.cfg.serve.app_name))
 
 
 class RetrieverArgs(BaseModel):
