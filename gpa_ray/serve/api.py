@@ -63,7 +63,9 @@ def create_api(backend: Backend, cfg: Config, metrics: RequestMetrics | None = N
     check_exposure(cfg.serve, key)
     app.middleware("http")(api_key_gate(key))  # refuses before a body is read
     if metrics is not None:  # outermost: sees the status of every answer, refusals too
-        app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)
+        own = [route for route in app.routes if hasattr(route, "path")]  # the API docs
+        routes = [*own, *(route for router in ROUTERS for route in router.routes)]
+        app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     for router in ROUTERS:
         app.include_router(router)
     attach_backend(app, backend, cfg.serve)

@@ -93,18 +93,19 @@ class IndexMetrics:
 
 
 def route_template(scope: Scope, routes: list[BaseRoute]) -> str:
-    """The template of the route that answered `scope`, once the app has: the API route
-    FastAPI's router put in the scope (on a full match, or a partial one: right path,
-    wrong method), else the first of the app's own routes (its docs) that matches, else
-    `UNMATCHED`. Routers included with `include_router` sit in `routes` as one node
-    without a path, so only the scope names their routes."""
-    answered = scope.get("route")
-    if answered is not None and hasattr(answered, "path"):
-        return str(answered.path)
+    """The template of the route `scope` reaches, as a router picks it: the first full
+    match, else the first partial one (right path, wrong method), else `UNMATCHED`.
+    Matched up front, so a request refused before routing (a key, a body limit) is
+    counted under its route too. `routes` must be flat: FastAPI keeps an included router
+    as one node without a path, so `app.routes` alone would not do."""
+    partial = None
     for route in routes:
-        if hasattr(route, "path") and route.matches(scope)[0] is not Match.NONE:
-            return str(route.path)
-    return UNMATCHED
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return str(getattr(route, "path", UNMATCHED))
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return str(getattr(partial, "path", UNMATCHED))
 
 
 class MetricsMiddleware:
@@ -122,6 +123,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        route = route_template(scope, self.routes)
         status = 500  # what the client gets if the app raises before it answers
 
         async def watched(message: Message) -> None:
@@ -133,5 +135,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, watched)
         finally:
-            route = route_template(scope, self.routes)
             self.metrics.record(route, scope["method"], status, time.perf_counter() - started)

@@ -81,7 +81,7 @@ def wait_for(
         samples = scrape(url)
         if done(samples):
             return samples
-        assert time.monotonic() < deadline, request_counts(samples)
+        assert time.monotonic() < deadline, dict(request_counts(samples))
         time.sleep(1)
 
 
@@ -106,7 +106,7 @@ def test_requests_are_counted_by_route_and_status_errors_included(metrics_app, m
         ),
         (("/v1/search/text", "GET", "405"), "method_not_allowed", requests.get(text)),
         (
-            ("/v1/clips/{clip_id}", "GET", "404"),
+            ("/v1/clips/{clip_id:path}", "GET", "404"),
             "unknown_clip",
             requests.get(f"{url}/v1/clips/no-such-clip"),
         ),
