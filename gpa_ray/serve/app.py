@@ -192,14 +192,13 @@ class ShardServer:
     def __init__(self, cfg: dict[str, Any], checkpoint: str, shard: int | None = None) -> None:
         config, loaded = _replica_model(cfg, checkpoint)
         self.service = SearchService(config, loaded, None if shard is None else [shard])
-        self.index_metrics = IndexMetrics(config.serve.app_name, shard)
-        self.index_metrics.serving(self.service.health())
         self.encoder = TextQueryEncoder(loaded.model)
         self.compute = ComputeTimes()
         self.batches: Counter[int] = Counter()
         self.search_query.set_max_batch_size(config.serve.text_batch_size)
         self.search_query.set_batch_wait_timeout_s(config.serve.text_batch_wait_s)
         self._stop = threading.Event()
+        IndexMetrics(config.serve.app_name, shard).keep_reporting(self.service.health, self._stop)
         if config.serve.reload_interval_s > 0:
             threading.Thread(
                 target=self._poll, args=(config.serve.reload_interval_s,), daemon=True
@@ -208,7 +207,7 @@ class ShardServer:
     def _poll(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
-                change = self._reload()
+                change = self.service.reload()
                 if change["changed"]:
                     logger.info("now serving index version %s", change["index_version"])
             except Exception:
@@ -264,15 +263,9 @@ class ShardServer:
     def manifest(self) -> dict[str, Any]:
         return self.service.manifest()
 
-    def _reload(self) -> dict[str, Any]:
-        change = self.service.reload()
-        if change["changed"]:
-            self.index_metrics.serving(self.service.health())
-        return change
-
     def reload(self) -> dict[str, Any] | Failure:
         try:
-            return self._reload()
+            return self.service.reload()
         except IndexMismatchError as exc:
             return Failure("mismatch", str(exc))
 

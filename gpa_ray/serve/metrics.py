@@ -23,11 +23,16 @@ its bucket midpoints, so quantiles come from the buckets.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
 
 LATENCY_BOUNDARIES_MS = [1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
 """Bucket upper bounds of the latency histogram (milliseconds)."""
@@ -62,7 +67,11 @@ class RequestMetrics:
 
 
 class IndexMetrics:
-    """Which index version a searcher serves and how many clips and texts it holds."""
+    """Which index version a searcher serves and how many clips and texts it holds.
+
+    Ray exports a gauge only while it is being set (a value not set again within about
+    two export periods is dropped), so `keep_reporting` sets them again every few seconds;
+    a version served before drops out the same way."""
 
     def __init__(self, application: str, shard: int | None) -> None:
         from ray.util.metrics import Gauge
@@ -71,7 +80,7 @@ class IndexMetrics:
         default = {"application": application}
         self.info = Gauge(
             "gpa_serve_index_info",
-            description="1 for the index version served, 0 for one served before",
+            description="1 for the index version served",
             tag_keys=("application", "index_version", "shard"),
         ).set_default_tags(default)
         counts = ("application", "shard")
@@ -79,17 +88,29 @@ class IndexMetrics:
         self.texts = Gauge("gpa_serve_index_texts", "texts served", counts)
         self.clips.set_default_tags(default)
         self.texts.set_default_tags(default)
-        self.version: str | None = None
 
     def serving(self, health: dict[str, Any]) -> None:
         """Report the version in `health` (`SearchService.health()`) as the one served."""
-        version = str(health["index_version"])
-        if self.version is not None and self.version != version:
-            self.info.set(0, tags={"index_version": self.version, "shard": self.shard})
-        self.info.set(1, tags={"index_version": version, "shard": self.shard})
+        self.info.set(1, tags={"index_version": str(health["index_version"]), "shard": self.shard})
         self.clips.set(health["clips"], tags={"shard": self.shard})
         self.texts.set(health["texts"], tags={"shard": self.shard})
-        self.version = version
+
+    def keep_reporting(
+        self, health: Callable[[], dict[str, Any]], stop: threading.Event, every_s: float = 5.0
+    ) -> None:
+        """Report `health()` now and then every `every_s` until `stop` is set (a daemon
+        thread)."""
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.serving(health())
+                except Exception:
+                    logger.exception("index metrics not reported")
+                if stop.wait(every_s):
+                    return
+
+        threading.Thread(target=loop, name="index-metrics", daemon=True).start()
 
 
 def route_template(scope: Scope, routes: list[BaseRoute]) -> str:

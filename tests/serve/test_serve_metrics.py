@@ -81,7 +81,8 @@ def wait_for(
         samples = scrape(url)
         if done(samples):
             return samples
-        assert time.monotonic() < deadline, dict(request_counts(samples))
+        gauges = [(n, labels) for n, labels, _ in samples if "index" in n]
+        assert time.monotonic() < deadline, (dict(request_counts(samples)), gauges)
         time.sleep(1)
 
 
