@@ -52,14 +52,14 @@ def metrics_url(ray_session) -> str:
     return f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
 
 
-def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
-    """Every sample of this app's `gpa_serve` metrics: (name, labels, value)."""
+def scrape(url: str, application: str = APP) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of `application`'s `gpa_serve` metrics: (name, labels, value)."""
     text = requests.get(url, timeout=30).text
     return [
         (s.name, s.labels, s.value)
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name.startswith("ray_gpa_serve_") and s.labels.get("application") == APP
+        if s.name.startswith("ray_gpa_serve_") and s.labels.get("application") == application
     ]
 
 
@@ -73,12 +73,14 @@ def request_counts(samples: list[tuple[str, dict[str, str], float]]) -> Counter[
 
 
 def wait_for(
-    url: str, done: Callable[[list[tuple[str, dict[str, str], float]]], bool]
+    url: str,
+    done: Callable[[list[tuple[str, dict[str, str], float]]], bool],
+    application: str = APP,
 ) -> list[tuple[str, dict[str, str], float]]:
     """Scrape until `done` holds for the samples (or fail at `EXPORT_DEADLINE_S`)."""
     deadline = time.monotonic() + EXPORT_DEADLINE_S
     while True:
-        samples = scrape(url)
+        samples = scrape(url, application)
         if done(samples):
             return samples
         gauges = [(n, labels) for n, labels, _ in samples if "index" in n]
@@ -187,3 +189,34 @@ def test_index_version_and_rows_served(metrics_app, metrics_url) -> None:
         "texts": float(health["texts"]),
     }
     assert health["clips"] == 8
+
+
+def test_a_handler_that_raises_is_counted_as_the_500_it_gets(ray_session, metrics_url) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from gpa_ray.serve.errors import install_error_handlers
+    from gpa_ray.serve.metrics import MetricsMiddleware, RequestMetrics
+
+    app = FastAPI()
+    install_error_handlers(app)  # the retriever's handlers: a fault becomes a JSON 500
+
+    @app.get("/boom/{part}")
+    async def boom(part: str) -> None:
+        raise RuntimeError(part)
+
+    application = "metrics_fault_test"
+    app.add_middleware(MetricsMiddleware, metrics=RequestMetrics(application), routes=app.routes)
+    response = TestClient(app, raise_server_exceptions=False).get("/boom/x")
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal"
+
+    def faults(samples: list) -> float:
+        return sum(
+            value
+            for name, labels, value in samples
+            if name == "ray_gpa_serve_requests_total"
+            and (labels["route"], labels["status"]) == ("/boom/{part}", "500")
+        )
+
+    samples = wait_for(metrics_url, lambda s: faults(s) >= 1, application)
+    assert faults(samples) == 1
