@@ -149,7 +149,6 @@ def test_requests_are_counted_by_route_and_status_errors_included(metrics_app, m
     assert request_counts(samples)[key] == expected[key] + 3
 
     # The latency histogram saw the same requests, in cumulative buckets.
-    route, method, status = key
     buckets: dict[float, float] = {}
     count = 0.0
     for name, labels, value in samples:
