@@ -55,6 +55,9 @@ class RayConfig:
     num_cpus: int | None = None
     object_store_memory_mb: int | None = None
     include_dashboard: bool = False
+    # The interface an embedded local Ray binds to and advertises: loopback, so nothing off
+    # this machine reaches it; the machine's own address lets other nodes join it.
+    node_ip_address: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from gpa_ray.config import STORAGE_SECRET_FIELDS, Config
 from gpa_ray.config_loading import config_keys, load_config, preset_names
 from gpa_ray.credentials import export_storage_credentials, warn_if_workers_lack_credentials
+from gpa_ray.local_ray import inherited_address, start_local_ray
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,9 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def ray_address(cfg: Config) -> str:
-    """`ray.address` from the config, else `RAY_ADDRESS`, else `local` (an embedded Ray)."""
-    return cfg.ray.address or os.environ.get("RAY_ADDRESS", "") or "local"
+    """`ray.address` from the config, else `RAY_ADDRESS` (but the pin of a local Ray this
+    process started and shut down), else `local` (an embedded Ray)."""
+    return cfg.ray.address or inherited_address() or "local"
 
 
 #: Environment of every Ray this project starts (inherited by the raylet and all workers;
@@ -155,10 +157,11 @@ def set_ray_process_env(env: dict[str, str] | None = None) -> None:
 def init_ray(cfg: Config) -> None:
     """Join (or start) the Ray cluster the config names; a no-op if Ray is already up.
 
-    Resource settings (`num_cpus`, `object_store_memory_mb`, `include_dashboard`) only
-    apply when this process starts a local Ray: a running cluster has its own. A local Ray
-    inherits the config's storage credentials through this process's environment; a
-    running cluster's workers resolve their own (`gpa_ray.credentials`).
+    Resource settings (`num_cpus`, `object_store_memory_mb`, `include_dashboard`,
+    `node_ip_address`) only apply when this process starts a local Ray (on loopback by
+    default, see `gpa_ray.local_ray`): a running cluster has its own. A local Ray inherits
+    the config's storage credentials through this process's environment; a running
+    cluster's workers resolve their own (`gpa_ray.credentials`).
     """
     import ray
 
@@ -166,13 +169,14 @@ def init_ray(cfg: Config) -> None:
         return
     address = ray_address(cfg)
     warn_if_workers_lack_credentials(cfg, address)
-    kwargs: dict[str, object] = {}
-    if address == "local":
-        set_ray_process_env()
-        export_storage_credentials(cfg)
-        kwargs["include_dashboard"] = cfg.ray.include_dashboard
-        if cfg.ray.num_cpus is not None:
-            kwargs["num_cpus"] = cfg.ray.num_cpus
-        if cfg.ray.object_store_memory_mb is not None:
-            kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
-    ray.init(address=address, **kwargs)
+    if address != "local":
+        ray.init(address=address)
+        return
+    set_ray_process_env()
+    export_storage_credentials(cfg)
+    kwargs: dict[str, object] = {"include_dashboard": cfg.ray.include_dashboard}
+    if cfg.ray.num_cpus is not None:
+        kwargs["num_cpus"] = cfg.ray.num_cpus
+    if cfg.ray.object_store_memory_mb is not None:
+        kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
+    start_local_ray(cfg.ray.node_ip_address, **kwargs)

@@ -31,6 +31,8 @@ Everything a client can get wrong is answered with a 4xx and a JSON body
 wrong content type (415), body over the size limit (413), a bad field (422: empty or
 over-long query, k outside 1..max_k, undecodable audio), unknown clip (404)
 (`gpa_ray.serve.errors`). A 5xx means a fault of the service, never of the request.
+On Serve every request is also counted and timed as a Prometheus metric
+(`gpa_ray.serve.metrics`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from gpa_ray.config import Config
 from gpa_ray.serve.auth import api_key_gate, check_exposure, load_api_key
 from gpa_ray.serve.backend import Backend, attach_backend
 from gpa_ray.serve.errors import install_error_handlers
+from gpa_ray.serve.metrics import MetricsMiddleware, RequestMetrics
 from gpa_ray.serve.openapi_limits import document_limits
 from gpa_ray.serve.retriever import served_manifest
 from gpa_ray.serve.routes import clips, page, search, service, vectors
@@ -49,8 +52,9 @@ ROUTERS = (search.router, vectors.router, clips.router, service.router, page.rou
 """Every route of the API, in the order the OpenAPI schema lists them."""
 
 
-def create_api(backend: Backend, cfg: Config) -> FastAPI:
-    """The retriever's FastAPI app over `backend`, with the limits of `cfg.serve`."""
+def create_api(backend: Backend, cfg: Config, metrics: RequestMetrics | None = None) -> FastAPI:
+    """The retriever's FastAPI app over `backend`, with the limits of `cfg.serve`; with
+    `metrics` (on Ray) every request is counted and timed (`gpa_ray.serve.metrics`)."""
     app = FastAPI(
         title="gpa_ray retriever",
         version="1",
@@ -59,7 +63,11 @@ def create_api(backend: Backend, cfg: Config) -> FastAPI:
     install_error_handlers(app)
     key = load_api_key(cfg.serve)
     check_exposure(cfg.serve, key)
-    app.middleware("http")(api_key_gate(key))  # outermost: refuses before a body is read
+    app.middleware("http")(api_key_gate(key))  # refuses before a body is read
+    if metrics is not None:  # outermost: sees the status of every answer, refusals too
+        own = [route for route in app.routes if hasattr(route, "path")]  # the API docs
+        routes = [*own, *(route for router in ROUTERS for route in router.routes)]
+        app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     for router in ROUTERS:
         app.include_router(router)
     attach_backend(app, backend, cfg.serve)

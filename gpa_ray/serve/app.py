@@ -19,6 +19,9 @@ accepts twice its batch size, so one batch fills while the previous one runs.
 Every `ShardServer` polls the index URI every `serve.reload_interval_s` and switches to a newer
 version once it loaded completely (`POST /v1/index/reload` does it at once).
 
+Each ingress replica counts and times the requests it answers, and each searcher reports
+the index version and the rows it serves, as Prometheus metrics (`gpa_ray.serve.metrics`).
+
 Errors caused by a request cross deployment boundaries as values (`Failure`), not as
 exceptions, so they arrive at the ingress as what they are and become a 4xx there.
 
@@ -54,6 +57,7 @@ from gpa_ray.models.gpa import Embeddings
 from gpa_ray.serve.api import create_api
 from gpa_ray.serve.auth import check_exposure, load_api_key
 from gpa_ray.serve.fanout import ShardRequest, TextQuery, gather
+from gpa_ray.serve.metrics import IndexMetrics, RequestMetrics
 from gpa_ray.serve.retriever import (
     AudioQueryEncoder,
     IndexMismatchError,
@@ -193,6 +197,7 @@ class ShardServer:
         self.search_query.set_max_batch_size(config.serve.text_batch_size)
         self.search_query.set_batch_wait_timeout_s(config.serve.text_batch_wait_s)
         self._stop = threading.Event()
+        IndexMetrics(config.serve.app_name, shard).keep_reporting(self.service.health, self._stop)
         if config.serve.reload_interval_s > 0:
             threading.Thread(
                 target=self._poll, args=(config.serve.reload_interval_s,), daemon=True
@@ -419,7 +424,7 @@ class IngressDeployment:
         self.backend = ServeBackend(self.cfg, text, audio, shards)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_api(self.backend, self.cfg)
+        return create_api(self.backend, self.cfg, RequestMetrics(self.cfg.serve.app_name))
 
 
 class RetrieverArgs(BaseModel):

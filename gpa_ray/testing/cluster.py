@@ -8,6 +8,7 @@ by PID only: nothing here runs `ray stop`, which would stop every Ray on the mac
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from gpa_ray.credentials import export_storage_credentials
 from gpa_ray.jobs_cli import set_ray_process_env
-from gpa_ray.testing.services import TEST_S3_STORAGE, free_loopback_ports
+from gpa_ray.local_ray import LOOPBACK, LocalRayPorts, free_loopback_ports, pinned_env
+from gpa_ray.testing.services import TEST_S3_STORAGE
 
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 """The `ray` command of the running Python environment."""
@@ -78,6 +80,34 @@ def descendant_pids(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[str, int, int]]:
+    """Every TCP socket in LISTEN state that one of `pids` holds, as (address, port, pid),
+    read from /proc/net/tcp{,6} and the processes' /proc/<pid>/fd (Linux). An IPv4-mapped
+    IPv6 address (`::ffff:127.0.0.1`) is given as its IPv4 address."""
+    owner: dict[str, int] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        owner[target[len("socket:[") : -1]] = pid
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in owner:  # 0A: TCP_LISTEN
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            # The kernel prints each 32-bit word of the address in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(hex_ip[i : i + 8])[::-1] for i in range(0, len(hex_ip), 8))
+            ip = ipaddress.ip_address(raw)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            found.append((str(ip), int(hex_port, 16), owner[fields[9]]))
+    return sorted(found)
 
 
 def cluster_processes(temp_dir: str, root_pid: int | None = None) -> dict[int, str]:
@@ -232,13 +262,23 @@ def local_ray_cluster(
     may remain: leftovers are killed by PID and reported as an error.
     """
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ports = dict(zip(RAY_PORT_FLAGS, free_loopback_ports(len(RAY_PORT_FLAGS)), strict=True))
+    *chosen, autoscaler_metrics, dashboard_metrics = free_loopback_ports(len(RAY_PORT_FLAGS) + 2)
+    ports = dict(zip(RAY_PORT_FLAGS, chosen, strict=True))
     env = cluster_env()
+    # The head's processes (and the jobs' drivers and workers) name this cluster as theirs
+    # and take metrics ports of their own, as an embedded local Ray does.
+    pinned = LocalRayPorts(
+        gcs=ports["port"],
+        metrics_export=ports["metrics-export-port"],
+        dashboard=ports["dashboard-port"],
+        autoscaler_metrics=autoscaler_metrics,
+        dashboard_metrics=dashboard_metrics,
+    )
     log_path = Path(temp_dir) / "ray_start.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             ray_start_command(ports, num_cpus, temp_dir),
-            env=env,
+            env={**env, **pinned_env(LOOPBACK, pinned)},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -1,5 +1,6 @@
 """Real services on loopback for tests and benchmarks: the shared embedded Ray, a local S3
-server (and one that checks signatures), free ports.
+server (and one that checks signatures), free ports (`free_loopback_ports`, from
+`gpa_ray.local_ray`).
 
 `tests/conftest.py` imports this module for every session, so `ray` (~1-3 s) and moto's
 server (~3 s) are imported only by the helpers that start them.
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from gpa_ray.config import StorageConfig
 from gpa_ray.credentials import export_storage_credentials
 from gpa_ray.jobs_cli import set_ray_process_env
+from gpa_ray.local_ray import free_loopback_ports as free_loopback_ports
+from gpa_ray.local_ray import start_local_ray as start_pinned_local_ray
 
 TEST_BUCKET = "gpa-ray-test"
 TEST_S3_STORAGE = StorageConfig(
@@ -31,12 +34,12 @@ check signatures); `local_s3_server` adds its endpoint."""
 
 
 def loopback_ray_env() -> None:
-    """Environment that keeps a local Ray on 127.0.0.1 and without token auth (tests only),
-    plus the project's own Ray process environment (what the jobs run with), and the test
-    S3 server's credentials as `AWS_*` variables: a config's credentials never travel with
-    a Ray task, so the shared test Ray's workers find them where a cluster's would, in
-    their environment (variables the user already set win)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """Environment that keeps a local Ray without token auth (tests only; loopback and its
+    own ports come with `gpa_ray.local_ray`), plus the project's own Ray process
+    environment (what the jobs run with), and the test S3 server's credentials as `AWS_*`
+    variables: a config's credentials never travel with a Ray task, so the shared test
+    Ray's workers find them where a cluster's would, in their environment (variables the
+    user already set win)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if "AWS_ACCESS_KEY_ID" not in os.environ:
@@ -44,19 +47,17 @@ def loopback_ray_env() -> None:
     set_ray_process_env()
 
 
-def start_local_ray(num_cpus: int = 2) -> None:
-    """Start (or join) the one embedded local Ray that a test session shares."""
-    import ray  # deferred: heavy, see the module docstring
-
+def start_local_ray(num_cpus: int = 2) -> str:
+    """Start (or join) the one embedded local Ray that a test session shares, on loopback
+    with its own ports and address pinned as a job's (`gpa_ray.local_ray`); its GCS address.
+    """
     loopback_ray_env()
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=True,
-            object_store_memory=512 * 1024 * 1024,
-        )
+    return start_pinned_local_ray(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        object_store_memory=512 * 1024 * 1024,
+    )
 
 
 @dataclass(frozen=True)
@@ -103,21 +104,6 @@ def local_s3_server(bucket: str = TEST_BUCKET) -> Iterator[S3Server]:
         yield S3Server(endpoint_url=endpoint, bucket=bucket, storage=storage)
     finally:
         server.stop()
-
-
-def free_loopback_ports(n: int) -> list[int]:
-    """`n` distinct TCP ports that were free on 127.0.0.1 a moment ago (all held at once
-    while asking, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @contextmanager
