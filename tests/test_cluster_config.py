@@ -117,13 +117,13 @@ def test_node_setup_refuses_the_unfilled_bucket() -> None:
         _node_setup().split_s3("s3://BUCKET/gpa-ray/wheels")
 
 
-def test_iam_script_creates_the_profiles_cluster_yaml_names(cluster: dict) -> None:
+def test_iam_script_creates_the_profiles_cluster_yaml_names(cluster: dict, s3_server) -> None:
     """deploy/aws/iam.py (against moto's IAM, twice: idempotent) makes the two profiles the
     fill-in block names, the head may read the SSM parameter the ImageIds resolve and pass
-    the worker role, and both reach the bucket."""
+    the worker role, and both reach the bucket. The session's moto server answers IAM too:
+    an in-process `mock_aws()` would reset every moto backend, the session's bucket with
+    them."""
     from fnmatch import fnmatch
-
-    from moto import mock_aws
 
     iam_script = _load(ROOT / "deploy" / "aws" / "iam.py")
     nodes = cluster["available_node_types"]
@@ -132,15 +132,21 @@ def test_iam_script_creates_the_profiles_cluster_yaml_names(cluster: dict) -> No
     for name, node in nodes.items():
         if name != cluster["head_node_type"]:
             assert node["node_config"]["IamInstanceProfile"] == {"Name": iam_script.WORKER}
-    with mock_aws():
-        client = boto3.client("iam", region_name="us-east-1")
-        for _ in range(2):
-            iam_script.ensure(client, "my-bucket")
-        for name in (iam_script.HEAD, iam_script.WORKER):
-            profile = client.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
-            assert [r["RoleName"] for r in profile["Roles"]] == [name]
-        doc = client.get_role_policy(RoleName=iam_script.HEAD, PolicyName=iam_script.HEAD)
-        statements = doc["PolicyDocument"]["Statement"]
+    storage = s3_server.storage
+    client = boto3.client(
+        "iam",
+        endpoint_url=s3_server.endpoint_url,
+        region_name=storage.region,
+        aws_access_key_id=storage.access_key_id,
+        aws_secret_access_key=storage.secret_access_key,
+    )
+    for _ in range(2):
+        iam_script.ensure(client, "my-bucket")
+    for name in (iam_script.HEAD, iam_script.WORKER):
+        profile = client.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+        assert [r["RoleName"] for r in profile["Roles"]] == [name]
+    doc = client.get_role_policy(RoleName=iam_script.HEAD, PolicyName=iam_script.HEAD)
+    statements = doc["PolicyDocument"]["Statement"]
     parameter = head["ImageId"].removeprefix("resolve:ssm:")
     ssm = next(s for s in statements if "ssm:GetParameters" in s["Action"])
     assert fnmatch(f"arn:aws:ssm:us-east-1::parameter{parameter}", ssm["Resource"])
