@@ -17,8 +17,8 @@ Models (GPA checkpoints, scored with the zero-shot evaluation's own code,
 Each model embeds the shared ESC-50 clips once and is scored with each prompt set of
 `TEMPLATE_SETS`: accuracy per fold (the shared copy has fold 4 whole and a few clips of
 folds 2, 3 and 5; fold 1 none), the mean over folds with clips, the pooled accuracy, and
-the one-hot mAP over the 50 classes. Writes `<out>/zero_shot.json` (figures, timings,
-load average).
+the one-hot mAP over the 50 classes; beside them the chance levels of random label scores
+on the same clips. Writes `<out>/zero_shot.json` (figures, timings, load average).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gpa_ray import storage
+from gpa_ray.checkpoints import RUN_SUMMARY_FILE
 from gpa_ray.config import Config
 from gpa_ray.config_loading import load_config
 
@@ -40,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def quickstart_run(work: Path, timings: dict[str, float]) -> str:
     """The quickstart's GPA run under `work` (trained here unless it is already there)."""
-    from gpa_ray.checkpoints import RUN_SUMMARY_FILE
     from gpa_ray.data.ingest import run_ingest
     from gpa_ray.data.synthetic import generate_corpus
     from gpa_ray.jobs_cli import init_ray
@@ -87,7 +87,10 @@ TEMPLATE_SETS: dict[str, list[str]] = {
     # The peers' prompt (LAION-CLAP: "This is a sound of "; msclap's example likewise).
     "this is a sound of {label}": ["this is a sound of {label}"],
     # The two caption templates of the project's ESC-50 corpus reader, averaged.
-    "esc50 caption templates (2, mean R)": ["the sound of a {label}", "a {label} can be heard"],
+    "the sound of a {label} + a {label} can be heard": [
+        "the sound of a {label}",
+        "a {label} can be heard",
+    ],
 }
 
 
@@ -112,7 +115,37 @@ def evaluate_model(name: str, checkpoint: str, esc50: Path, batch_size: int) -> 
         found["runs"][label] = {"templates": templates, **metrics}
     found["seconds"] = round(time.perf_counter() - started, 1)
     found["clips"] = len(clips.uris)
+    found["checkpoint"] = os.path.relpath(model.checkpoint, ROOT)
+    run = os.path.dirname(model.checkpoint)
+    if storage.exists(storage.join(run, RUN_SUMMARY_FILE)):
+        # The run's own validation retrieval (its training domain), for context.
+        metrics = json.loads(storage.read_bytes(storage.join(run, RUN_SUMMARY_FILE)))["metrics"]
+        found["in_domain_val"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
     return found
+
+
+def chance_levels(esc50: Path, draws: int = 200, seed: int = 0) -> dict[str, Any]:
+    """What a scorer of seeded uniform random label scores gets on these clips (mean over
+    `draws`): accuracy near 1/classes, and the mAP of random rankings at these class sizes."""
+    import numpy as np
+
+    from gpa_ray.config import ZeroShotConfig
+    from gpa_ray.zero_shot import esc50_clips, evaluate_scores
+
+    clips = esc50_clips(ZeroShotConfig(root=str(esc50)), Config().storage)
+    rng = np.random.default_rng(seed)
+    pooled, maps = [], []
+    for _ in range(draws):
+        found = evaluate_scores(rng.random(clips.targets.shape), clips, [1, 2, 3, 4, 5])
+        pooled.append(found["accuracy"]["pooled_accuracy"])
+        maps.append(found["map"]["map"])
+    return {
+        "draws": draws,
+        "seed": seed,
+        "classes": len(clips.classes),
+        "pooled_accuracy": float(np.mean(pooled)),
+        "map": float(np.mean(maps)),
+    }
 
 
 def load_average() -> list[float]:
@@ -145,6 +178,7 @@ def main() -> None:
     summary = {
         "benchmark": "zero_shot",
         "data": str(esc50),
+        "chance": chance_levels(esc50),
         "models": results,
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 1)},
         "load_average_1_5_15": {"before": load_before, "after": load_average()},
