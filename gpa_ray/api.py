@@ -306,6 +306,30 @@ class GPA:
         scores = self.model.score_pool(audio_emb, text_emb, device=self.device)
         return scores.float().cpu().numpy()
 
+    def label_scores(
+        self,
+        audio: Audio,
+        labels: Sequence[str],
+        template: str | Sequence[str] = DEFAULT_TEMPLATE,
+    ) -> np.ndarray:
+        """The GPA score R [A, len(labels)] of each clip against each label's prompts.
+
+        Each label becomes a prompt through `template` ("{label}", underscores read as
+        spaces); with several templates a label's score is the mean R over its prompts.
+        These are `zero_shot`'s logits, and what a multi-label evaluation ranks clips by.
+        """
+        names = [str(label) for label in labels]
+        if not names:
+            raise InputError("zero_shot needs at least one label")
+        templates = [template] if isinstance(template, str) else list(template)
+        if not templates:
+            raise InputError("zero_shot needs at least one template")
+        for t in templates:
+            if "{label}" not in t:
+                raise InputError(f"template {t!r} has no {{label}} placeholder")
+        prompts = [t.format(label=name.replace("_", " ")) for t in templates for name in names]
+        return self.score(audio, prompts).reshape(-1, len(templates), len(names)).mean(1)
+
     def zero_shot(
         self,
         audio: Audio,
@@ -315,24 +339,14 @@ class GPA:
     ) -> np.ndarray:
         """Probabilities [A, len(labels)] that each clip is of each label.
 
-        Each label becomes a prompt through `template` ("{label}", underscores read as
-        spaces); with several templates a label's score is the mean R over its prompts.
-        Probabilities are the softmax of R / `temperature` over the labels (default the
+        The softmax over the labels of `label_scores` / `temperature` (default the
         model's `gpa.temperature`, the NT-Xent tau it trained with); the ranking does not
         depend on the temperature.
         """
-        names = [str(label) for label in labels]
-        if not names:
-            raise InputError("zero_shot needs at least one label")
-        templates = [template] if isinstance(template, str) else list(template)
-        for t in templates:
-            if "{label}" not in t:
-                raise InputError(f"template {t!r} has no {{label}} placeholder")
         tau = self.config.gpa.temperature if temperature is None else float(temperature)
         if tau <= 0:
             raise InputError(f"temperature must be positive, got {tau}")
-        prompts = [t.format(label=name.replace("_", " ")) for t in templates for name in names]
-        scores = self.score(audio, prompts).reshape(-1, len(templates), len(names)).mean(1)
+        scores = self.label_scores(audio, labels, template)
         logits = torch.from_numpy(scores).double() / tau
         return torch.softmax(logits, dim=1).float().numpy()
 

@@ -357,7 +357,9 @@ def tool_parsers(sub: Any) -> None:
         parents=[common],
         help="classify audio among labels given as text (prompt templates)",
         description="Zero-shot classification: each label becomes prompts through the "
-        "templates; a clip's probabilities are the softmax of its GPA scores over the labels.",
+        "templates; a clip's probabilities are the softmax of its GPA scores over the labels. "
+        "To measure it over a labelled set (ESC-50 accuracy per fold, multi-label mAP), run "
+        "the job `gpa-ray evaluate-zero-shot`.",
     )
     zero.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or s3://")
     zero.add_argument("--model", required=True, help="checkpoint or run folder (or s3://)")

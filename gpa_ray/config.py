@@ -604,6 +604,37 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot classification as an evaluation (`jobs/evaluate_zero_shot.py`): each label
+    becomes prompts through `templates` ("{label}", underscores read as spaces; several templates
+    average the GPA score R over them) and a clip is scored against every label's prompts.
+
+    `dataset` "esc50": `root` holds `meta/esc50.csv` and `audio/`; accuracy per fold of
+    `folds` and their mean (ESC-50's 5-fold protocol; nothing is trained, so each fold is
+    just a test set), plus the one-hot mAP. `dataset` "labels_csv" (AudioSet-style
+    multi-label): `labels_csv` has `file_name` and `labels` (ids joined by
+    `label_separator`), audio under `audio_dir`; `class_names` optionally names the label
+    vocabulary in AudioSet's `class_labels_indices.csv` layout (index, mid, display_name:
+    the display name is the prompt), else it is every label the CSV uses; mAP over the
+    classes with a positive clip. `checkpoint`: a checkpoint or run URI (its best).
+    """
+
+    checkpoint: str = ""
+    dataset: str = "esc50"
+    root: str = ""
+    folds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    labels_csv: str = ""
+    audio_dir: str = ""
+    class_names: str = ""
+    label_separator: str = ","
+    templates: list[str] = field(default_factory=lambda: ["this is a sound of {label}"])
+    output: str = "outputs/zero_shot"
+    # Rows per model call (`gpa_ray.api.GPA`); "" device: a GPU when there is one.
+    batch_size: int = 8
+    device: str = ""
+
+
+@dataclass(frozen=True)
 class QuickstartConfig:
     """The end-to-end demo (`jobs/quickstart.py`): where all its stages write."""
 
@@ -634,6 +665,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
 
 
