@@ -153,3 +153,45 @@ def test_page_search_shows_results_with_audio_players(
     data = screenshot.read_bytes()
     width, height = png_size(data)
     assert width >= 800 and height >= 600 and len(data) > 20_000
+
+
+def _ids(items: list) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [item.find_element(By.CSS_SELECTOR, ".id").text for item in items]
+
+
+@pytest.mark.usefixtures("chromium_available")
+def test_page_filters_and_more_like_this(
+    browser, local_server: tuple[str, Config], served_index: dict
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page_server, _ = local_server
+    label = served_index["clips"][0]["labels"][0]
+    browser.get(page_server + "/")
+    browser.find_element(By.ID, "query").send_keys(QUERY)
+    browser.find_element(By.ID, "filter-labels").send_keys(label)
+    browser.find_element(By.ID, "search-button").click()
+    items = WebDriverWait(browser, WAIT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#results li.result")
+    )
+    body = {"query": QUERY, "k": 10, "filter": {"labels": [label]}}
+    filtered = requests.post(f"{page_server}/v1/search/text", json=body).json()["results"]
+    assert _ids(items) == [r["clip_id"] for r in filtered]
+    assert 0 < len(filtered) < len(served_index["clips"])
+    assert all(label in r["labels"] for r in filtered)
+
+    # "More like this" on the top clip: the API's similar clips under the same filter,
+    # the clip itself left out.
+    top = filtered[0]["clip_id"]
+    items[0].find_element(By.CSS_SELECTOR, "button.similar").click()
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: f"like {top}" in d.find_element(By.ID, "status").text
+    )
+    shown = _ids(browser.find_elements(By.CSS_SELECTOR, "#results li.result"))
+    similar = requests.get(
+        f"{page_server}/v1/similar/{top}", params={"k": 10, "label": label}, timeout=30
+    ).json()["results"]
+    assert similar and shown == [r["clip_id"] for r in similar] and top not in shown
