@@ -1,14 +1,15 @@
 """Paper presets at full model size on CPU: two training steps each, step time and peak RSS.
 
     python benchmarks/paper_scale.py [--presets audiocaps_gpa clotho_gpa audioset_audioformer
-        fsd50k_audioformer]
+        fsd50k_audioformer clotho_gfc_resnet50 clotho_gfc_vit_b16 clotho_gfc_cnn14]
         [--batch N] [--threads 2] [--out benchmarks/results]
 
 Each preset runs in its own process (`gpa_ray.testing.paper_scale`, the code the slow
 test `tests/test_paper_scale.py` runs): what the preset's job builds, at its size, with
 the per-worker batch cut to `--batch` (default `CPU_BATCH`), on `--threads` torch
-threads, weights random where the published ones cannot be had here (BERT-base, PANNs
-ResNet-38, EnCodec). Reported per
+threads, weights random where the published ones cannot be had here (BERT-base,
+RoBERTa-base with a stand-in tokenizer, PANNs ResNet-38 and CNN14, ResNet-50, ViT-B/16,
+EnCodec). Reported per
 preset: parameters, wall and CPU seconds of each of the two steps, RSS before and after
 building the model and the process's peak RSS. Wall time on a machine shared with other
 work measures the neighbours too (the load average is recorded); CPU seconds less so.

