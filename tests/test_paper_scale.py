@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from gpa_ray.testing.paper_scale import CPU_BATCH, GFC_PRESETS, PAPER_PRESETS, run_in_subprocess
+from gpa_ray.testing.paper_scale import (
+    CPU_BATCH,
+    GFC_PRESETS,
+    PAPER_PRESETS,
+    paper_scale_config,
+    roberta_stand_in,
+    run_in_subprocess,
+)
 
 PANNS_RESNET38_WITHOUT_FC = 73_783_247 - 5_276_175
 """PANNs' ResNet38 parameter count minus fc1 and fc_audioset (GPA drops both)."""
@@ -86,3 +93,35 @@ def test_paper_preset_trains_two_steps_at_full_size(
         assert result["parameters"] - result["trainable_parameters"] == 768 * 768 + 768
     if preset == "clotho_gpa":
         assert max(result["clip_seconds"]) > 20  # Clotho's long clips, at their length
+
+
+def test_roberta_stand_in_follows_roberta_base(shared_data: Path, tmp_path: Path) -> None:
+    """The stand-in tokenizer speaks roberta-base's conventions, so the random tower built
+    from the saved config accepts its ids: specials at RoBERTa's ids, `<s> ... </s>`
+    around every caption, padding with id 1, ids inside the 50,265-row embedding."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = roberta_stand_in(tmp_path / "roberta-base")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    assert config.model_type == "roberta" and config.vocab_size == 50265
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (
+        config.bos_token_id,
+        config.pad_token_id,
+        config.eos_token_id,
+    )
+    long_caption = "a dog barks loudly while rain falls on a metal roof " * 5
+    batch = tokenizer(
+        ["a dog barks", long_caption], padding="longest", truncation=True, max_length=30
+    )
+    short, long_ids = batch["input_ids"]
+    assert len(long_ids) == 30 and long_ids[0] == 0 and long_ids[-1] == 2
+    n_short = sum(batch["attention_mask"][0])
+    assert short[0] == 0 and short[n_short - 1] == 2 and set(short[n_short:]) == {1}
+    assert max(long_ids) < len(tokenizer) < config.vocab_size
+    assert tokenizer.decode(short[1 : n_short - 1]) == "a dog barks"
+
+
+def test_paper_scale_config_names_an_unknown_text_tower(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="debug.*no paper-scale build of text tower"):
+        paper_scale_config("debug", tmp_path, 2, 1)
