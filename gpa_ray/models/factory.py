@@ -196,12 +196,16 @@ def load_gpa_checkpoint(
 
     The architecture comes from `config.yaml` (`build_gpa` without the towers' pretrained
     weights: `model.pt` holds every parameter). The audio tower's training-time output
-    cache (`audio_encoder.cache_size`) is left off.
+    cache (`audio_encoder.cache_size`) is left off. The returned config's storage is
+    `storage_cfg` when given: what read this checkpoint reads what it names, and a written
+    config holds no credentials (`gpa_ray.credentials`).
     """
     directory = resolve_checkpoint(uri, which, storage_cfg)
     if not storage.exists(storage.join(directory, CONFIG_FILE), storage_cfg):
         raise CheckpointError(f"GPA checkpoint {directory} has no {CONFIG_FILE}")
     cfg = read_config(directory, storage_cfg)
+    if storage_cfg is not None:
+        cfg = dataclasses.replace(cfg, storage=storage_cfg)
     # The frozen-tower output cache speeds up epochs over the same clips; inference
     # (index builds, queries) sees each clip once, so it would only hold memory.
     no_cache = dataclasses.replace(cfg.audio_encoder, cache_size=0)
