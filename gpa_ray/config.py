@@ -133,12 +133,17 @@ class FeaturesConfig:
 class CodecConfig:
     """EnCodec 24 kHz tokenizer.
 
-    `weights`: `pretrained`, a checkpoint path/URI, or `random:<seed>`.
+    `weights`: `pretrained`, a checkpoint path/URI, or `random:<seed>`. A clip longer than
+    `chunk_s` seconds is encoded in chunks of `chunk_s`, each run over `chunk_overlap_s`
+    seconds of the audio before it whose codes are dropped (`EncodecTokenizer.encode_long`),
+    so memory does not grow with the file; 0 encodes every clip whole.
     """
 
     weights: str = "random:0"
     bandwidth: float = 3.0
     device: str = "cpu"
+    chunk_s: float = 30.0
+    chunk_overlap_s: float = 2.0
 
 
 @dataclass(frozen=True)
