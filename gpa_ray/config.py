@@ -444,6 +444,13 @@ class IndexConfig:
     splits: list[str] = field(default_factory=list)
     bias: str = ""
     store_audio: bool = True
+    # Long files (`gpa_ray.index.build`): with `segments`, a clip longer than the window is
+    # embedded as windows of `segment_s` seconds (0: the model's `audio.max_seconds`)
+    # every `segment_hop_s` (0: half the window), one index row per window with its
+    # start and end; a search ranks a file by its best segment.
+    segments: bool = False
+    segment_s: float = 0.0
+    segment_hop_s: float = 0.0
     # Incremental builds (`gpa_ray.index.reuse`): an earlier version (or its root) of the
     # same checkpoint whose embeddings are reused for unchanged clips, and a text file of
     # clip ids to leave out.
