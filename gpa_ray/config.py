@@ -488,6 +488,9 @@ class ServeConfig:
     max_query_chars: int = 1000
     max_upload_mb: float = 10.0
     max_audio_seconds: float = 60.0
+    # With `query_windows`, an upload longer than the model's window is embedded as
+    # windows of that length every half window, and a caption ranks by its best window.
+    query_windows: bool = False
     text_batch_size: int = 16
     text_batch_wait_s: float = 0.002
     audio_batch_size: int = 4

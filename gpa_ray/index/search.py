@@ -183,6 +183,12 @@ def merge_shards(
     return [merge(parts, k, short, n) for parts in zip(*per_shard, strict=True)]
 
 
+def windows_as_one(per_shard: Sequence[list[Candidates]]) -> list[list[Candidates]]:
+    """Per shard, the candidates of every window of one audio query as one query's: `merge`
+    then ranks a caption by its best window (a caption found by two windows appears once)."""
+    return [[Candidates.concat(windows)] for windows in per_shard]
+
+
 def candidate_sizes(settings: ann.AnnSettings, k: int, shortlist: int) -> tuple[int, int]:
     """(ANN candidates, shortlist) for a query asking for k results: the shortlist widens
     to k, and IVF-PQ takes `refine` x it from the ANN."""
