@@ -181,6 +181,7 @@ def long_index(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     return stats, manifest, searcher, clips, places, captions, model, model_cfg
 
 
+@pytest.mark.slow  # the module's fixture embeds 71 + 12 windows of 5 s and trains heads
 def test_a_long_file_is_one_row_per_window(long_index) -> None:
     stats, manifest, searcher, *_ = long_index
     # The model's window is 5 s and the hop half of it: 180 s is 71 segments; each 5 s
@@ -201,6 +202,7 @@ def test_a_long_file_is_one_row_per_window(long_index) -> None:
     assert seg == {"has_audio": True, "audio_row": 0}
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_each_caption_finds_the_file_and_the_clip_segment(long_index) -> None:
     _, _, searcher, _, places, captions, model, _ = long_index
@@ -220,6 +222,7 @@ def test_each_caption_finds_the_file_and_the_clip_segment(long_index) -> None:
         assert [r["clip_id"] for r in results].count("long/mix") == 1
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_each_clip_uploaded_finds_the_file_and_its_segment(long_index) -> None:
     _, _, searcher, clips, places, _, model, model_cfg = long_index
@@ -234,6 +237,7 @@ def test_each_clip_uploaded_finds_the_file_and_its_segment(long_index) -> None:
         assert [r["clip_id"] for r in results].count("long/mix") == 1
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_a_long_upload_is_searched_as_windows(long_index) -> None:
     # A 16 s upload (30-46 s of the file, holding clip 1) with serve.query_windows: its
