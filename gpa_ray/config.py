@@ -157,12 +157,17 @@ class FeaturesConfig:
 class CodecConfig:
     """EnCodec 24 kHz tokenizer.
 
-    `weights`: `pretrained`, a checkpoint path/URI, or `random:<seed>`.
+    `weights`: `pretrained`, a checkpoint path/URI, or `random:<seed>`. A clip longer than
+    `chunk_s` seconds is encoded in chunks of `chunk_s`, each run over `chunk_overlap_s`
+    seconds of the audio before it whose codes are dropped (`EncodecTokenizer.encode_long`),
+    so memory does not grow with the file; 0 encodes every clip whole.
     """
 
     weights: str = "random:0"
     bandwidth: float = 3.0
     device: str = "cpu"
+    chunk_s: float = 30.0
+    chunk_overlap_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -519,6 +524,13 @@ class IndexConfig:
     splits: list[str] = field(default_factory=list)
     bias: str = ""
     store_audio: bool = True
+    # Long files (`gpa_ray.index.build`): with `segments`, a clip longer than the window is
+    # embedded as windows of `segment_s` seconds (0: the model's `audio.max_seconds`)
+    # every `segment_hop_s` (0: half the window), one index row per window with its
+    # start and end; a search ranks a file by its best segment.
+    segments: bool = False
+    segment_s: float = 0.0
+    segment_hop_s: float = 0.0
     # Incremental builds (`gpa_ray.index.reuse`): an earlier version (or its root) of the
     # same checkpoint whose embeddings are reused for unchanged clips, and a text file of
     # clip ids to leave out.
@@ -556,6 +568,9 @@ class ServeConfig:
     max_query_chars: int = 1000
     max_upload_mb: float = 10.0
     max_audio_seconds: float = 60.0
+    # With `query_windows`, an upload longer than the model's window is embedded as
+    # windows of that length every half window, and a caption ranks by its best window.
+    query_windows: bool = False
     text_batch_size: int = 16
     text_batch_wait_s: float = 0.002
     audio_batch_size: int = 4

@@ -195,7 +195,16 @@ class EncodecTokenizer:
         bandwidth: float = 3.0,
         device: str = "cpu",
         storage_cfg: StorageConfig | None = None,
+        chunk_s: float = 0.0,
+        chunk_overlap_s: float = 2.0,
     ) -> None:
+        if chunk_s < 0 or chunk_overlap_s < 0:
+            raise ValueError(
+                f"codec.chunk_s ({chunk_s}) and codec.chunk_overlap_s ({chunk_overlap_s}) "
+                "must be >= 0"
+            )
+        self.chunk_frames = round(chunk_s * FRAME_RATE)
+        self.overlap_frames = round(chunk_overlap_s * FRAME_RATE)
         self.weights = weights
         self.device = torch.device(device)
         self.storage_cfg = storage_cfg
@@ -211,7 +220,12 @@ class EncodecTokenizer:
         cls, cfg: CodecConfig, storage_cfg: StorageConfig | None = None
     ) -> EncodecTokenizer:
         return cls(
-            weights=cfg.weights, bandwidth=cfg.bandwidth, device=cfg.device, storage_cfg=storage_cfg
+            weights=cfg.weights,
+            bandwidth=cfg.bandwidth,
+            device=cfg.device,
+            storage_cfg=storage_cfg,
+            chunk_s=cfg.chunk_s,
+            chunk_overlap_s=cfg.chunk_overlap_s,
         )
 
     def _load(self, weights: str) -> EncodecModel:
@@ -292,6 +306,7 @@ class EncodecTokenizer:
         right-padded with zeros to the longest clip. The encoder is causal (convolutions and
         LSTM), so what follows a clip does not change its codes: a clip gets the same codes
         alone or in any batch. Padding costs compute, so batch clips of similar length.
+        Clips longer than the chunk (`codec.chunk_s`) are encoded alone by `encode_long`.
         """
         if not waves:
             return []
@@ -299,6 +314,45 @@ class EncodecTokenizer:
         for i, w in enumerate(arrays):
             if w.ndim != 1 or w.shape[0] == 0:
                 raise ValueError(f"clip {i}: expected a non-empty 1-D waveform, got {w.shape}")
+        long = [self._is_long(w) for w in arrays]
+        if any(long):
+            short = [w for w, is_long in zip(arrays, long, strict=True) if not is_long]
+            done = iter(self._encode_batch(short) if short else [])
+            return [
+                self.encode_long(w) if is_long else next(done)
+                for w, is_long in zip(arrays, long, strict=True)
+            ]
+        return self._encode_batch(arrays)
+
+    def _is_long(self, wave: np.ndarray) -> bool:
+        return bool(self.chunk_frames) and n_frames(wave.shape[0]) > self.chunk_frames
+
+    def encode_long(self, wave: np.ndarray) -> np.ndarray:
+        """Encode one clip of any length chunk by chunk; codes int16 [n_q, n_frames(len)].
+
+        Chunk c keeps the codes of frames [c F, (c + 1) F) (F = `chunk_s` x 75) and is
+        encoded from `chunk_overlap_s` before its first frame: the encoder is causal, so
+        away from a chunk's start its codes are the whole-file codes once the convolutions'
+        receptive field and the LSTM's memory of its zero start lie inside the overlap
+        (`tests/audio/test_codec.py` measures it). Every chunk starts on a frame boundary,
+        so frames line up with a whole-file encode.
+        """
+        wave = np.asarray(wave, dtype=np.float32)
+        if wave.ndim != 1 or wave.shape[0] == 0:
+            raise ValueError(f"expected a non-empty 1-D waveform, got {wave.shape}")
+        total = n_frames(wave.shape[0])
+        step = self.chunk_frames or total
+        parts = []
+        for first in range(0, total, step):
+            context = max(0, first - self.overlap_frames)
+            stop = min(first + step, total)
+            piece = wave[context * HOP_LENGTH : stop * HOP_LENGTH]
+            (codes,) = self._encode_batch([piece])
+            parts.append(codes[:, first - context : stop - context])
+        return np.concatenate(parts, axis=1)
+
+    def _encode_batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """One model call over `arrays` (non-empty 1-D float32), right-padded to the longest."""
         longest = max(n_frames(w.shape[0]) for w in arrays) * HOP_LENGTH
         batch = np.zeros((len(arrays), 1, longest), dtype=np.float32)
         for i, w in enumerate(arrays):

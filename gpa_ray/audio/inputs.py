@@ -64,6 +64,18 @@ class AudioInputError(ValueError):
     """A clip cannot be turned into tower inputs (e.g. a row without audio or codes)."""
 
 
+def window_spans(duration_s: float, window_s: float, hop_s: float) -> list[tuple[float, float]]:
+    """(start, end) seconds of the windows that cover a clip: one span for a clip no
+    longer than the window, else windows every `hop_s` until one reaches the end (the
+    last may be shorter)."""
+    if window_s <= 0 or hop_s <= 0:
+        raise ValueError(f"window ({window_s} s) and hop ({hop_s} s) must be positive")
+    if duration_s <= window_s:
+        return [(0.0, float(duration_s))]
+    count = math.ceil((duration_s - window_s) / hop_s - 1e-9) + 1
+    return [(i * hop_s, min(i * hop_s + window_s, float(duration_s))) for i in range(count)]
+
+
 def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) % 2**63)
 
@@ -189,6 +201,56 @@ class AudioInputs:
             )
         wave, sr = decode_audio(data, name)
         return self.from_waveform(wave, sr, train, seed)
+
+    def windows(
+        self, wave: np.ndarray | Tensor, sr: int, window_s: float, hop_s: float
+    ) -> list[tuple[float, float, dict[str, Tensor]]]:
+        """One mono waveform -> (start s, end s, tower inputs) per window
+        (`window_spans`): a long file embedded as segments. The waveform is resampled
+        once; an AudioFormer tower encodes it once (in chunks: `codec.chunk_s`) and
+        reads each window's codes."""
+        wave = np.asarray(wave, dtype=np.float32)
+        if wave.ndim != 1 or wave.shape[0] == 0:
+            raise AudioInputError(f"expected a non-empty mono waveform, got shape {wave.shape}")
+        wave = resample(wave, int(sr), self.sample_rate)
+        spans = window_spans(wave.shape[0] / self.sample_rate, window_s, hop_s)
+        if self.family == "audioformer":
+            codes = self.tokenizer.encode([wave])[0]
+            return self._code_windows(codes, spans)
+        rate = self.sample_rate
+        return [
+            (start, end, self.from_waveform(wave[round(start * rate) : round(end * rate)], rate))
+            for start, end in spans
+        ]
+
+    def _code_windows(
+        self, codes: np.ndarray, spans: list[tuple[float, float]]
+    ) -> list[tuple[float, float, dict[str, Tensor]]]:
+        out = []
+        for start, end in spans:
+            first = round(start * FRAME_RATE)
+            stop = max(first + 1, round(end * FRAME_RATE))
+            out.append((start, end, self.from_codes(codes[:, first:stop])))
+        return out
+
+    def windows_from_row(
+        self, row: Mapping[str, Any], window_s: float, hop_s: float
+    ) -> list[tuple[float, float, dict[str, Tensor]]]:
+        """`windows` of a clip-shard row (its codes, or its FLAC audio)."""
+        name = str(row.get("clip_id", "<clip>"))
+        if self.needs_codes:
+            if row.get("codes") is None:
+                raise AudioInputError(f"clip {name!r} has no codes")
+            codes = np.asarray(row["codes"], dtype=np.int16)
+            spans = window_spans(codes.shape[-1] / FRAME_RATE, window_s, hop_s)
+            return self._code_windows(codes, spans)
+        data = row.get("audio")
+        if not data:
+            raise AudioInputError(
+                f"clip {name!r} has no stored audio (ingest with ingest.store_audio=true)"
+            )
+        wave, sr = decode_audio(data, name)
+        return self.windows(wave, sr, window_s, hop_s)
 
     @property
     def tokenizer(self) -> Any:

@@ -114,6 +114,8 @@ class ClipEncoder:
                 bandwidth=cfg.codec.bandwidth,
                 device=device or cfg.codec.device,
                 storage_cfg=cfg.storage,
+                chunk_s=cfg.codec.chunk_s,
+                chunk_overlap_s=cfg.codec.chunk_overlap_s,
             )
             if cfg.ingest.codes
             else None

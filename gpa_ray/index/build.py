@@ -126,7 +126,29 @@ def build_settings(
             "shards": cfg.index.shards,
             "ann": dataclasses.asdict(AnnSettings.from_config(cfg.index)),
         },
+        # Only when set, so versions built without segments keep their names.
+        **({"segments": segment_settings(cfg.index)} if cfg.index.segments else {}),
     }
+
+
+def segment_settings(index: Any) -> dict[str, float]:
+    """`index.segment_s` / `segment_hop_s` as given (0: resolved from the model's window
+    by each embedder, `IndexEmbedder.window`)."""
+    return {"segment_s": index.segment_s, "segment_hop_s": index.segment_hop_s}
+
+
+def resolve_window(index: Any, model_max_seconds: float) -> tuple[float, float] | None:
+    """(window, hop) seconds of the long-file windows, or None without `index.segments`."""
+    if not index.segments:
+        return None
+    window = index.segment_s or model_max_seconds
+    hop = index.segment_hop_s or window / 2
+    if window <= 0 or hop <= 0 or hop > window:
+        raise IndexBuildError(
+            f"index.segment_s={index.segment_s} / index.segment_hop_s={index.segment_hop_s}: "
+            f"need 0 < hop <= window (window {window} s, hop {hop} s)"
+        )
+    return window, hop
 
 
 def version_name(cfg: Config, settings: dict[str, Any]) -> str:
@@ -165,6 +187,7 @@ class IndexEmbedder:
         self.model, model_cfg = load_gpa(self.cfg.index.checkpoint, self.cfg.storage, "cpu")
         self.model.eval()
         self.inputs = AudioInputs.from_config(model_cfg)
+        self.window = resolve_window(self.cfg.index, model_cfg.audio.max_seconds)
         self.layout = store.IndexLayout(self.cfg.index.output, version)
         self.files = files
         index, storage_cfg = self.cfg.index, self.cfg.storage
@@ -179,31 +202,42 @@ class IndexEmbedder:
         stats = [self.run_unit(int(unit)) for unit in batch["unit"]]
         return {key: [s[key] for s in stats] for key in ("unit", "clips", "texts", "failed")}
 
+    def segments(self, row: dict[str, Any]) -> list[tuple[float, float, dict[str, Any]]]:
+        """A clip's (start, end, tower inputs) per segment: one, or with `index.segments`
+        one per window of a clip longer than the window."""
+        if self.window is None:
+            return [(0.0, float(row.get("duration_s") or 0.0), self.inputs.from_row(row))]
+        return self.inputs.windows_from_row(row, *self.window)
+
     @torch.no_grad()
     def embed_clips(
         self, rows: list[dict[str, Any]]
-    ) -> tuple[list[dict[str, Any]], Embeddings | None, list[dict[str, str]]]:
-        """Embeddings of the clips that can be embedded, and a failure row for the others."""
+    ) -> tuple[list[dict[str, Any]], Embeddings | None, list[list[tuple[float, float]]], list[Any]]:
+        """The clips that can be embedded, their segments' embeddings (clip by clip),
+        each clip's segment spans, and a failure row for the others."""
         from gpa_ray.audio.inputs import AudioInputError
         from gpa_ray.audio.io import AudioDecodeError
 
         ok: list[dict[str, Any]] = []
+        spans: list[list[tuple[float, float]]] = []
         parts: list[Embeddings] = []
         failed: list[dict[str, str]] = []
         for chunk in _chunks(rows, self.cfg.index.embed_pool.batch_size):
-            items, kept = [], []
+            items = []
             for row in chunk:
                 try:
-                    items.append(self.inputs.from_row(row))
-                    kept.append(row)
+                    found = self.segments(row)
                 except (AudioInputError, AudioDecodeError) as exc:
                     failed.append(
                         {"clip_id": row["clip_id"], "error": f"{type(exc).__name__}: {exc}"}
                     )
-            if items:
-                parts.append(self.model.embed_audio(self.inputs.collate(items)))
-                ok.extend(kept)
-        return ok, (Embeddings.cat(parts) if parts else None), failed
+                    continue
+                ok.append(row)
+                spans.append([(start, end) for start, end, _ in found])
+                items.extend(item for _, _, item in found)
+            for batch in _chunks(items, self.cfg.index.embed_pool.batch_size):
+                parts.append(self.model.embed_audio(self.inputs.collate(batch)))
+        return ok, (Embeddings.cat(parts) if parts else None), spans, failed
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> Embeddings:
@@ -218,9 +252,17 @@ class IndexEmbedder:
 
     def embed_unit(
         self, rows: list[dict[str, Any]]
-    ) -> tuple[list[dict[str, Any]], Embeddings | None, Embeddings | None, list[Any], int]:
-        """(clips kept in row order, their embeddings, their captions' embeddings, failure
-        rows, how many were reused from `index.reuse` instead of embedded)."""
+    ) -> tuple[
+        list[dict[str, Any]],
+        list[dict[str, Any]],
+        Embeddings | None,
+        Embeddings | None,
+        list[Any],
+        int,
+    ]:
+        """(clips kept in row order, their segment rows, the segments' embeddings, the
+        captions' embeddings, failure rows, how many clips were reused from `index.reuse`
+        instead of embedded)."""
         found = {}
         if self.earlier is not None:
             for row in rows:
@@ -228,23 +270,30 @@ class IndexEmbedder:
                 if stored is not None:
                     found[row["clip_id"]] = stored
         todo = [r for r in rows if r["clip_id"] not in found]
-        fresh, fresh_emb, failed = self.embed_clips(todo)
+        fresh, fresh_emb, fresh_spans, failed = self.embed_clips(todo)
         if fresh_emb is not None:
             texts = store.caption_rows(fresh)
             fresh_texts = (
                 self.embed_texts([t["text"] for t in texts]) if texts else _empty_like(fresh_emb)
             )
-            start = 0
-            for i, row in enumerate(fresh):
+            start, first = 0, 0
+            for row, spans in zip(fresh, fresh_spans, strict=True):
                 n = len(row["captions"])
-                found[row["clip_id"]] = (fresh_emb[i : i + 1], fresh_texts[start : start + n])
+                segments = fresh_emb[first : first + len(spans)]
+                found[row["clip_id"]] = (segments, fresh_texts[start : start + n], spans)
                 start += n
+                first += len(spans)
         ok = [r for r in rows if r["clip_id"] in found]
         if not ok:
-            return ok, None, None, failed, 0
+            return ok, [], None, None, failed, 0
+        segment_rows = [
+            {**r, "segment": i, "segment_start_s": start, "segment_end_s": end}
+            for r in ok
+            for i, (start, end) in enumerate(found[r["clip_id"]][2])
+        ]
         clip_emb = Embeddings.cat([found[r["clip_id"]][0] for r in ok])
         text_emb = Embeddings.cat([found[r["clip_id"]][1] for r in ok])
-        return ok, clip_emb, text_emb, failed, len(ok) - len(fresh)
+        return ok, segment_rows, clip_emb, text_emb, failed, len(ok) - len(fresh)
 
     def run_unit(self, unit: int) -> dict[str, Any]:
         """Embed one unit and commit it: clips shard, texts shard, then the marker."""
@@ -254,10 +303,12 @@ class IndexEmbedder:
             columns.append("codes")
         rows = read_clip_rows(self.files[unit], columns, cfg.index.splits, cfg.storage)
         kept = [r for r in rows if r["clip_id"] not in self.deleted]
-        ok, clip_emb, text_emb, failed, reused = self.embed_unit(kept)
+        ok, segment_rows, clip_emb, text_emb, failed, reused = self.embed_unit(kept)
         marker: dict[str, Any] = {
             "unit": unit,
             "clips": len(ok),
+            "segments": len(segment_rows),
+            "window": None if self.window is None else list(self.window),
             "texts": 0,
             "failed": failed,
             "reused": reused,
@@ -266,7 +317,9 @@ class IndexEmbedder:
         if clip_emb is not None:
             texts = store.caption_rows(ok)
             dtype = cfg.index.dtype
-            clips_table = store.index_clips_table(ok, clip_emb, dtype, cfg.index.store_audio)
+            clips_table = store.index_clips_table(
+                segment_rows, clip_emb, dtype, cfg.index.store_audio
+            )
             store.write_table(layout.clips_file(unit), clips_table, cfg.storage)
             store.write_table(
                 layout.texts_file(unit),
@@ -380,6 +433,14 @@ def _check_reuse(cfg: Config, digest: str) -> None:
         earlier = store.read_manifest(layout, cfg.storage)
     except store.IndexFormatError as exc:
         raise IndexBuildError(f"index.reuse={cfg.index.reuse}: {exc}") from exc
+    if earlier.segments.get("settings") != (
+        segment_settings(cfg.index) if cfg.index.segments else None
+    ):
+        raise IndexBuildError(
+            f"index.reuse={cfg.index.reuse} cut long files into other segments "
+            f"({earlier.segments or 'none'}): set the same index.segments, segment_s and "
+            "segment_hop_s, or build without index.reuse"
+        )
     if earlier.checkpoint_digest != digest:
         raise IndexBuildError(
             f"index.reuse={cfg.index.reuse} was built with weights sha256 "
@@ -474,6 +535,16 @@ def commit_version(cfg: Config, plan: BuildPlan, build: dict[str, Any]) -> store
         splits=sorted(cfg.index.splits),
         bias=None if bias is None else bias[0],
         search=search,
+        segments=(
+            {
+                "settings": segment_settings(cfg.index),
+                "window_s": filled[0]["window"][0],
+                "hop_s": filled[0]["window"][1],
+                "n_segments": sum(m["segments"] for m in filled),
+            }
+            if cfg.index.segments
+            else {}
+        ),
         build={
             "units": len(plan.files),
             "reused_clips": sum(m.get("reused", 0) for m in markers.values()),

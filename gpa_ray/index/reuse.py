@@ -19,7 +19,7 @@ from gpa_ray.config import StorageConfig
 from gpa_ray.data.schema import text_id
 from gpa_ray.index.mapped import MappedShard, open_version
 from gpa_ray.index.shard_files import shard_of
-from gpa_ray.index.store import content_digest
+from gpa_ray.index.store import content_digest, segment_id
 from gpa_ray.models.gpa import Embeddings
 
 
@@ -35,8 +35,16 @@ class EarlierVersion:
     def checkpoint_digest(self) -> str:
         return self.shards[0].manifest.checkpoint_digest
 
-    def find(self, row: dict[str, Any]) -> tuple[Embeddings, Embeddings] | None:
-        """The stored (clip, captions) embeddings of a clip with unchanged content."""
+    @property
+    def segments(self) -> dict[str, Any]:
+        """How that version cut long files into windows (empty: one row a clip)."""
+        return self.shards[0].manifest.segments
+
+    def find(
+        self, row: dict[str, Any]
+    ) -> tuple[Embeddings, Embeddings, list[tuple[float, float]]] | None:
+        """The stored (segments, captions) embeddings of a clip with unchanged content,
+        and each segment's (start, end)."""
         clip_id = row["clip_id"]
         shard = self.shards[shard_of([clip_id], len(self.shards))[0]]
         pos = shard.clips.position(clip_id)
@@ -48,7 +56,18 @@ class EarlierVersion:
         text_rows = [shard.texts.position(text_id(clip_id, i)) for i in range(len(row["captions"]))]
         if any(r is None for r in text_rows):
             return None
-        return shard.clips.embeddings(np.array([pos])), shard.texts.embeddings(np.array(text_rows))
+        rows = [pos]
+        while (found := shard.clips.position(segment_id(clip_id, len(rows)))) is not None:
+            rows.append(found)
+        spans = [
+            (r["segment_start_s"], r["segment_end_s"])
+            for r in shard.clips.records(rows, ["segment_start_s", "segment_end_s"])
+        ]
+        return (
+            shard.clips.embeddings(np.array(rows)),
+            shard.texts.embeddings(np.array(text_rows)),
+            spans,
+        )
 
 
 def deleted_ids(uri: str, storage_cfg: StorageConfig | None) -> frozenset[str]:

@@ -9,7 +9,8 @@ into the top k, in three steps that reproduce a single shard exactly:
 1. the best `candidates` by ANN score (`refine` x the shortlist for IVF-PQ, whose scores
    are approximate; the shortlist itself otherwise),
 2. of those, the best `shortlist` by exact S_g (+ b_j),
-3. of those, the best k by the full score.
+3. of those, the best k by the full score, a clip's other segments left out (a long
+   file embedded as windows ranks by its best segment, which the result names).
 
 Each shard returns its own top `candidates` with all three scores; since every shard
 shares one trained ANN (same lists, same codes), the union holds every item the global
@@ -44,7 +45,21 @@ from gpa_ray.index import ann
 from gpa_ray.index.mapped import MappedShard, MappedSide
 from gpa_ray.models.gpa import Embeddings, GPAModel
 
-CLIP_RECORD = ["clip_id", "corpus", "split", "duration_s", "captions", "labels", "has_audio"]
+CLIP_RECORD = [
+    "segment_id",
+    "clip_id",
+    "segment",
+    "segment_start_s",
+    "segment_end_s",
+    "corpus",
+    "split",
+    "duration_s",
+    "captions",
+    "labels",
+    "has_audio",
+]
+"""A clip result: the clip, the segment that scored (its start and end in the file:
+`index.segments`), and the clip's metadata. The first column is the side's id."""
 TEXT_RECORD = ["text_id", "text", "clip_id", "labels", "has_audio"]
 
 
@@ -121,6 +136,22 @@ def _best(scores: np.ndarray, ids: Sequence[str], rows: Sequence[int], n: int) -
     return sorted(rows, key=lambda r: (-float(scores[r]), ids[r]))[:n]
 
 
+def _best_per_clip(c: Candidates, ranked: Sequence[int], k: int) -> list[int]:
+    """The first k of `ranked` with a clip's other segments left out: a file ranks by
+    its best segment (captions are their own items)."""
+    seen: set[str] = set()
+    out: list[int] = []
+    for r in ranked:
+        record = c.records[r]
+        key = record["clip_id"] if "segment_id" in record else c.ids[r]
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+            if len(out) == k:
+                break
+    return out
+
+
 def merge(
     parts: Sequence[Candidates], k: int, shortlist: int, candidates: int
 ) -> list[dict[str, Any]]:
@@ -128,7 +159,7 @@ def merge(
     c = Candidates.concat(parts)
     rows = _best(c.ann_score, c.ids, range(len(c.ids)), candidates)
     rows = _best(c.stage1_score, c.ids, rows, shortlist)
-    rows = _best(c.score, c.ids, rows, k)
+    rows = _best_per_clip(c, _best(c.score, c.ids, rows, len(rows)), k)
     return [
         {
             "rank": rank + 1,
@@ -150,6 +181,12 @@ def merge_shards(
     query b (what each shard's searcher returns for the batch)."""
     n, short = candidate_sizes(settings, k, shortlist)
     return [merge(parts, k, short, n) for parts in zip(*per_shard, strict=True)]
+
+
+def windows_as_one(per_shard: Sequence[list[Candidates]]) -> list[list[Candidates]]:
+    """Per shard, the candidates of every window of one audio query as one query's: `merge`
+    then ranks a caption by its best window (a caption found by two windows appears once)."""
+    return [[Candidates.concat(windows)] for windows in per_shard]
 
 
 def candidate_sizes(settings: ann.AnnSettings, k: int, shortlist: int) -> tuple[int, int]:
@@ -247,7 +284,7 @@ class ShardSearcher:
         chosen = [i for i, r in enumerate(records) if r["clip_id"] != exclude]
         zeros = np.zeros(len(chosen), np.float32)
         return Candidates(
-            ids=[records[i]["clip_id"] for i in chosen],
+            ids=[records[i]["segment_id"] for i in chosen],
             ann_score=ann_scores[chosen],
             stage1_score=exact[chosen],
             global_score=exact[chosen],
@@ -400,6 +437,29 @@ class IndexSearcher:
         """Top k caption records for each audio query (R* with the bias, see the module)."""
         found = self.audio_candidates(queries, k, shortlist, use_bias, where)
         return self.merge(found, k, shortlist)
+
+    def audio_to_audio(
+        self,
+        windows: Embeddings,
+        starts: Sequence[float],
+        k: int,
+        where: ClipFilter | None = None,
+    ) -> list[dict[str, Any]]:
+        """Top k clips for an audio query embedded as windows (`AudioInputs.windows`;
+        one window for a short query), by the inner product of global audio embeddings:
+        every window searches, a clip ranks by its best (query window, segment) pair, and
+        each result names its segment and `query_start_s`, where in the query the
+        matching window starts."""
+        if len(windows) != len(starts):
+            raise ValueError(f"{len(windows)} query windows but {len(starts)} starts")
+        parts = []
+        for w, start in enumerate(starts):
+            for found in self.similar_candidates(windows.global_[w], k, "", where):
+                (part,) = found
+                part.records = [{**r, "query_start_s": float(start)} for r in part.records]
+                parts.append(part)
+        n, short = candidate_sizes(self.settings, k, self.shards[0].shortlist)
+        return merge(parts, k, len(parts) * short, len(parts) * n)
 
     def find_clip(self, clip_id: str) -> tuple[MappedShard, int] | None:
         """The shard (of those here) holding a clip, and its row there."""

@@ -10,12 +10,14 @@ streaming pass, into what a searcher maps:
     search/shard-SSS/clips_meta.arrow       Arrow IPC file: metadata, one row per clip
     search/shard-SSS/texts.*                the same for captions (+ `bias` in the meta)
 
-A clip belongs to shard crc32(clip_id) mod S, and its captions go with it, so a caption's
-clip metadata is always in the caption's shard. Rows of a shard are sorted by id: a row is
-found by binary search over the Arrow id column, and ties in any ranking are broken by
-id, which is the same rule whatever S is. Stage-1 vectors of texts carry the Sinkhorn
-bias as one more dimension (`gpa_ray.index.search`). Vectors keep the version's dtype
-(`index.dtype`, float16 by default).
+Clip rows are segments (`segment_id`: the clip id for segment 0, so a clip of one
+segment keeps its id). A clip belongs to shard crc32(clip_id) mod S, and its segments
+and captions go with it, so a caption's clip metadata is always in the caption's shard.
+Rows of a shard are sorted by id: a row is found by binary search over the Arrow id
+column, and ties in any ranking are broken by id, which is the same rule whatever S
+is. Stage-1 vectors of texts carry the Sinkhorn bias as one more dimension
+(`gpa_ray.index.search`). Vectors keep the version's dtype (`index.dtype`, float16 by
+default).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from gpa_ray.config import StorageConfig
 from gpa_ray.index import ann
 
 SIDES = ("clips", "texts")
-ID_COLUMN = {"clips": "clip_id", "texts": "text_id"}
+ID_COLUMN = {"clips": "segment_id", "texts": "text_id"}
 CHUNK_ROWS = 65_536
 CLIP_FIELDS_ON_TEXTS = ("corpus", "split", "duration_s", "labels", "has_audio")
 """Clip metadata copied onto each caption row, so filters and results need no other shard."""
@@ -175,19 +177,34 @@ def _stage_side(
             staging.pieces[s].append(piece)
 
 
-_CLIP_META = ["clip_id", "corpus", "split", "duration_s", "captions", "labels", "content_digest"]
+_CLIP_META = [
+    "clip_id",
+    "segment_id",
+    "segment",
+    "segment_start_s",
+    "segment_end_s",
+    "corpus",
+    "split",
+    "duration_s",
+    "captions",
+    "labels",
+    "content_digest",
+]
 _CLIP_READ = [*_CLIP_META, "audio_sample_rate"]
 _TEXT_META = ["text_id", "clip_id", "caption_index", "text"]
 
 
 def _clip_meta(table: pa.Table, unit: int) -> pa.Table:
-    """Clip rows as a searcher keeps them: where the audio is, instead of the audio."""
-    has_audio = pc.is_valid(table.column("audio_sample_rate"))
+    """Segment rows as a searcher keeps them: where the clip's audio is (the row of its
+    segment 0, which precedes its other segments in the unit), instead of the audio."""
+    audio_row = np.arange(table.num_rows, dtype=np.int32)
+    audio_row -= table.column("segment").to_numpy().astype(np.int32)
+    has_audio = pc.is_valid(table.column("audio_sample_rate")).to_numpy(False)[audio_row]
     return (
         table.drop_columns(["audio_sample_rate"])
-        .append_column("has_audio", has_audio)
+        .append_column("has_audio", pa.array(has_audio))
         .append_column("audio_file", pa.array(np.full(table.num_rows, unit, np.int32)))
-        .append_column("audio_row", pa.array(np.arange(table.num_rows, dtype=np.int32)))
+        .append_column("audio_row", pa.array(audio_row))
     )
 
 

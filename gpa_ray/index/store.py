@@ -6,8 +6,10 @@ An index root (local folder or `s3://` prefix) holds immutable *versions*; the f
     manifest.json             written last: a version without it is incomplete
     build.json                the build settings a resumed build must match
     _commits/unit-N.json      one marker per committed work unit (counts, failures)
-    clips/part-N.parquet      one row per clip: metadata, `global` [E], `prototypes`
-                              [(K+1) * E] (row-major), optional FLAC `audio`
+    clips/part-N.parquet      one row per segment (a clip, or one window of a long
+                              file): metadata, `segment_id`, `segment`, its start and
+                              end, `global` [E], `prototypes` [(K+1) * E] (row-major),
+                              optional FLAC `audio` (on segment 0)
     texts/part-N.parquet      one row per caption: `text_id`, `clip_id`, `text`, vectors
     text_bias.parquet         optional Sinkhorn text bias (`text_id`, `bias`)
 
@@ -43,7 +45,7 @@ from gpa_ray.index.ann import AnnSettings
 from gpa_ray.index.shard_files import write_shards
 from gpa_ray.models.gpa import Embeddings
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ROW_GROUP_SIZE = 64
 """Rows per parquet row group: reading one clip's audio reads at most this many rows."""
 
@@ -55,6 +57,14 @@ TEXT_META_FIELDS = [
     pa.field("caption_index", pa.int32(), nullable=False),
     pa.field("text", pa.string(), nullable=False),
 ]
+SEGMENT_FIELDS = [
+    pa.field("segment_id", pa.string(), nullable=False),
+    pa.field("segment", pa.int32(), nullable=False),
+    pa.field("segment_start_s", pa.float32(), nullable=False),
+    pa.field("segment_end_s", pa.float32(), nullable=False),
+]
+"""Where in its file an index row's audio lies: a clip is one row (segment 0, the clip's
+span), a long file embedded as windows one row per window (`index.segments`)."""
 AUDIO_FIELDS = [CLIP_SCHEMA.field("audio"), CLIP_SCHEMA.field("audio_sample_rate")]
 CONTENT_DIGEST = pa.field("content_digest", pa.string(), nullable=False)
 
@@ -140,6 +150,8 @@ class IndexManifest:
     checkpoint_digest: str = ""
     # The served layout (`gpa_ray.index.shard_files.write_shards`): shards, ANN, counts.
     search: dict[str, Any] = field(default_factory=dict)
+    # Long files as windows: {"window_s", "hop_s", "n_segments"} (empty: one row a clip).
+    segments: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
@@ -187,16 +199,42 @@ def content_digest(row: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def segment_id(clip_id: str, segment: int) -> str:
+    """A segment's id: the clip id for segment 0 (so a clip of one segment keeps its
+    id), `<clip_id>@<segment>` for the others."""
+    return clip_id if segment == 0 else f"{clip_id}@{segment}"
+
+
+def segment_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's segment columns; a row without them is its clip's one segment, its span
+    the clip's."""
+    segment = int(row.get("segment", 0))
+    return {
+        "segment_id": segment_id(row["clip_id"], segment),
+        "segment": segment,
+        "segment_start_s": float(row.get("segment_start_s", 0.0)),
+        "segment_end_s": float(row.get("segment_end_s", row.get("duration_s") or 0.0)),
+    }
+
+
 def index_clips_table(
     rows: Sequence[dict[str, Any]], emb: Embeddings, dtype: str, store_audio: bool
 ) -> pa.Table:
-    """Index rows of clips: metadata (clip shard columns), each clip's `content_digest`,
-    vectors, and FLAC audio if kept."""
+    """Index rows of segments (clip rows, with `segment`, `segment_start_s`,
+    `segment_end_s` for the windows of a long file; a clip's segments adjacent, segment
+    0 first): metadata (clip shard columns), the segment columns, each clip's
+    `content_digest`, vectors, and FLAC audio if kept (once per clip, on segment 0)."""
     table = _table(CLIP_META_FIELDS, rows, emb, dtype)
+    segments = [segment_fields(r) for r in rows]
+    for f in SEGMENT_FIELDS:
+        table = table.append_column(f, pa.array([s[f.name] for s in segments], type=f.type))
     digests = [r.get("content_digest") or content_digest(r) for r in rows]
     table = table.append_column(CONTENT_DIGEST, pa.array(digests, pa.string()))
     for f in AUDIO_FIELDS:
-        values = [r.get(f.name) if store_audio else None for r in rows]
+        values = [
+            r.get(f.name) if store_audio and s["segment"] == 0 else None
+            for r, s in zip(rows, segments, strict=True)
+        ]
         table = table.append_column(f, pa.array(values, type=f.type))
     return table
 

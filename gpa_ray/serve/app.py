@@ -160,7 +160,9 @@ class AudioEncoderDeployment:
 
     def __init__(self, cfg: dict[str, Any], checkpoint: str) -> None:
         config, loaded = _replica_model(cfg, checkpoint)
-        self.encoder = AudioQueryEncoder(loaded.model, loaded.cfg, config.serve.max_audio_seconds)
+        self.encoder = AudioQueryEncoder(
+            loaded.model, loaded.cfg, config.serve.max_audio_seconds, config.serve.query_windows
+        )
         self.batches: Counter[int] = Counter()
         self._encode.set_max_batch_size(config.serve.audio_batch_size)
         self._encode.set_batch_wait_timeout_s(config.serve.audio_batch_wait_s)
@@ -173,7 +175,7 @@ class AudioEncoderDeployment:
         return await self._encode(inputs)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def _encode(self, items: list[dict[str, torch.Tensor]]) -> list[Embeddings]:
+    async def _encode(self, items: list[list[dict[str, torch.Tensor]]]) -> list[Embeddings]:
         self.batches[len(items)] += 1
         return self.encoder.encode(items)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpa_ray.index.search import Candidates, ClipFilter, IndexSearcher
+from gpa_ray.index.search import Candidates, ClipFilter, IndexSearcher, windows_as_one
 
 
 class ShardVersionError(RuntimeError):
@@ -32,8 +32,9 @@ class TextQuery:
 @dataclass(frozen=True)
 class ShardRequest:
     """One search, as sent to every shard: `kind` "text" (query embeddings of texts,
-    ranked against clips), "audio" (audio embeddings against captions) or "similar"
-    (a clip's global embedding against clips, excluding `exclude`)."""
+    ranked against clips), "audio" (the embedding rows of one audio query's windows,
+    against captions: a caption ranks by its best window) or "similar" (a clip's global
+    embedding against clips, excluding `exclude`)."""
 
     kind: str
     query: Any  # Embeddings for "text" and "audio", a [E] tensor for "similar"
@@ -47,8 +48,10 @@ class ShardRequest:
         if self.kind == "text":
             return searcher.text_candidates(self.query, self.k, where=self.where)
         if self.kind == "audio":
-            return searcher.audio_candidates(
-                self.query, self.k, use_bias=self.use_bias, where=self.where
+            return windows_as_one(
+                searcher.audio_candidates(
+                    self.query, self.k, use_bias=self.use_bias, where=self.where
+                )
             )
         return searcher.similar_candidates(self.query, self.k, self.exclude, self.where)
 

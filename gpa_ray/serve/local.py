@@ -36,7 +36,9 @@ class LocalBackend:
     def __init__(self, cfg: Config) -> None:
         loaded = load_model(cfg, index_checkpoint(cfg))
         self.text = TextQueryEncoder(loaded.model)
-        self.audio = AudioQueryEncoder(loaded.model, loaded.cfg, cfg.serve.max_audio_seconds)
+        self.audio = AudioQueryEncoder(
+            loaded.model, loaded.cfg, cfg.serve.max_audio_seconds, cfg.serve.query_windows
+        )
         self.service = SearchService(cfg, loaded)
         self.batches: dict[str, Counter[int]] = {"text": Counter(), "audio": Counter()}
 

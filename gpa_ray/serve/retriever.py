@@ -20,13 +20,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 import torch
 
 from gpa_ray.config import Config, resolve_stage_uris
 from gpa_ray.data.schema import text_id
 from gpa_ray.index.mapped import drop_cached, open_shards
-from gpa_ray.index.search import CLIP_RECORD, ClipFilter, IndexSearcher
+from gpa_ray.index.search import CLIP_RECORD, ClipFilter, IndexSearcher, windows_as_one
 from gpa_ray.index.store import IndexManifest, read_manifest, resolve_version
 from gpa_ray.models.factory import LoadedGPA, load_gpa_checkpoint
 from gpa_ray.models.gpa import Embeddings, GPAModel
@@ -79,15 +80,21 @@ class AudioQueryEncoder:
     """Uploaded audio -> tower inputs (through `AudioInputs`, like the index build) ->
     one `Embeddings` row each."""
 
-    def __init__(self, model: GPAModel, model_cfg: Config, max_seconds: float) -> None:
+    def __init__(
+        self, model: GPAModel, model_cfg: Config, max_seconds: float, windows: bool = False
+    ) -> None:
         from gpa_ray.audio.inputs import AudioInputs
 
         self.model = model.eval()
         self.inputs = AudioInputs.from_config(model_cfg)
         self.max_seconds = max_seconds
+        window = model_cfg.audio.max_seconds
+        self.window = (window, window / 2) if windows else None
 
-    def prepare(self, data: bytes, source: str) -> dict[str, torch.Tensor]:
-        """Decode and preprocess one upload; `QueryError` says why it is not usable audio.
+    def prepare(self, data: bytes, source: str) -> list[dict[str, torch.Tensor]]:
+        """Decode and preprocess one upload: its tower inputs, one per window (one unless
+        `serve.query_windows` and the upload is longer than the model's window);
+        `QueryError` says why it is not usable audio.
 
         The duration is read from the header first, so a small compressed file that would
         expand to hours of samples is refused before it is decoded.
@@ -111,14 +118,19 @@ class AudioQueryEncoder:
             )
         try:
             wave, sr = decode_audio(data, source)
-            return self.inputs.from_waveform(wave, sr)
+            if self.window is None:
+                return [self.inputs.from_waveform(wave, sr)]
+            return [item for _, _, item in self.inputs.windows(wave, sr, *self.window)]
         except (AudioDecodeError, AudioInputError) as exc:
             raise QueryError(str(exc)) from exc
 
     @torch.no_grad()
-    def encode(self, items: Sequence[dict[str, torch.Tensor]]) -> list[Embeddings]:
-        emb = self.model.embed_audio(self.inputs.collate(list(items)))
-        return [emb[i : i + 1] for i in range(len(items))]
+    def encode(self, items: Sequence[list[dict[str, torch.Tensor]]]) -> list[Embeddings]:
+        """Each upload's windows (from `prepare`) embedded in one batch; one `Embeddings`
+        per upload, a row per window."""
+        emb = self.model.embed_audio(self.inputs.collate([w for item in items for w in item]))
+        bounds = np.cumsum([0, *(len(item) for item in items)])
+        return [emb[int(a) : int(b)] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 class SearchService:
@@ -223,11 +235,14 @@ class SearchService:
     def search_audio(
         self, query: Embeddings, k: int, use_bias: bool = True, where: ClipFilter | None = None
     ) -> dict[str, Any]:
+        """Captions for an audio query: one embedding row, or one per window of a long
+        upload (a caption then ranks by its best window)."""
         searcher = self.searcher
+        found = searcher.audio_candidates(query, k, use_bias=use_bias, where=where)
         return {
             "index_version": searcher.version,
             "bias_applied": use_bias and searcher.has_bias,
-            "results": searcher.audio_to_text(query, k, use_bias=use_bias, where=where)[0],
+            "results": searcher.merge(windows_as_one(found), k)[0],
         }
 
     def similar(

@@ -271,3 +271,50 @@ def test_random_weights_spread_over_all_classes(
     codes = np.concatenate([tokenizer.encode_one(_load_24k(p)) for p in paths], axis=1)
     distinct = [len(np.unique(codes[q])) for q in range(4)]
     assert min(distinct) >= 256, distinct
+
+
+@pytest.fixture(scope="module")
+def long_wave(clips: list[np.ndarray]) -> np.ndarray:
+    """15 s of three real clips back to back, ending inside a frame."""
+    return np.concatenate([*clips[:3], clips[3][:37]])
+
+
+@pytest.fixture(scope="module")
+def long_codes(tokenizer: EncodecTokenizer, long_wave: np.ndarray) -> np.ndarray:
+    """The whole-file encode, the reference every chunked encode is held to."""
+    return tokenizer.encode_one(long_wave)
+
+
+def test_chunked_encode_equals_whole_file(long_wave: np.ndarray, long_codes: np.ndarray) -> None:
+    # Chunks of 5 s (375 frames) with 1 s of audio before each: every code equals the
+    # whole-file encode's.
+    chunked = EncodecTokenizer("random:0", chunk_s=5.0, chunk_overlap_s=1.0)
+    codes = chunked.encode_one(long_wave)
+    assert codes.shape == long_codes.shape == (4, n_frames(len(long_wave)))
+    assert np.array_equal(codes, long_codes)
+    # Through a batch too: the long clip is encoded alone in chunks, the short ones batched.
+    short = long_wave[:24000]
+    batch = chunked.encode([short, long_wave])
+    assert np.array_equal(batch[1], long_codes)
+    assert np.array_equal(batch[0], long_codes[:, :75])
+
+
+def test_chunk_edges_without_overlap_differ_only_at_the_edges(
+    long_wave: np.ndarray, long_codes: np.ndarray
+) -> None:
+    # Without context each chunk starts from silence: its first frames differ from the
+    # whole-file codes (so the overlap is what makes them equal), and from 1 s after an
+    # edge on the codes are the whole-file codes again.
+    bare = EncodecTokenizer("random:0", chunk_s=5.0, chunk_overlap_s=0.0)
+    codes = bare.encode_one(long_wave)
+    differs = (codes != long_codes).any(axis=0)
+    frame = np.arange(codes.shape[1])
+    since_edge = frame % 375
+    assert not differs[frame < 375].any()
+    assert differs[(frame >= 375) & (since_edge < 75)].any()
+    assert not differs[since_edge >= 75].any()
+
+
+def test_chunk_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="chunk_s"):
+        EncodecTokenizer("random:0", chunk_s=-1.0)

@@ -99,6 +99,8 @@ def test_unit_embedder_matches_plain_loop_and_records_failures(
     assert stats == {
         "unit": 0,
         "clips": len(kept),
+        "segments": len(kept),
+        "window": None,
         "texts": sum(len(r["captions"]) for r in kept),
         "failed": 1,
         "reused": 0,

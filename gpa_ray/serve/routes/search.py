@@ -56,6 +56,10 @@ class Scores(BaseModel):
 
 class ClipResult(Scores):
     clip_id: str
+    segment_id: str = Field(description="the scoring segment: the clip id for segment 0")
+    segment: int = Field(description="which window of the file (0 for a clip of one)")
+    segment_start_s: float = Field(description="where the segment starts in the file, s")
+    segment_end_s: float = Field(description="where the segment ends in the file, s")
     corpus: str
     split: str
     duration_s: float
