@@ -65,6 +65,7 @@ def browser(chromium_available: None, tmp_path_factory: pytest.TempPathFactory) 
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--autoplay-policy=no-user-gesture-required",  # a test plays audio without a click
         "--window-size=1280,1400",
         f"--user-data-dir={profile}",
     ):
@@ -195,3 +196,56 @@ def test_page_filters_and_more_like_this(
         f"{page_server}/v1/similar/{top}", params={"k": 10, "label": label}, timeout=30
     ).json()["results"]
     assert similar and shown == [r["clip_id"] for r in similar] and top not in shown
+
+
+# Plays the <audio> element and resolves with where it started (after its media fragment
+# seeked it), or an error code.
+PLAY_FROM_JS = """
+const [audio, done] = [arguments[0], arguments[arguments.length - 1]];
+audio.muted = true;
+audio.addEventListener("playing", () => { done({at: audio.currentTime}); audio.pause(); },
+                       {once: true});
+audio.addEventListener("error", () => done({error: audio.error && audio.error.code}), {once: true});
+audio.preload = "auto";
+audio.play().catch((err) => done({error: String(err)}));
+"""
+
+
+@pytest.mark.usefixtures("chromium_available")
+def test_page_shows_a_segment_and_plays_from_it(
+    browser, local_server: tuple[str, Config], served_index: dict
+) -> None:
+    """A hit on a window of a long file names the window and its player starts there. The
+    answer is the API's own for a real clip, given the window a segmented index returns
+    (`index.segments`; tests/index/test_long_audio.py builds such indexes)."""
+    from selenium.webdriver.common.by import By
+
+    page_server, _ = local_server
+    answer = requests.post(f"{page_server}/v1/search/text", json={"query": QUERY, "k": 1}).json()
+    (hit,) = answer["results"]
+    stored = sf.info(
+        io.BytesIO(
+            next(c for c in served_index["clips"] if c["clip_id"] == hit["clip_id"])["audio"]
+        )
+    )
+    start, end = round(stored.duration * 0.3, 1), round(stored.duration * 0.7, 1)
+    answer["results"] = [{**hit, "segment": 1, "segment_start_s": start, "segment_end_s": end}]
+    browser.get(page_server + "/")
+    browser.execute_script("showClips(arguments[0]);", answer)
+    (item,) = browser.find_elements(By.CSS_SELECTOR, "#results li.result")
+    assert item.find_element(By.CSS_SELECTOR, ".segment").text == (
+        f"best segment {start:.1f}-{end:.1f} s"
+    )
+    audio = item.find_element(By.TAG_NAME, "audio")
+    assert audio.get_attribute("src") == f"{page_server}{hit['audio_url']}#t={start:g},{end:g}"
+    played = browser.execute_async_script(PLAY_FROM_JS, audio)
+    assert "error" not in played, played
+    assert played["at"] == pytest.approx(start, abs=0.05)
+    # A whole clip (segment 0 over its full length) shows no segment and plays from 0.
+    browser.execute_script("showClips(arguments[0]);", {**answer, "results": [hit]})
+    (item,) = browser.find_elements(By.CSS_SELECTOR, "#results li.result")
+    assert not item.find_elements(By.CSS_SELECTOR, ".segment")
+    assert (
+        item.find_element(By.TAG_NAME, "audio").get_attribute("src")
+        == page_server + hit["audio_url"]
+    )
