@@ -12,6 +12,7 @@ s3fs, which this project does not install.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -109,21 +110,25 @@ def read_hf_dataset(
 
 
 class RowAudio:
-    """Audio bytes of row URIs; each dataset folder is mapped once and kept."""
+    """Audio bytes of row URIs; each dataset folder is mapped once and kept. Thread-safe:
+    the ingest fetches a unit's clips on a thread pool, and `datasets` is not safe to load
+    one folder from several threads at once."""
 
     def __init__(self, audio_column: str) -> None:
         self.audio_column = audio_column
         self._splits: dict[str, dict[str, Dataset]] = {}
+        self._lock = threading.Lock()
 
     def read(self, uri: str) -> bytes:
         """The row's audio bytes (`FileNotFoundError` if the row or its file is absent)."""
         root, split, row = parse_row_uri(uri)
-        if root not in self._splits:
-            self._splits[root] = load_splits(root)
-        ds = self._splits[root].get(split)
-        if ds is None or not 0 <= row < len(ds):
-            raise FileNotFoundError(f"{uri}: no such split or row in {root}")
-        cell = ds[row][self.audio_column] or {}
+        with self._lock:
+            if root not in self._splits:
+                self._splits[root] = load_splits(root)
+            ds = self._splits[root].get(split)
+            if ds is None or not 0 <= row < len(ds):
+                raise FileNotFoundError(f"{uri}: no such split or row in {root}")
+            cell = ds[row][self.audio_column] or {}
         if cell.get("bytes"):
             return cell["bytes"]
         path = cell.get("path") or ""

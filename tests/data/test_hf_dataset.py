@@ -99,3 +99,21 @@ def test_ingest_reads_bytes_and_paths(ray_session, shared_data: Path, tmp_path: 
     )
     # Every clip is a 44.1 kHz ESC-50 file cut to 1 s, whichever way its cell held it.
     assert {(r["sample_rate"], r["n_samples"]) for r in rows} == {(44100, 44100)}, records
+
+
+def test_row_audio_is_safe_on_the_ingest_thread_pool(shared_data: Path, tmp_path: Path) -> None:
+    """The ingest fetches a unit's clips from several threads at once; the first reads of a
+    fresh reader all load the same folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpa_ray.data.hf_dataset import RowAudio, row_uri
+
+    records = _save(shared_data, tmp_path)
+    audio = shared_data / "esc50" / "audio"
+    root = str(tmp_path / "dataset")
+    for _ in range(3):
+        reader = RowAudio("audio")
+        uris = [row_uri(root, "train", i % 4) for i in range(16)]
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(reader.read, uris))
+        assert got == [(audio / records[i % 4]["filename"]).read_bytes() for i in range(16)]
