@@ -99,8 +99,9 @@ def test_page_and_api_docs(local_server) -> None:
     openapi = requests.get(url + "/openapi.json").json()
     # Every API path the page's script calls exists.
     called = set(re.findall(r'"(v1/[a-z/]+|healthz)', html))
-    assert called == {"v1/search/text", "v1/search/audio", "healthz"}
-    assert {"/" + p for p in called} <= set(openapi["paths"])
+    assert called == {"v1/search/text", "v1/search/audio", "v1/similar/", "healthz"}
+    paths = {"/" + p + ("{clip_id}" if p.endswith("/") else "") for p in called}
+    assert paths <= set(openapi["paths"])
     assert requests.get(url + "/docs").status_code == 200
 
 
