@@ -27,7 +27,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from gpa_ray.config import ActorPoolConfig, Config, StorageConfig
-from gpa_ray.jobs_cli import job_main, job_names, job_summary
+from gpa_ray.jobs_cli import (
+    add_config_args,
+    job_main,
+    job_names,
+    job_summary,
+    warn_of_credentials_on_command_line,
+)
 
 PROG = "gpa-ray"
 TOOLS = ("embed", "search", "zero-shot")
@@ -64,27 +70,15 @@ class Progress:
             )
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=None, help="YAML preset (file or shipped name) for storage/ray"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override, e.g. --set storage.endpoint_url=http://127.0.0.1:9000",
-    )
-
-
 def tool_config(args: argparse.Namespace) -> Config:
     from gpa_ray.config_loading import load_config
 
     try:
-        return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
+    warn_of_credentials_on_command_line(args.overrides)
+    return cfg
 
 
 def audio_files(inputs: Sequence[str], storage_cfg: StorageConfig) -> list[str]:
@@ -298,7 +292,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
 
 def tool_parsers(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    add_config_args(common)
+    add_config_args(common, "storage.endpoint_url=http://127.0.0.1:9000")
     common.add_argument("--batch-size", type=int, default=8, help="rows per model call (default 8)")
     common.add_argument("--device", default=None, help="torch device (default: a GPU if any)")
 

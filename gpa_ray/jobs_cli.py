@@ -62,17 +62,7 @@ def parse_job_args(argv: list[str] | None, description: str) -> Config:
         epilog=config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config", default=None, help="YAML preset: a file path or a shipped preset name"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override, e.g. --set ingest.output=s3://bucket/run (repeatable)",
-    )
+    add_config_args(parser, "ingest.output=s3://bucket/run")
     parser.add_argument("positional", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     args = parser.parse_args(argv)
     overrides = [*args.overrides, *args.positional]
@@ -83,6 +73,21 @@ def parse_job_args(argv: list[str] | None, description: str) -> Config:
     configure_logging()
     warn_of_credentials_on_command_line(overrides)
     return cfg
+
+
+def add_config_args(parser: argparse.ArgumentParser, example: str) -> None:
+    """`--config` and repeatable `--set KEY=VALUE`, as every job and tool takes them."""
+    parser.add_argument(
+        "--config", default=None, help="YAML preset: a file path or a shipped preset name"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"dotted override, e.g. --set {example} (repeatable)",
+    )
 
 
 def warn_of_credentials_on_command_line(overrides: list[str]) -> None:

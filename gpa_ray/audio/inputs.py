@@ -189,18 +189,9 @@ class AudioInputs:
         self, row: Mapping[str, Any], train: bool = False, seed: int = 0
     ) -> dict[str, Tensor]:
         """A clip-shard row (`codes`, or FLAC `audio` bytes) -> tower inputs."""
-        name = str(row.get("clip_id", "<clip>"))
         if self.needs_codes:
-            if row.get("codes") is None:
-                raise AudioInputError(f"clip {name!r} has no codes")
-            return self.from_codes(np.asarray(row["codes"], dtype=np.int16), train, seed)
-        data = row.get("audio")
-        if not data:
-            raise AudioInputError(
-                f"clip {name!r} has no stored audio (ingest with ingest.store_audio=true)"
-            )
-        wave, sr = decode_audio(data, name)
-        return self.from_waveform(wave, sr, train, seed)
+            return self.from_codes(_row_codes(row), train, seed)
+        return self.from_waveform(*_row_wave(row), train, seed)
 
     def windows(
         self, wave: np.ndarray | Tensor, sr: int, window_s: float, hop_s: float
@@ -237,20 +228,11 @@ class AudioInputs:
         self, row: Mapping[str, Any], window_s: float, hop_s: float
     ) -> list[tuple[float, float, dict[str, Tensor]]]:
         """`windows` of a clip-shard row (its codes, or its FLAC audio)."""
-        name = str(row.get("clip_id", "<clip>"))
         if self.needs_codes:
-            if row.get("codes") is None:
-                raise AudioInputError(f"clip {name!r} has no codes")
-            codes = np.asarray(row["codes"], dtype=np.int16)
+            codes = _row_codes(row)
             spans = window_spans(codes.shape[-1] / FRAME_RATE, window_s, hop_s)
             return self._code_windows(codes, spans)
-        data = row.get("audio")
-        if not data:
-            raise AudioInputError(
-                f"clip {name!r} has no stored audio (ingest with ingest.store_audio=true)"
-            )
-        wave, sr = decode_audio(data, name)
-        return self.windows(wave, sr, window_s, hop_s)
+        return self.windows(*_row_wave(row), window_s, hop_s)
 
     @property
     def tokenizer(self) -> Any:
@@ -301,3 +283,21 @@ def _aisfx_augment_config(cfg: Config, frame_seconds: float, n_mels: int) -> Any
         time_mask_width=max(1, round(feats.time_mask_width * panns_frame / frame_seconds)),
         freq_mask_width=max(1, round(feats.freq_mask_width * n_mels / feats.n_mels)),
     )
+
+
+def _row_codes(row: Mapping[str, Any]) -> np.ndarray:
+    """A clip-shard row's EnCodec codes [4, T]."""
+    if row.get("codes") is None:
+        raise AudioInputError(f"clip {str(row.get('clip_id', '<clip>'))!r} has no codes")
+    return np.asarray(row["codes"], dtype=np.int16)
+
+
+def _row_wave(row: Mapping[str, Any]) -> tuple[np.ndarray, int]:
+    """A clip-shard row's stored FLAC audio, decoded (waveform, sample rate)."""
+    name = str(row.get("clip_id", "<clip>"))
+    data = row.get("audio")
+    if not data:
+        raise AudioInputError(
+            f"clip {name!r} has no stored audio (ingest with ingest.store_audio=true)"
+        )
+    return decode_audio(data, name)
